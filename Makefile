@@ -1,0 +1,33 @@
+# care-q: `make setup` then `make test`. `make test` and `make demo` create .venv when missing.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+export CARE_Q_DATA ?= $(abspath ../shared/data)
+SHARED  ?= $(abspath ../shared)
+OUT     ?= out
+
+.PHONY: setup test lint demo bench bench-quick clean
+
+$(BIN)/care-q: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+setup: $(BIN)/care-q
+
+test: $(BIN)/care-q
+	$(BIN)/python -m pytest -q --durations=15 tests
+
+lint: $(BIN)/care-q
+	$(BIN)/ruff check care_q tests eval
+
+demo: $(BIN)/care-q
+	$(BIN)/care-q ptq --model care_s0 --weights $(SHARED)/models/care_s0_cifar10_64.pth \
+	    --calib cifar10_train --num-calib 256 --out $(OUT)/demo
+
+bench: $(BIN)/care-q
+	$(BIN)/python -m care_q.bench.suite --suite eval/suite.yaml --out eval/BENCHMARKS.md
+
+clean:
+	rm -rf $(OUT) .pytest_cache .ruff_cache

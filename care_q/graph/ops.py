@@ -1,0 +1,105 @@
+"""The op vocabulary the deploy form is written in.
+
+`DeployCARE.forward(x, ops)` calls these methods instead of torch functions, each with a
+stable tensor name (``stages.2.blocks.0.attn.phi_q``). The same forward is then interpreted
+by different backends:
+
+- `FloatOps` (here): plain PyTorch, the FP32 deploy form.
+- `care_q.graph.trace.TraceOps`: records a graph for the exporters.
+- `care_q.quant.fakequant.FakeQuantOps`: observes (calibration) or fake-quantizes every
+  named tensor (the PyTorch reference of the int8 artifacts, and QAT).
+
+Tensors are NCHW for images and (B, heads, N, D) for attention tokens, as in PyTorch; the
+exporters own the target layouts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Ops:
+    """Interface; `FloatOps` is the reference semantics of every op."""
+
+    def input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    # --- linear ops with weights ---------------------------------------------------
+    def conv(self, name: str, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                        conv.groups)
+
+    def linear(self, name: str, x: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
+        return F.linear(x, fc.weight, fc.bias)
+
+    # --- elementwise ---------------------------------------------------------------
+    def add(self, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+    def mul(self, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
+
+    def add_const(self, name: str, x: torch.Tensor, value: float) -> torch.Tensor:
+        return x + value
+
+    def mul_const(self, name: str, x: torch.Tensor, value: torch.Tensor | float) -> torch.Tensor:
+        """Multiply by a constant (a scalar, or a per-channel vector broadcast on dim 1)."""
+        if isinstance(value, torch.Tensor) and value.dim() == 1:
+            value = value.reshape(1, -1, *([1] * (x.dim() - 2)))
+        return x * value
+
+    def div(self, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a / b
+
+    def gelu(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x)
+
+    def elu(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return F.elu(x)
+
+    # --- data movement (output shares the input's quantization) --------------------
+    def split(self, name: str, x: torch.Tensor, sizes: list[int], dim: int = 1):
+        return torch.split(x, sizes, dim=dim)
+
+    def cat(self, name: str, xs: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
+        return torch.cat(xs, dim=dim)
+
+    def to_heads(self, name: str, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """(B, C, H, W) -> (B, heads, N=H*W, D=C/heads)."""
+        b, c, h, w = x.shape
+        return x.reshape(b, num_heads, c // num_heads, h * w).transpose(-2, -1)
+
+    def from_heads(self, name: str, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """(B, heads, N, D) -> (B, C, H, W)."""
+        b, nh, n, d = x.shape
+        return x.transpose(-2, -1).reshape(b, nh * d, hw[0], hw[1])
+
+    # --- reductions and products ---------------------------------------------------
+    def matmul(self, name: str, a: torch.Tensor, b: torch.Tensor, transpose_a: bool = False,
+               transpose_b: bool = False) -> torch.Tensor:
+        if transpose_a:
+            a = a.transpose(-2, -1)
+        if transpose_b:
+            b = b.transpose(-2, -1)
+        return a @ b
+
+    def mean_tokens(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """(B, heads, N, D) -> (B, heads, 1, D): mean over tokens."""
+        return x.mean(dim=-2, keepdim=True)
+
+    def global_pool(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C): spatial mean, written as a flatten + mean over one axis."""
+        return x.flatten(2).mean(dim=-1)
+
+    def layer_norm(self, name: str, x: torch.Tensor, eps: float) -> torch.Tensor:
+        """LayerNorm over the last dim without affine (the affine is folded into the Linear)."""
+        return F.layer_norm(x, x.shape[-1:], None, None, eps)
+
+
+class FloatOps(Ops):
+    """Plain PyTorch: the FP32 deploy form."""

@@ -1,0 +1,219 @@
+"""The deploy form: the inference graph quantization starts from.
+
+`deploy(model)` returns a `DeployCARE` equal to the original in FP32, with
+
+- every BatchNorm folded into the adjacent conv: the stem BN into the stem conv (post-norm),
+  the downsample BN and both pre-norm BNs of each interaction module into the following
+  convs (pre-norm: exact because those convs have no padding);
+- layer scale folded into ``inter2_fc2``; the official block scales the whole interaction
+  output, inner residual included, so that residual keeps an explicit per-channel multiply;
+- the two classifier heads merged into one affine-free LayerNorm + one Linear
+  (``(fc1(LN1(y)) + fc2(LN2(y))) / 2`` is linear in the shared normalised ``y``);
+- the linear attention written as explicit named ops (``elu``, ``+1``, the k^T v product, the
+  token mean, the normaliser, one divide), and the spatial mean as flatten + mean over one
+  axis instead of ``x.mean((2, 3))``.
+
+The forward is written against `care_q.graph.ops.Ops` so calibration, fake quantization and
+export interpret the very same graph, tensor names included.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from care_q.graph.ops import FloatOps, Ops
+from care_q.models.care import CARE, CAREBlock, Head
+
+# ----------------------------------------------------------------------------- folding
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN(x) = a * x + t in eval mode."""
+    a = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return a, bn.bias - bn.running_mean * a
+
+
+def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                    conv.padding, conv.dilation, conv.groups, bias=True)
+    new.weight.data.copy_(weight)
+    new.bias.data.copy_(bias)
+    return new
+
+
+def _bias(conv: nn.Conv2d) -> torch.Tensor:
+    return conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+
+
+@torch.no_grad()
+def fold_bn_after(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """conv -> BN as one conv."""
+    a, t = _bn_affine(bn)
+    return _conv_like(conv, conv.weight * a.reshape(-1, 1, 1, 1), _bias(conv) * a + t)
+
+
+@torch.no_grad()
+def fold_bn_before(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
+    """BN -> conv as one conv; exact only for a dense conv without padding."""
+    if conv.groups != 1 or any(p != 0 for p in conv.padding):
+        raise ValueError("a BatchNorm folds into a following conv only if it is dense and unpadded")
+    a, t = _bn_affine(bn)
+    w = conv.weight * a.reshape(1, -1, 1, 1)
+    b = _bias(conv) + (conv.weight * t.reshape(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+    return _conv_like(conv, w, b)
+
+
+@torch.no_grad()
+def scale_out_channels(conv: nn.Conv2d, scale: torch.Tensor) -> nn.Conv2d:
+    return _conv_like(conv, conv.weight * scale.reshape(-1, 1, 1, 1), _bias(conv) * scale)
+
+
+@torch.no_grad()
+def merge_heads(h1: Head, h2: Head) -> tuple[nn.Linear, float]:
+    """(fc1(LN1(y)) + fc2(LN2(y))) / 2 == fc(LN(y)) with an affine-free LN."""
+    if h1.norm.eps != h2.norm.eps:
+        raise ValueError("heads with different LayerNorm eps cannot be merged")
+    w = (h1.fc.weight * h1.norm.weight + h2.fc.weight * h2.norm.weight) / 2
+    b = (h1.fc.weight @ h1.norm.bias + h1.fc.bias + h2.fc.weight @ h2.norm.bias + h2.fc.bias) / 2
+    fc = nn.Linear(w.shape[1], w.shape[0])
+    fc.weight.data.copy_(w)
+    fc.bias.data.copy_(b)
+    return fc, h1.norm.eps
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class DeployAttention(nn.Module):
+    """Linear attention of stages 3-4, op by op."""
+
+    def __init__(self, qk: nn.Conv2d, mem_dim: int, num_heads: int, eps: float = 1e-6):
+        super().__init__()
+        self.qk = copy.deepcopy(qk)
+        self.mem_dim = mem_dim
+        self.num_heads = num_heads
+        self.eps = eps
+
+    def forward(self, att: torch.Tensor, ops: Ops, n: str) -> torch.Tensor:
+        hw = (att.shape[2], att.shape[3])
+        tokens = hw[0] * hw[1]
+        q, k = ops.split(f"{n}.qk_split", ops.conv(f"{n}.qk", att, self.qk), [self.mem_dim] * 2)
+        v = ops.to_heads(f"{n}.v", att, self.num_heads)
+        phi_q = ops.add_const(f"{n}.phi_q", ops.elu(f"{n}.elu_q", ops.to_heads(f"{n}.q", q, self.num_heads)), 1.0)
+        phi_k = ops.add_const(f"{n}.phi_k", ops.elu(f"{n}.elu_k", ops.to_heads(f"{n}.k", k, self.num_heads)), 1.0)
+        kv = ops.matmul(f"{n}.kTv", phi_k, v, transpose_a=True)            # (B, h, D, D)
+        kv = ops.mul_const(f"{n}.kv", kv, 1.0 / tokens)
+        k_mean = ops.mean_tokens(f"{n}.k_mean", phi_k)                    # (B, h, 1, D)
+        den = ops.matmul(f"{n}.den", phi_q, k_mean, transpose_b=True)     # (B, h, N, 1)
+        den = ops.add_const(f"{n}.den_eps", den, self.eps)
+        num = ops.matmul(f"{n}.num", phi_q, kv)                          # (B, h, N, D)
+        out = ops.div(f"{n}.out", num, den)
+        return ops.from_heads(f"{n}.merge", out, hw)
+
+
+class DeployBlock(nn.Module):
+    def __init__(self, blk: CAREBlock):
+        super().__init__()
+        tm, it = blk.token_mixer, blk.inter_layer
+        self.last = blk.last
+        self.split = list(tm.split)
+        self.attention = tm.attention
+        if tm.attention:
+            self.attn = DeployAttention(tm.qk, tm.mem_dim, tm.num_heads)
+        else:
+            self.dwconvatt_1 = copy.deepcopy(tm.dwconvatt_1)
+            self.dwconvatt_2 = copy.deepcopy(tm.dwconvatt_2)
+        self.dwconv1 = copy.deepcopy(tm.dwconv1)
+        self.dwconv2 = copy.deepcopy(tm.dwconv2)
+        self.inter1_fc1 = fold_bn_before(it.inter1_norm, it.inter1_fc1)
+        self.inter1_conv = copy.deepcopy(it.inter1_conv)
+        self.inter1_fc2 = copy.deepcopy(it.inter1_fc2)
+        self.inter2_fc1 = fold_bn_before(it.inter2_norm, it.inter2_fc1)
+        self.inter2_conv = copy.deepcopy(it.inter2_conv)
+        if not self.last:
+            gamma = blk.gamma.detach().clone()
+            self.inter2_fc2 = scale_out_channels(it.inter2_fc2, gamma)
+            self.register_buffer("gamma", gamma)
+
+    def forward(self, x: torch.Tensor, ops: Ops, n: str) -> torch.Tensor:
+        mem, att, c1, c2 = ops.split(f"{n}.split", x, self.split)
+        if self.attention:
+            att = self.attn(att, ops, f"{n}.attn")
+        else:
+            att = ops.add(f"{n}.dwatt", ops.conv(f"{n}.dwconvatt_1", att, self.dwconvatt_1),
+                          ops.conv(f"{n}.dwconvatt_2", att, self.dwconvatt_2))
+        c1 = ops.conv(f"{n}.dwconv1", c1, self.dwconv1)
+        c2 = ops.conv(f"{n}.dwconv2", c2, self.dwconv2)
+        feats = ops.cat(f"{n}.feats", [att, c1, c2])
+        h = ops.gelu(f"{n}.inter1_act", ops.conv(f"{n}.inter1_fc1", feats, self.inter1_fc1))
+        h = ops.conv(f"{n}.inter1_fc2", ops.conv(f"{n}.inter1_conv", h, self.inter1_conv), self.inter1_fc2)
+        feats = ops.add(f"{n}.inter1_res", h, feats)
+        cat = ops.cat(f"{n}.cat", [mem, feats])
+        h = ops.gelu(f"{n}.inter2_act", ops.conv(f"{n}.inter2_fc1", cat, self.inter2_fc1))
+        h = ops.conv(f"{n}.inter2_conv", h, self.inter2_conv)
+        if self.last:
+            return h
+        y = ops.conv(f"{n}.inter2_fc2", h, self.inter2_fc2)
+        skip = ops.add(f"{n}.skip", x, ops.mul_const(f"{n}.ls_res", cat, self.gamma))
+        return ops.add(f"{n}.out", y, skip)
+
+
+class DeployCARE(nn.Module):
+    """CARE in deploy form; `forward(x)` is FP32, `forward(x, ops)` any interpretation."""
+
+    def __init__(self, model: CARE):
+        super().__init__()
+        self.arch = getattr(model, "care_q_name", None)
+        self.num_classes = model.num_classes
+        self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}))
+        self.stem = fold_bn_after(model.stem[0], model.stem[1])
+        self.downsample = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        self.stage_of_block: list[int] = []
+        for i, stage in enumerate(model.stages):
+            if isinstance(stage.downsample, nn.Sequential):
+                self.downsample.append(fold_bn_before(stage.downsample[0], stage.downsample[1]))
+            else:
+                self.downsample.append(nn.Identity())
+            for blk in stage.blocks:
+                self.blocks.append(DeployBlock(blk))
+                self.stage_of_block.append(i)
+        self.fc, self.ln_eps = merge_heads(model.head, model.dist_head)
+        self.eval()
+
+    def block_names(self) -> list[str]:
+        counts: dict[int, int] = {}
+        names = []
+        for s in self.stage_of_block:
+            names.append(f"stages.{s}.blocks.{counts.get(s, 0)}")
+            counts[s] = counts.get(s, 0) + 1
+        return names
+
+    def forward_features(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+        x = ops.conv("stem", ops.input("input", x), self.stem)
+        prev = 0
+        for name, s, blk in zip(self.block_names(), self.stage_of_block, self.blocks):
+            if s != prev:  # entering a new stage: every stage after the first downsamples
+                prev = s
+                x = ops.conv(f"stages.{s}.downsample", x, self.downsample[s])
+            x = blk(x, ops, name)
+        return x
+
+    def forward(self, x: torch.Tensor, ops: Ops | None = None) -> torch.Tensor:
+        ops = ops or FloatOps()
+        x = self.forward_features(x, ops)
+        x = ops.gelu("head.act", ops.global_pool("head.pool", x))
+        x = ops.layer_norm("head.norm", x, self.ln_eps)
+        return ops.output("logits", ops.linear("head.fc", x, self.fc))
+
+
+def deploy(model: CARE) -> DeployCARE:
+    """The FP32-equivalent inference form of a CARE model (see module docstring)."""
+    if isinstance(model, DeployCARE):
+        return model
+    if not isinstance(model, CARE):
+        raise TypeError(f"deploy() takes a care_q CARE model, got {type(model).__name__}")
+    return DeployCARE(model).eval()
