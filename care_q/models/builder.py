@@ -203,7 +203,7 @@ def create_model(name: str, weights: str | Path | None = None, num_classes: int 
 
 def save_checkpoint(model: CARE, path: str | Path, preprocess: PreprocessConfig | None = None) -> None:
     """Write an official-format checkpoint ``{'model': state_dict}`` (+ sidecar JSON), atomically."""
-    from care_q.utils.io import atomic_write_json, atomic_torch_save
+    from care_q.utils.io import atomic_torch_save, atomic_write_json
 
     path = Path(path)
     atomic_torch_save({"model": model.state_dict()}, path)

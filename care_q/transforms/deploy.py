@@ -102,8 +102,9 @@ class DeployAttention(nn.Module):
         tokens = hw[0] * hw[1]
         q, k = ops.split(f"{n}.qk_split", ops.conv(f"{n}.qk", att, self.qk), [self.mem_dim] * 2)
         v = ops.to_heads(f"{n}.v", att, self.num_heads)
-        phi_q = ops.add_const(f"{n}.phi_q", ops.elu(f"{n}.elu_q", ops.to_heads(f"{n}.q", q, self.num_heads)), 1.0)
-        phi_k = ops.add_const(f"{n}.phi_k", ops.elu(f"{n}.elu_k", ops.to_heads(f"{n}.k", k, self.num_heads)), 1.0)
+        q, k = ops.to_heads(f"{n}.q", q, self.num_heads), ops.to_heads(f"{n}.k", k, self.num_heads)
+        phi_q = ops.add_const(f"{n}.phi_q", ops.elu(f"{n}.elu_q", q), 1.0)   # elu + 1 kernels
+        phi_k = ops.add_const(f"{n}.phi_k", ops.elu(f"{n}.elu_k", k), 1.0)
         kv = ops.matmul(f"{n}.kTv", phi_k, v, transpose_a=True)            # (B, h, D, D)
         kv = ops.mul_const(f"{n}.kv", kv, 1.0 / tokens)
         k_mean = ops.mean_tokens(f"{n}.k_mean", phi_k)                    # (B, h, 1, D)
