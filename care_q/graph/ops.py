@@ -62,6 +62,10 @@ class Ops:
     def elu(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return F.elu(x)
 
+    def silu(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x * sigmoid(x): the GELU substitute (see `care_q.transforms.substitute`)."""
+        return F.silu(x)
+
     # --- data movement (output shares the input's quantization) --------------------
     def split(self, name: str, x: torch.Tensor, sizes: list[int], dim: int = 1):
         return torch.split(x, sizes, dim=dim)

@@ -134,6 +134,7 @@ class DeployBlock(nn.Module):
         self.inter1_fc2 = copy.deepcopy(it.inter1_fc2)
         self.inter2_fc1 = fold_bn_before(it.inter2_norm, it.inter2_fc1)
         self.inter2_conv = copy.deepcopy(it.inter2_conv)
+        self.act = "gelu"  # or "silu" after care_q.transforms.substitute.gelu_to_silu
         if not self.last:
             gamma = blk.gamma.detach().clone()
             self.inter2_fc2 = scale_out_channels(it.inter2_fc2, gamma)
@@ -149,11 +150,12 @@ class DeployBlock(nn.Module):
         c1 = ops.conv(f"{n}.dwconv1", c1, self.dwconv1)
         c2 = ops.conv(f"{n}.dwconv2", c2, self.dwconv2)
         feats = ops.cat(f"{n}.feats", [att, c1, c2])
-        h = ops.gelu(f"{n}.inter1_act", ops.conv(f"{n}.inter1_fc1", feats, self.inter1_fc1))
+        act = ops.gelu if self.act == "gelu" else ops.silu
+        h = act(f"{n}.inter1_act", ops.conv(f"{n}.inter1_fc1", feats, self.inter1_fc1))
         h = ops.conv(f"{n}.inter1_fc2", ops.conv(f"{n}.inter1_conv", h, self.inter1_conv), self.inter1_fc2)
         feats = ops.add(f"{n}.inter1_res", h, feats)
         cat = ops.cat(f"{n}.cat", [mem, feats])
-        h = ops.gelu(f"{n}.inter2_act", ops.conv(f"{n}.inter2_fc1", cat, self.inter2_fc1))
+        h = act(f"{n}.inter2_act", ops.conv(f"{n}.inter2_fc1", cat, self.inter2_fc1))
         h = ops.conv(f"{n}.inter2_conv", h, self.inter2_conv)
         if self.last:
             return h

@@ -1,0 +1,48 @@
+"""care-q ptq: post-training quantization to int8 TFLite and ONNX QDQ."""
+
+from __future__ import annotations
+
+
+def add_parser(sub):
+    p = sub.add_parser("ptq", help="quantize a CARE model to int8 .tflite and QDQ .onnx",
+                       description=__doc__)
+    p.add_argument("--model", required=True, help="care_s0 | care_s1 | care_s2")
+    p.add_argument("--weights", help="official-format checkpoint (sidecar JSON used if present)")
+    p.add_argument("--calib", default="imagenet_1k_subset", help="calibration set name or ImageFolder path")
+    p.add_argument("--data-root", help="data root (default: $CARE_Q_DATA)")
+    p.add_argument("--num-calib", type=int, help="calibration images (default: the whole set)")
+    p.add_argument("--recipe", default="ptq_int8", help="recipe name (care-q recipes) or YAML path")
+    p.add_argument("--target", default=None, help="comma list: tflite,onnx (default: the recipe's)")
+    p.add_argument("--img-size", type=int, help="input resolution (default: sidecar, else 224)")
+    p.add_argument("--io", choices=["float", "int8"], help="artifact input/output type (default: recipe)")
+    p.add_argument("--num-verify", type=int, default=200, help="held-out images for runtime verification")
+    p.add_argument("--latency-runs", type=int, default=20,
+                   help="timed runs per artifact vs FP32 (0: skip latency)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fallback-synthetic", action="store_true",
+                   help="calibrate on data-free synthetic_bn when the set is unavailable")
+    p.add_argument("--out", required=True, help="output folder")
+    return p
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from care_q.ptq import ptq
+
+    r = ptq(args.model, weights=args.weights, calib=args.calib, data_root=args.data_root,
+            num_calib=args.num_calib, recipe=args.recipe,
+            targets=args.target.split(",") if args.target else None, img_size=args.img_size, io=args.io,
+            out=args.out, num_verify=args.num_verify, threads=args.threads, latency_runs=args.latency_runs,
+            fallback_synthetic=args.fallback_synthetic)
+    c = Console()
+    for t, a in r["artifacts"].items():
+        v = a["verification"]
+        c.print(f"[green]{t}[/]: {a['path']} ({a['size_bytes'] / 1e6:.2f} MB), "
+                f"top-1 agreement with fake-quant {100 * v['top1_agreement']:.1f}%, "
+                f"logit SQNR {v['logit_sqnr_db']:.1f} dB")
+    for t, m in r.get("latency", {}).items():
+        c.print(f"{t}: int8 {m['int8']['median_ms']:.2f} ms vs fp32 {m['fp32']['median_ms']:.2f} ms "
+                f"({m['ratio']:.2f}x), size {m['size_ratio']:.2f}x")
+    c.print(f"report: {args.out}/report.md ({r['seconds']} s)")
+    return 0

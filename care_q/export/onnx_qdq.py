@@ -1,0 +1,425 @@
+"""Emit the quantized deploy graph as an ONNX QDQ model (onnxruntime's int8 format).
+
+The sibling of `care_q.export.tflite_int8`: one ONNX op (or a short fixed sequence) per graph
+node, with exactly the plan's parameters, so onnxruntime computes what the PyTorch fake-quant
+reference (`QuantOps(plan, "quant")`) computes. Layout NCHW; input ``input`` (N, 3, H, W) with
+a dynamic batch ``N``, output ``logits`` (N, classes).
+
+QDQ form (what onnxruntime's CPU EP fuses into integer kernels):
+
+- every quantized activation T: ``QuantizeLinear(T) -> T/q -> DequantizeLinear -> T/dq``, and
+  every consumer reads ``T/dq``; a node DQ -> op -> Q becomes one integer kernel (QLinearConv,
+  QLinearAdd, QLinearMul, QLinearMatMul, QLinearSigmoid, QLinearConcat,
+  QLinearGlobalAveragePool) or, for data movement (Split, Reshape, Transpose), drops its Q/DQ
+  pair (the plan gives input and output identical parameters);
+- weights: int8 initializers (per-channel symmetric over [-127, 127], axis 0) + DequantizeLinear;
+  biases: int32 initializers at s_in * s_w (axis 0) + DequantizeLinear;
+- scalar constants (``elu + 1``, ``kv / N``, the divisor guard): int8 127 at scale value / 127
+  (exact), as the TFLite emitter's ``scalar_q``; the per-channel layer scale: a 1x1 depthwise
+  Conv with int8 weights +-127 at |gamma| / 127 (exact) and a zero bias;
+- ops without an integer kernel in onnxruntime (Gelu, Elu, Div, ReduceMean) run float between
+  their DQ and Q; GELU is com.microsoft ``Gelu`` below opset 20 and ai.onnx ``Gelu`` from 20
+  (both one fused kernel, ~0.5 ms per 128x56x56 on 2 threads; the Erf formula is ~2.7x slower);
+- the head after the global pool (GELU, LayerNormalization, Gemm) is float, as in the plan.
+
+Opset 17 when every activation is 8-bit (per-channel DequantizeLinear needs >= 13), 21 when the
+plan has int16 activations (16-bit QuantizeLinear/DequantizeLinear).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from care_q.errors import CareQError
+from care_q.quant.fakequant import SIGMOID_QPARAMS, weight_scales
+from care_q.quant.plan import QuantPlan
+from care_q.quant.qtypes import DType, QParams
+from care_q.utils.io import atomic_path
+
+_NP = {DType.INT8: np.int8, DType.UINT8: np.uint8, DType.INT16: np.int16}
+_ONNX = {DType.INT8: TensorProto.INT8, DType.UINT8: TensorProto.UINT8, DType.INT16: TensorProto.INT16}
+MIN_OPSET = 13            # per-channel DequantizeLinear, Split with a `split` input
+INT16_OPSET = 21          # 16-bit QuantizeLinear / DequantizeLinear
+DEFAULT_OPSET = 17
+ACT_TYPES = ("uint8", "int8")
+
+
+def _conv_attrs(conv) -> dict:
+    (ph, pw), (sh, sw), (dh, dw) = conv.padding, conv.stride, conv.dilation
+    if isinstance(conv.padding, str):
+        raise CareQError(f"conv padding '{conv.padding}' is not emitted (expected explicit pads)")
+    return {"kernel_shape": list(conv.kernel_size), "pads": [ph, pw, ph, pw], "strides": [sh, sw],
+            "dilations": [dh, dw], "group": conv.groups}
+
+
+class _Emitter:
+    def __init__(self, plan: QuantPlan, io: str, opset: int | None, act_type: str):
+        if io not in ("float", "int8"):
+            raise CareQError(f"io must be 'float' or 'int8', got '{io}'")
+        if act_type not in ACT_TYPES:
+            raise CareQError(f"act_type must be one of {', '.join(ACT_TYPES)}, got '{act_type}'")
+        self.plan = plan
+        self.io = io
+        self.act_type = act_type
+        import os
+        self.weight_type = os.environ.get("WT", "int8")
+        self.graph = plan.graph
+        dtypes = {qp.dtype for qp in (self._qp(t) for t in self.graph.tensors()) if qp is not None}
+        need = INT16_OPSET if DType.INT16 in dtypes else DEFAULT_OPSET
+        if opset is None:
+            opset = need
+        if opset < MIN_OPSET:
+            raise CareQError(f"opset {opset}: the QDQ model needs opset >= {MIN_OPSET} (per-channel DQ)")
+        if DType.INT16 in dtypes and opset < INT16_OPSET:
+            raise CareQError(f"opset {opset}: the plan has int16 activations, which need opset >= {INT16_OPSET}")
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.names: set[str] = set()
+        self.val: dict[str, str] = {}   # graph tensor -> the ONNX value its consumers read
+        self.ms_domain = False
+
+    # ---------------------------------------------------------------- plumbing
+    def _qp(self, tensor: str) -> QParams | None:
+        qp = self.plan.qp(tensor)
+        if qp is None and self.plan.quantized(tensor):
+            raise CareQError(f"tensor '{tensor}' has no quantization parameters: calibrate the plan "
+                             f"(plan.finalize) before exporting")
+        return qp
+
+    def init(self, name: str, array) -> str:
+        if name in self.names:
+            raise CareQError(f"duplicate ONNX name '{name}'")
+        self.names.add(name)
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(self, op_type: str, inputs: list[str], outputs: list[str], name: str, domain: str = "",
+             **attrs) -> list[str]:
+        if name in self.names:
+            raise CareQError(f"duplicate ONNX node name '{name}'")
+        self.names.add(name)
+        if domain == "com.microsoft":
+            self.ms_domain = True
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs
+
+    def storage(self, qp: QParams) -> tuple[DType, int]:
+        """The integer type and zero point a tensor is stored with in the model.
+
+        With act_type="uint8" an int8 grid (s, z) is stored as uint8 (s, z + 128): the same real
+        values and clamping range, in the format onnxruntime's x86 kernels take (U8S8)."""
+        if qp.dtype == DType.INT8 and self.act_type == "uint8":
+            return DType.UINT8, qp.zero_point[0] + 128
+        return qp.dtype, qp.zero_point[0]
+
+    def qdq(self, base: str, raw: str, qp: QParams) -> str:
+        """QuantizeLinear(raw) -> base/q -> DequantizeLinear -> base/dq (per tensor)."""
+        if qp.axis is not None:
+            raise CareQError(f"'{base}': per-channel activation parameters are not emitted")
+        dtype, zero_point = self.storage(qp)
+        scale = self.init(f"{base}/scale", np.array(qp.scale[0], np.float32))
+        zp = self.init(f"{base}/zero_point", np.array(zero_point, _NP[dtype]))
+        self.node("QuantizeLinear", [raw, scale, zp], [f"{base}/q"], f"{base}/Quantize")
+        self.node("DequantizeLinear", [f"{base}/q", scale, zp], [f"{base}/dq"], f"{base}/Dequantize")
+        return f"{base}/dq"
+
+    def raw(self, tensor: str) -> str:
+        """The ONNX name of a node's float output (the graph output is `logits` with float I/O)."""
+        if tensor == self.graph.output and self.io == "float" and self.plan.qp(tensor) is None:
+            return "logits"
+        return tensor
+
+    def out(self, tensor: str, raw: str | None = None) -> str:
+        """Register a node output: Q/DQ when the plan quantizes it."""
+        raw = raw or self.raw(tensor)
+        qp = self._qp(tensor)
+        self.val[tensor] = self.qdq(tensor, raw, qp) if qp is not None else raw
+        return self.val[tensor]
+
+    def requant(self, base: str, raw: str, like: str) -> str:
+        """Q/DQ of an intermediate value with the parameters of graph tensor `like` (if quantized)."""
+        qp = self._qp(like)
+        return self.qdq(base, raw, qp) if qp is not None else raw
+
+    def const(self, name: str, value: float, rank: int, like: QParams | None) -> str:
+        """A scalar constant. Next to a quantized tensor (`like`): qmax at scale |value| / qmax + DQ
+        (int8 127 at value / 127, as the TFLite emitter; exact), in that tensor's storage type."""
+        shape = [1] * rank
+        if like is None:
+            return self.init(name, np.full(shape, value, np.float32))
+        dtype, _ = self.storage(like)
+        qmin, qmax = dtype.qrange
+        zero = (qmin + qmax + 1) // 2 if dtype == DType.UINT8 else 0
+        top = qmax - zero
+        q = zero + (top if value > 0 else (-top if value < 0 else 0))
+        scale = abs(value) / top if value != 0 else 1.0
+        c = self.init(f"{name}/q", np.full(shape, q, _NP[dtype]))
+        s = self.init(f"{name}/scale", np.array(scale, np.float32))
+        z = self.init(f"{name}/zero_point", np.array(zero, _NP[dtype]))
+        return self.node("DequantizeLinear", [c, s, z], [name], f"{name}/Dequantize")[0]
+
+    def weight_dq(self, name: str, qw: np.ndarray, scales: np.ndarray, per_channel: bool) -> str:
+        """Symmetric weights q in [-127, 127]: int8 (zero point 0) or uint8 (q + 128, zero point 128)."""
+        dtype, zero = (np.uint8, 128) if self.weight_type == "uint8" else (np.int8, 0)
+        w = self.init(f"{name}/q", (qw.astype(np.int64) + zero).astype(dtype))
+        if per_channel:
+            s = self.init(f"{name}/scale", scales.astype(np.float32))
+            z = self.init(f"{name}/zero_point", np.full(len(scales), zero, dtype))
+            return self.node("DequantizeLinear", [w, s, z], [name], f"{name}/Dequantize", axis=0)[0]
+        s = self.init(f"{name}/scale", np.array(scales[0], np.float32))
+        z = self.init(f"{name}/zero_point", np.array(zero, dtype))
+        return self.node("DequantizeLinear", [w, s, z], [name], f"{name}/Dequantize")[0]
+
+    def bias_dq(self, name: str, bias: np.ndarray, scales: np.ndarray) -> str:
+        """int32 bias at per-channel scales s_in * s_w, + DQ (axis 0)."""
+        qb = np.clip(np.round(bias / scales), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
+        b = self.init(f"{name}/int32", qb)
+        s = self.init(f"{name}/scale", scales.astype(np.float32))
+        z = self.init(f"{name}/zero_point", np.zeros(len(scales), np.int32))
+        return self.node("DequantizeLinear", [b, s, z], [name], f"{name}/Dequantize", axis=0)[0]
+
+    def i64(self, name: str, values) -> str:
+        return self.init(name, np.asarray(values, dtype=np.int64))
+
+    # ---------------------------------------------------------------- model
+    def emit(self) -> onnx.ModelProto:
+        g = self.graph
+        shape = list(g.shapes[g.input])
+        qin = self._qp(g.input)
+        if self.io == "float":
+            inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *shape[1:]])
+            self.names.add("input")
+            self.val[g.input] = self.qdq(g.input, "input", qin) if qin is not None else "input"
+        else:
+            if qin is None or qin.dtype != DType.INT8:
+                raise CareQError("io=int8 needs an int8 input tensor in the plan")
+            inp = helper.make_tensor_value_info("input", TensorProto.INT8, ["N", *shape[1:]])
+            self.names.add("input")
+            s = self.init("input/int8/scale", np.array(qin.scale[0], np.float32))
+            z = self.init("input/int8/zero_point", np.array(qin.zero_point[0], np.int8))
+            x = self.node("DequantizeLinear", ["input", s, z], ["input/int8/dq"], "input/int8/Dequantize")[0]
+            if self.storage(qin)[0] == DType.INT8:
+                self.val[g.input] = x
+            else:  # re-encode to the storage type once (exact: same grid)
+                self.val[g.input] = self.qdq(g.input, x, qin)
+        for n in g.nodes:
+            fn = getattr(self, f"op_{n.op}", None)
+            if fn is None:
+                raise CareQError(f"{n.name}: op '{n.op}' has no ONNX QDQ form")
+            fn(n)
+        final = self.val[g.output]
+        n_classes = g.shapes[g.output][-1]
+        if self.io == "float":
+            if final != "logits":
+                self.node("Identity", [final], ["logits"], "logits/Identity")
+            out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", n_classes])
+        else:
+            qp = getattr(self.plan, "output_qparams", None)
+            if qp is None:
+                raise CareQError("io=int8 needs plan.output_qparams (the logits range): calibrate with "
+                                 "care_q.quant.calibrate.calibrate")
+            if qp.dtype != DType.INT8:
+                raise CareQError(f"io=int8 needs int8 output parameters, the plan has {qp.dtype.value}")
+            s = self.init("logits/scale", np.array(qp.scale[0], np.float32))
+            z = self.init("logits/zero_point", np.array(qp.zero_point[0], np.int8))
+            self.node("QuantizeLinear", [final, s, z], ["logits"], "logits/Quantize")
+            out = helper.make_tensor_value_info("logits", TensorProto.INT8, ["N", n_classes])
+        graph = helper.make_graph(self.nodes, "care_q_qdq", [inp], [out], self.inits)
+        opsets = [helper.make_opsetid("", self.opset)]
+        if self.ms_domain:
+            opsets.append(helper.make_opsetid("com.microsoft", 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="care-q",
+                                  doc_string=f"care-q int8 QDQ, recipe {self.plan.recipe.name}, io={self.io}")
+        model.ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", self.opset)])
+        try:
+            onnx.checker.check_model(model)
+        except onnx.checker.ValidationError as e:
+            raise CareQError(f"emitted QDQ model fails onnx.checker: {e}") from None
+        return model
+
+    # ---------------------------------------------------------------- ops
+    def op_conv(self, n):
+        conv = n.module
+        x = self.val[n.inputs[0]]
+        per_channel = self.plan.recipe.weight_granularity == "per_channel"
+        s_w = weight_scales(conv.weight, per_channel).detach().float().numpy()
+        w = conv.weight.detach().double().numpy()
+        qw = np.clip(np.round(w / s_w.astype(np.float64).reshape(-1, 1, 1, 1)), -127, 127)
+        wt = self.weight_dq(f"{n.name}.weight", qw, s_w, per_channel)
+        inputs = [x, wt]
+        cout = w.shape[0]
+        bias = conv.bias.detach().double().numpy() if conv.bias is not None else None
+        in_qp = self._qp(n.inputs[0])
+        if in_qp is not None:
+            s_b = s_w.astype(np.float64) * in_qp.scale[0]
+            inputs.append(self.bias_dq(f"{n.name}.bias", bias if bias is not None else np.zeros(cout), s_b))
+        elif bias is not None:
+            inputs.append(self.init(f"{n.name}.bias", bias.astype(np.float32)))
+        raw = self.node("Conv", inputs, [self.raw(n.outputs[0])], n.name, **_conv_attrs(conv))[0]
+        self.out(n.outputs[0], raw)
+
+    def _binary(self, n, op_type):
+        a, b = self.val[n.inputs[0]], self.val[n.inputs[1]]
+        self.out(n.outputs[0], self.node(op_type, [a, b], [self.raw(n.outputs[0])], n.name)[0])
+
+    def op_add(self, n):
+        self._binary(n, "Add")
+
+    def op_mul(self, n):
+        self._binary(n, "Mul")
+
+    def op_div(self, n):
+        self._binary(n, "Div")
+
+    def _const_value(self, n) -> float:
+        value = float(n.attrs["value"])
+        if n.name.endswith(".den_eps") and self.plan.quantized(n.outputs[0]):
+            # the divisor guard of the reference (QuantOps.add_const): >= 1.5 LSB
+            guard = max(value, 1.5 * self._qp(n.outputs[0]).scale[0])
+            value = float(self.plan.consts.get(n.name, guard))
+        return value
+
+    def _scalar_op(self, n, op_type, value: float):
+        x = self.val[n.inputs[0]]
+        like = self._qp(n.inputs[0]) or self._qp(n.outputs[0])
+        c = self.const(f"{n.name}.const", value, len(self.graph.shapes[n.inputs[0]]), like)
+        self.out(n.outputs[0], self.node(op_type, [x, c], [self.raw(n.outputs[0])], n.name)[0])
+
+    def op_add_const(self, n):
+        self._scalar_op(n, "Add", self._const_value(n))
+
+    def op_mul_const(self, n):
+        v = n.attrs["value"]
+        if isinstance(v, (int, float)) or v.dim() == 0:
+            self._scalar_op(n, "Mul", float(v))
+            return
+        g = v.detach().double().numpy().reshape(-1)
+        x, o = self.val[n.inputs[0]], n.outputs[0]
+        in_qp = self._qp(n.inputs[0])
+        if in_qp is None:  # float input: a plain broadcast Mul
+            c = self.init(f"{n.name}.const", g.astype(np.float32).reshape(1, -1, 1, 1))
+            self.out(o, self.node("Mul", [x, c], [self.raw(o)], n.name)[0])
+            return
+        # per-channel constant: a 1x1 depthwise conv, int8 weights +-127 at |g| / 127 (exact)
+        s_w = (np.maximum(np.abs(g), 1e-12) / 127.0).astype(np.float32)
+        qw = np.clip(np.round(g / s_w.astype(np.float64)), -127, 127).reshape(-1, 1, 1, 1)
+        wt = self.weight_dq(f"{n.name}.weight", qw, s_w, per_channel=True)
+        bt = self.bias_dq(f"{n.name}.bias", np.zeros(g.size), s_w.astype(np.float64) * in_qp.scale[0])
+        raw = self.node("Conv", [x, wt, bt], [self.raw(o)], n.name, kernel_shape=[1, 1], pads=[0, 0, 0, 0],
+                        strides=[1, 1], dilations=[1, 1], group=int(g.size))[0]
+        self.out(o, raw)
+
+    def _unary(self, n, op_type, domain="", **attrs):
+        x = self.val[n.inputs[0]]
+        self.out(n.outputs[0], self.node(op_type, [x], [self.raw(n.outputs[0])], n.name, domain, **attrs)[0])
+
+    def op_gelu(self, n):
+        if self.opset >= 20:
+            self._unary(n, "Gelu")
+        else:
+            self._unary(n, "Gelu", "com.microsoft")
+
+    def op_elu(self, n):
+        self._unary(n, "Elu", alpha=1.0)
+
+    def op_silu(self, n):
+        x, o = self.val[n.inputs[0]], n.outputs[0]
+        s = self.node("Sigmoid", [x], [f"{o}/sigmoid"], f"{n.name}/Sigmoid")[0]
+        if self.plan.quantized(o):
+            s = self.qdq(f"{o}/sigmoid", s, SIGMOID_QPARAMS[self.plan.specs[o].dtype])
+        self.out(o, self.node("Mul", [x, s], [self.raw(o)], n.name)[0])
+
+    def op_split(self, n):
+        x = self.val[n.inputs[0]]
+        sizes = self.i64(f"{n.name}/sizes", n.attrs["sizes"])
+        raws = self.node("Split", [x, sizes], [self.raw(o) for o in n.outputs], n.name, axis=n.attrs["dim"])
+        for o, r in zip(n.outputs, raws):
+            self.out(o, r)
+
+    def op_cat(self, n):
+        xs = [self.val[i] for i in n.inputs]
+        self.out(n.outputs[0], self.node("Concat", xs, [self.raw(n.outputs[0])], n.name, axis=n.attrs["dim"])[0])
+
+    def op_to_heads(self, n):
+        o = n.outputs[0]
+        _, nh, tokens, d = self.graph.shapes[o]
+        shape = self.i64(f"{n.name}/shape", [0, nh, d, tokens])   # 0: keep the (dynamic) batch
+        r = self.node("Reshape", [self.val[n.inputs[0]], shape], [f"{o}/tokens"], f"{n.name}/Reshape")[0]
+        r = self.requant(f"{o}/tokens", r, like=o)
+        self.out(o, self.node("Transpose", [r], [self.raw(o)], n.name, perm=[0, 1, 3, 2])[0])
+
+    def op_from_heads(self, n):
+        o = n.outputs[0]
+        _, c, h, w = self.graph.shapes[o]
+        t = self.node("Transpose", [self.val[n.inputs[0]]], [f"{o}/tokens"], f"{n.name}/Transpose",
+                      perm=[0, 1, 3, 2])[0]
+        t = self.requant(f"{o}/tokens", t, like=o)
+        shape = self.i64(f"{n.name}/shape", [0, c, h, w])
+        self.out(o, self.node("Reshape", [t, shape], [self.raw(o)], n.name)[0])
+
+    def _transposed(self, n, tensor: str, side: str) -> str:
+        """The last two dims of a matmul operand swapped, re-quantized with its own parameters."""
+        t = self.node("Transpose", [self.val[tensor]], [f"{n.name}/{side}_t"], f"{n.name}/Transpose_{side}",
+                      perm=[0, 1, 3, 2])[0]
+        return self.requant(f"{n.name}/{side}_t", t, like=tensor)
+
+    def op_matmul(self, n):
+        a = self._transposed(n, n.inputs[0], "a") if n.attrs["transpose_a"] else self.val[n.inputs[0]]
+        b = self._transposed(n, n.inputs[1], "b") if n.attrs["transpose_b"] else self.val[n.inputs[1]]
+        self.out(n.outputs[0], self.node("MatMul", [a, b], [self.raw(n.outputs[0])], n.name)[0])
+
+    def op_mean_tokens(self, n):
+        x, o = self.val[n.inputs[0]], n.outputs[0]
+        if self.opset >= 18:
+            axes = self.i64(f"{n.name}/axes", [2])
+            raw = self.node("ReduceMean", [x, axes], [self.raw(o)], n.name, keepdims=1)[0]
+        else:
+            raw = self.node("ReduceMean", [x], [self.raw(o)], n.name, axes=[2], keepdims=1)[0]
+        self.out(o, raw)
+
+    def op_global_pool(self, n):
+        o = n.outputs[0]
+        p = self.node("GlobalAveragePool", [self.val[n.inputs[0]]], [f"{o}/pooled"], n.name)[0]
+        p = self.requant(f"{o}/pooled", p, like=o)    # DQ -> GAP -> Q: QLinearGlobalAveragePool
+        self.val[o] = self.node("Flatten", [p], [self.raw(o)], f"{n.name}/Flatten", axis=1)[0]
+
+    def op_layer_norm(self, n):
+        x, o = self.val[n.inputs[0]], n.outputs[0]
+        c = self.graph.shapes[n.inputs[0]][-1]
+        ones = self.init(f"{n.name}/scale", np.ones(c, np.float32))
+        zeros = self.init(f"{n.name}/bias", np.zeros(c, np.float32))
+        raw = self.node("LayerNormalization", [x, ones, zeros], [self.raw(o)], n.name, axis=-1,
+                        epsilon=float(n.attrs["eps"]))[0]
+        self.out(o, raw)
+
+    def op_linear(self, n):
+        fc, o = n.module, n.outputs[0]
+        w = self.init(f"{n.name}.weight", fc.weight.detach().numpy().astype(np.float32))
+        inputs = [self.val[n.inputs[0]], w]
+        if fc.bias is not None:
+            inputs.append(self.init(f"{n.name}.bias", fc.bias.detach().numpy().astype(np.float32)))
+        self.out(o, self.node("Gemm", inputs, [self.raw(o)], n.name, transB=1)[0])
+
+
+def emit_onnx_qdq(plan: QuantPlan, io: str = "float", opset: int | None = None,
+                  act_type: str = "uint8") -> onnx.ModelProto:
+    """The ONNX QDQ model of a calibrated plan (float or int8 I/O), checked by onnx.checker.
+
+    `opset` defaults to 17 (21 when the plan has int16 activations). `act_type` is how the
+    plan's int8 activations are stored: "uint8" (default; zero point + 128, the same values,
+    the U8S8 form onnxruntime's x86 kernels run) or "int8" (literal; see the module docstring
+    for why onnxruntime on x86 then leaves fan-out tensors' consumers unfused)."""
+    return _Emitter(plan, io, opset, act_type).emit()
+
+
+def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Write `model` to `path` atomically (one self-contained file)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, str(tmp))
+    return path

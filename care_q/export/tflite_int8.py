@@ -1,0 +1,318 @@
+"""Emit the quantized deploy graph as an int8 TFLite model.
+
+One TFLite op (or a short fixed sequence) per graph node, with exactly the parameters of the
+plan, so the file computes what the PyTorch fake-quant reference computes. Layout: images
+NHWC, attention tokens (1, heads, N, D). The backbone is int8 from the first QUANTIZE (float
+I/O) to the global pool; the head (GELU, LayerNorm, Linear on one 1024-vector) runs float
+after one DEQUANTIZE.
+
+Kernel choices (XNNPACK is the CPU engine of TFLite):
+- conv / depthwise conv: per-channel int8 weights, int32 bias;
+- per-channel layer scale: a 1x1 DEPTHWISE_CONV_2D (per-channel weights represent gamma
+  exactly, where a MUL constant would be per-tensor);
+- channel split: SLICE (shares parameters with its input);
+- heads: RESHAPE + TRANSPOSE; attention products: BATCH_MATMUL with a zero-point-0 RHS;
+- normaliser: DIV (TFLite's int8 kernel; the divisor carries a >= 1.5 LSB guard so it never
+  equals its zero point).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as fb
+
+from care_q.errors import CareQError
+from care_q.export.tflite_builder import TFLiteBuilder, options
+from care_q.quant.fakequant import SIGMOID_QPARAMS, weight_scales
+from care_q.quant.plan import QuantPlan
+from care_q.quant.qtypes import DType
+
+OP = fb.BuiltinOperator
+_NP = {DType.INT8: np.int8, DType.UINT8: np.uint8, DType.INT16: np.int16}
+
+
+def _layouts(plan: QuantPlan) -> dict[str, str]:
+    g = plan.graph
+    lay = {g.input: "nchw"}
+    for n in g.nodes:
+        if n.op == "to_heads" or n.op == "matmul":
+            kind = "heads"
+        elif n.op in ("from_heads", "conv"):
+            kind = "nchw"
+        elif n.op in ("global_pool", "linear"):
+            kind = "vec"
+        else:
+            kind = lay[n.inputs[0]]
+        for o in n.outputs:
+            lay[o] = kind
+    return lay
+
+
+def _tfl_shape(shape, layout: str) -> tuple[int, ...]:
+    if layout == "nchw" and len(shape) == 4:
+        b, c, h, w = shape
+        return (b, h, w, c)
+    return tuple(shape)
+
+
+def _padding(conv) -> int:
+    (kh, kw), (ph, pw), (sh, sw) = conv.kernel_size, conv.padding, conv.stride
+    if ph == 0 and pw == 0:
+        return fb.Padding.VALID
+    if (sh, sw) == (1, 1) and kh % 2 and kw % 2 and ph == (kh - 1) // 2 and pw == (kw - 1) // 2:
+        return fb.Padding.SAME
+    raise CareQError(f"conv padding {conv.padding} with kernel {conv.kernel_size} has no TFLite form")
+
+
+class _Emitter:
+    def __init__(self, plan: QuantPlan, io: str):
+        self.plan = plan
+        self.io = io
+        self.b = TFLiteBuilder("care-q int8 " + plan.recipe.name)
+        self.idx: dict[str, int] = {}
+        self.layout = _layouts(plan)
+
+    # ---------------------------------------------------------------- tensors
+    def act(self, name: str, shape=None, like: str | None = None) -> int:
+        """An activation tensor with the plan's parameters for `like` (default: itself)."""
+        spec_name = like or name
+        qp = self.plan.qp(spec_name)
+        if shape is None:
+            shape = _tfl_shape(self.plan.graph.shapes[name], self.layout[name])
+        if qp is None:
+            return self.b.tensor(name, shape, np.float32)
+        if qp.dtype == DType.INT16:
+            raise CareQError(f"tensor '{name}' is int16: the int8 TFLite exporter keeps int16 tensors "
+                             f"float (recipe should mark them float for tflite)")
+        return self.b.tensor(name, shape, _NP[qp.dtype], qp.scale[0], qp.zero_point[0])
+
+    def out(self, name: str) -> int:
+        self.idx[name] = self.act(name)
+        return self.idx[name]
+
+    def i32(self, name: str, values) -> int:
+        return self.b.const(name, np.asarray(values, dtype=np.int32))
+
+    def scalar_q(self, name: str, value: float, rank: int) -> int:
+        """A positive constant as int8 127 * (value / 127): exact."""
+        if value <= 0:
+            raise CareQError(f"constant '{name}'={value}: only positive scalar constants are emitted")
+        return self.b.const(name, np.full([1] * rank, 127, np.int8), value / 127.0, 0)
+
+    def in_scale(self, tensor: str) -> float:
+        return self.plan.qp(tensor).scale[0]
+
+    # ---------------------------------------------------------------- ops
+    def emit(self) -> bytes:
+        g, b = self.plan.graph, self.b
+        shp = _tfl_shape(g.shapes[g.input], "nchw")
+        qin = self.plan.qp(g.input)
+        if self.io == "float":
+            fin = b.tensor("input_float", shp, np.float32)
+            b.inputs.append(fin)
+            self.idx[g.input] = self.act(g.input)
+            b.op(OP.QUANTIZE, [fin], [self.idx[g.input]], version=2)
+        else:
+            self.idx[g.input] = self.act(g.input)
+            b.inputs.append(self.idx[g.input])
+            if qin.dtype != DType.INT8:
+                raise CareQError("int8 I/O needs an int8 input tensor")
+        for n in g.nodes:
+            getattr(self, f"op_{n.op}")(n)
+        out = self.idx[g.output]
+        if self.io != "float":
+            qp = self.plan.output_qparams
+            q = b.tensor("logits_int8", b.shape_of(out), np.int8, qp.scale[0], qp.zero_point[0])
+            b.op(OP.QUANTIZE, [out], [q], version=2)
+            out = q
+        b.outputs.append(out)
+        return b.to_bytes()
+
+    def op_conv(self, n):
+        conv, b = n.module, self.b
+        x = self.idx[n.inputs[0]]
+        w = conv.weight.detach().double().numpy()
+        s_w = weight_scales(conv.weight).double().numpy()
+        s_in = self.in_scale(n.inputs[0])
+        cout = w.shape[0]
+        depthwise = conv.groups > 1
+        if depthwise and not (conv.groups == conv.in_channels == cout):
+            raise CareQError(f"{n.name}: grouped conv with groups={conv.groups} has no TFLite form")
+        qw = np.clip(np.round(w / s_w.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
+        if depthwise:
+            qw = qw.transpose(1, 2, 3, 0)  # (1, kh, kw, C)
+            wt = b.const(f"{n.name}.weight", qw, s_w, np.zeros(cout, np.int64), axis=3)
+        else:
+            qw = qw.transpose(0, 2, 3, 1)  # (O, kh, kw, I)
+            wt = b.const(f"{n.name}.weight", qw, s_w, np.zeros(cout, np.int64), axis=0)
+        bias = conv.bias.detach().double().numpy() if conv.bias is not None else np.zeros(cout)
+        s_b = s_w * s_in
+        qb = np.clip(np.round(bias / s_b), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
+        bt = b.const(f"{n.name}.bias", qb, s_b, np.zeros(cout, np.int64), axis=0)
+        y = self.out(n.outputs[0])
+        pad = _padding(conv)
+        sh, sw = conv.stride
+        if depthwise:
+            b.op(OP.DEPTHWISE_CONV_2D, [x, wt, bt], [y], fb.BuiltinOptions.DepthwiseConv2DOptions,
+                 options(fb.DepthwiseConv2DOptionsT, padding=pad, strideW=sw, strideH=sh, depthMultiplier=1,
+                         dilationWFactor=1, dilationHFactor=1), version=3)
+        else:
+            b.op(OP.CONV_2D, [x, wt, bt], [y], fb.BuiltinOptions.Conv2DOptions,
+                 options(fb.Conv2DOptionsT, padding=pad, strideW=sw, strideH=sh, dilationWFactor=1,
+                         dilationHFactor=1), version=3)
+
+    def _binary(self, n, op, opt_type, opt_cls, version=2):
+        a, c = self.idx[n.inputs[0]], self.idx[n.inputs[1]]
+        self.b.op(op, [a, c], [self.out(n.outputs[0])], opt_type, options(opt_cls), version=version)
+
+    def op_add(self, n):
+        self._binary(n, OP.ADD, fb.BuiltinOptions.AddOptions, fb.AddOptionsT)
+
+    def op_mul(self, n):
+        self._binary(n, OP.MUL, fb.BuiltinOptions.MulOptions, fb.MulOptionsT)
+
+    def op_div(self, n):
+        self._binary(n, OP.DIV, fb.BuiltinOptions.DivOptions, fb.DivOptionsT)
+
+    def op_add_const(self, n):
+        x = self.idx[n.inputs[0]]
+        value = self.plan.consts.get(n.name, n.attrs["value"])
+        c = self.scalar_q(f"{n.name}.const", float(value), len(self.b.shape_of(x)))
+        self.b.op(OP.ADD, [x, c], [self.out(n.outputs[0])], fb.BuiltinOptions.AddOptions,
+                  options(fb.AddOptionsT), version=2)
+
+    def op_mul_const(self, n):
+        x, b = self.idx[n.inputs[0]], self.b
+        v = n.attrs["value"]
+        if isinstance(v, float) or getattr(v, "dim", lambda: 0)() == 0:
+            c = self.scalar_q(f"{n.name}.const", float(v), len(b.shape_of(x)))
+            b.op(OP.MUL, [x, c], [self.out(n.outputs[0])], fb.BuiltinOptions.MulOptions,
+                 options(fb.MulOptionsT), version=2)
+            return
+        # per-channel constant: a 1x1 depthwise conv with per-channel weights (exact)
+        g = v.detach().double().numpy()
+        s_w = np.maximum(np.abs(g), 1e-12) / 127.0
+        qw = np.clip(np.round(g / s_w), -127, 127).astype(np.int8).reshape(1, 1, 1, -1)
+        wt = b.const(f"{n.name}.weight", qw, s_w, np.zeros(g.size, np.int64), axis=3)
+        bt = b.const(f"{n.name}.bias", np.zeros(g.size, np.int32), s_w * self.in_scale(n.inputs[0]),
+                     np.zeros(g.size, np.int64), axis=0)
+        b.op(OP.DEPTHWISE_CONV_2D, [x, wt, bt], [self.out(n.outputs[0])],
+             fb.BuiltinOptions.DepthwiseConv2DOptions,
+             options(fb.DepthwiseConv2DOptionsT, padding=fb.Padding.VALID, strideW=1, strideH=1,
+                     depthMultiplier=1, dilationWFactor=1, dilationHFactor=1), version=3)
+
+    def _unary(self, n, op, opt_type=0, opts=None, version=2):
+        self.b.op(op, [self.idx[n.inputs[0]]], [self.out(n.outputs[0])], opt_type, opts, version=version)
+
+    def op_gelu(self, n):
+        self._unary(n, OP.GELU, fb.BuiltinOptions.GeluOptions, options(fb.GeluOptionsT, approximate=False),
+                    version=2 if self.plan.quantized(n.outputs[0]) else 1)
+
+    def op_elu(self, n):
+        self._unary(n, OP.ELU, version=2)
+
+    def op_silu(self, n):
+        x = self.idx[n.inputs[0]]
+        y_name = n.outputs[0]
+        if self.plan.quantized(y_name):
+            qp = SIGMOID_QPARAMS[DType.INT8]
+            s = self.b.tensor(f"{y_name}.sigmoid", self.b.shape_of(x), np.int8, qp.scale[0], qp.zero_point[0])
+        else:
+            s = self.b.tensor(f"{y_name}.sigmoid", self.b.shape_of(x), np.float32)
+        self.b.op(OP.LOGISTIC, [x], [s], version=2)
+        self.b.op(OP.MUL, [x, s], [self.out(y_name)], fb.BuiltinOptions.MulOptions, options(fb.MulOptionsT),
+                  version=2)
+
+    def op_split(self, n):
+        x = self.idx[n.inputs[0]]
+        shape = self.b.shape_of(x)
+        off = 0
+        for o, size in zip(n.outputs, n.attrs["sizes"]):
+            begin = self.i32(f"{o}.begin", [0, 0, 0, off])
+            sz = self.i32(f"{o}.size", [shape[0], shape[1], shape[2], size])
+            self.b.op(OP.SLICE, [x, begin, sz], [self.out(o)], fb.BuiltinOptions.SliceOptions,
+                      options(fb.SliceOptionsT), version=2)
+            off += size
+
+    def op_cat(self, n):
+        if n.attrs["dim"] != 1 or self.layout[n.outputs[0]] != "nchw":
+            raise CareQError(f"{n.name}: only channel concatenation is emitted")
+        self.b.op(OP.CONCATENATION, [self.idx[i] for i in n.inputs], [self.out(n.outputs[0])],
+                  fb.BuiltinOptions.ConcatenationOptions, options(fb.ConcatenationOptionsT, axis=3), version=2)
+
+    def _reshape(self, x: int, name: str, shape, like: str) -> int:
+        y = self.act(name, shape, like=like)
+        self.b.op(OP.RESHAPE, [x, self.i32(f"{name}.shape", shape)], [y], fb.BuiltinOptions.ReshapeOptions,
+                  options(fb.ReshapeOptionsT, newShape=list(shape)))
+        return y
+
+    def _transpose(self, x: int, y: int, perm) -> None:
+        self.b.op(OP.TRANSPOSE, [x, self.i32(f"{self.b.tensors[y].name}.perm", perm)], [y],
+                  fb.BuiltinOptions.TransposeOptions, options(fb.TransposeOptionsT), version=2)
+
+    def op_to_heads(self, n):
+        o = n.outputs[0]
+        bsz, nh, tokens, d = self.plan.graph.shapes[o]
+        r = self._reshape(self.idx[n.inputs[0]], f"{o}.tokens", (bsz, tokens, nh, d), like=o)
+        self._transpose(r, self.out(o), [0, 2, 1, 3])
+
+    def op_from_heads(self, n):
+        o = n.outputs[0]
+        bsz, nh, tokens, d = self.plan.graph.shapes[n.inputs[0]]
+        t = self.act(f"{o}.tokens", (bsz, tokens, nh, d), like=o)
+        self._transpose(self.idx[n.inputs[0]], t, [0, 2, 1, 3])
+        bsz, c, h, w = self.plan.graph.shapes[o]
+        self.idx[o] = self._reshape(t, o, (bsz, h, w, c), like=o)
+
+    def op_matmul(self, n):
+        a, c = self.idx[n.inputs[0]], self.idx[n.inputs[1]]
+        self.b.op(OP.BATCH_MATMUL, [a, c], [self.out(n.outputs[0])], fb.BuiltinOptions.BatchMatMulOptions,
+                  options(fb.BatchMatMulOptionsT, adjX=n.attrs["transpose_a"], adjY=n.attrs["transpose_b"]),
+                  version=2)
+
+    def _mean(self, x: int, y: int, axes, keep: bool, name: str):
+        self.b.op(OP.MEAN, [x, self.i32(f"{name}.axes", axes)], [y], fb.BuiltinOptions.ReducerOptions,
+                  options(fb.ReducerOptionsT, keepDims=keep), version=2)
+
+    def op_mean_tokens(self, n):
+        self._mean(self.idx[n.inputs[0]], self.out(n.outputs[0]), [2], True, n.name)
+
+    def op_global_pool(self, n):
+        o = n.outputs[0]
+        pooled = self.out(o)
+        self._mean(self.idx[n.inputs[0]], pooled, [1, 2], False, n.name)
+        if self.plan.quantized(o):  # the head runs float: one DEQUANTIZE
+            f = self.b.tensor(f"{o}.float", self.b.shape_of(pooled), np.float32)
+            self.b.op(OP.DEQUANTIZE, [pooled], [f], version=2)
+            self.idx[o] = f
+
+    def op_layer_norm(self, n):
+        b, x, o = self.b, self.idx[n.inputs[0]], n.outputs[0]
+        shape = b.shape_of(x)
+        red = tuple(shape[:-1]) + (1,)
+        mean = b.tensor(f"{o}.mean", red, np.float32)
+        self._mean(x, mean, [len(shape) - 1], True, f"{o}.mean")
+        d = b.tensor(f"{o}.centered", shape, np.float32)
+        b.op(OP.SUB, [x, mean], [d], fb.BuiltinOptions.SubOptions, options(fb.SubOptionsT))
+        sq = b.tensor(f"{o}.sq", shape, np.float32)
+        b.op(OP.MUL, [d, d], [sq], fb.BuiltinOptions.MulOptions, options(fb.MulOptionsT))
+        var = b.tensor(f"{o}.var", red, np.float32)
+        self._mean(sq, var, [len(shape) - 1], True, f"{o}.var")
+        ve = b.tensor(f"{o}.var_eps", red, np.float32)
+        eps = b.const(f"{o}.eps", np.full([1] * len(shape), n.attrs["eps"], np.float32))
+        b.op(OP.ADD, [var, eps], [ve], fb.BuiltinOptions.AddOptions, options(fb.AddOptionsT))
+        r = b.tensor(f"{o}.rstd", red, np.float32)
+        b.op(OP.RSQRT, [ve], [r])
+        b.op(OP.MUL, [d, r], [self.out(o)], fb.BuiltinOptions.MulOptions, options(fb.MulOptionsT))
+
+    def op_linear(self, n):
+        fc, b = n.module, self.b
+        w = b.const(f"{n.name}.weight", fc.weight.detach().numpy().astype(np.float32))
+        bias = b.const(f"{n.name}.bias", fc.bias.detach().numpy().astype(np.float32))
+        b.op(OP.FULLY_CONNECTED, [self.idx[n.inputs[0]], w, bias], [self.out(n.outputs[0])],
+             fb.BuiltinOptions.FullyConnectedOptions, options(fb.FullyConnectedOptionsT))
+
+
+def emit_tflite_int8(plan: QuantPlan, io: str = "float") -> bytes:
+    """The int8 TFLite flatbuffer for a calibrated plan."""
+    return _Emitter(plan, io).emit()

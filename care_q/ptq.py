@@ -1,0 +1,276 @@
+"""Post-training quantization: `care_q.ptq(...)`, the API behind `care-q ptq`.
+
+Pipeline: model -> deploy form (-> recipe substitutions) -> traced graph -> per-tensor plan
+from the recipe -> calibration -> int8 artifacts (TFLite, ONNX QDQ), each verified in its
+runtime against the PyTorch fake-quant reference -> report.json + report.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from care_q.errors import CareQError
+from care_q.graph.trace import trace
+from care_q.models import create_model, load_sidecar
+from care_q.quant.calibrate import calibrate
+from care_q.quant.fakequant import QuantOps
+from care_q.quant.plan import build_plan
+from care_q.quant.qtypes import Method, Role, sqnr_db
+from care_q.quant.recipe import load_recipe
+from care_q.transforms import deploy
+from care_q.transforms.substitute import gelu_to_silu
+from care_q.utils.io import atomic_path, atomic_write_json, atomic_write_text
+
+MIN_AGREEMENT = 0.99
+ATTENTION_ROLES = (Role.ATTN_QK, Role.ATTN_ELU, Role.ATTN_PHI, Role.ATTN_KV, Role.ATTN_KMEAN,
+                   Role.ATTN_DEN, Role.ATTN_NUM, Role.ATTN_OUT)
+
+
+def _artifact_names(name: str) -> dict[str, str]:
+    return {"tflite": f"{name}_int8.tflite", "onnx": f"{name}_int8_qdq.onnx"}
+
+
+def _emit(target: str, plan, io: str, path: Path) -> None:
+    if target == "tflite":
+        from care_q.export.tflite_int8 import emit_tflite_int8
+
+        data = emit_tflite_int8(plan, io=io)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    else:
+        from care_q.export.onnx_qdq import emit_onnx_qdq, save_onnx
+
+        save_onnx(emit_onnx_qdq(plan, io=io), path)
+
+
+def _batches(ds, batch_size: int):
+    from care_q.data import make_loader
+
+    return make_loader(ds, batch_size=batch_size, shuffle=False, workers=0)
+
+
+@torch.no_grad()
+def tensor_sqnr(model, plan, x: torch.Tensor) -> dict[str, float]:
+    """SQNR (dB) of every quantized tensor: fake-quant model vs float model on `x`."""
+    f_ops, q_ops = QuantOps(plan, "float", record=True), QuantOps(plan, "quant", record=True)
+    model(x, f_ops)
+    model(x, q_ops)
+    out = {}
+    for name, ref in f_ops.record.items():
+        if plan.quantized(name) and name in q_ops.record and plan.specs[name].op not in (
+                "split", "to_heads", "from_heads"):
+            out[name] = sqnr_db(ref, q_ops.record[name])
+    return out
+
+
+def _verify(path: Path, model, plan, x: np.ndarray, threads: int) -> dict:
+    from care_q.runtime import load_runner
+
+    runner = load_runner(path, threads=threads)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x), QuantOps(plan, "quant")).numpy()
+    got = runner(x)
+    agree = float((got.argmax(1) == ref.argmax(1)).mean())
+    res = {"images": int(x.shape[0]), "top1_agreement": agree, "logit_sqnr_db": sqnr_db(ref, got),
+           "max_abs_diff": float(np.abs(got - ref).max())}
+    info = getattr(runner, "delegate_info", None)
+    if info:
+        res["delegate"] = info
+    return res
+
+
+def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet_1k_subset",
+        data_root: str | Path | None = None, num_calib: int | None = None, recipe: str | Path = "ptq_int8",
+        targets: list[str] | None = None, img_size: int | None = None, io: str | None = None,
+        out: str | Path = "out", num_verify: int = 200, threads: int = 2, latency_runs: int = 0,
+        fallback_synthetic: bool = False, progress: bool | None = None, seed: int = 0) -> dict:
+    """Quantize a CARE model to int8 artifacts and write a report. Returns the report dict.
+
+    Raises CareQError before any work for an unknown model/set/recipe or a target the recipe
+    cannot honour; after export, when an artifact agrees with the fake-quant reference on
+    fewer than 99% of the verification images.
+    """
+    t_start = time.time()
+    rec = load_recipe(recipe)
+    targets = list(targets or rec.targets)
+    bad = [t for t in targets if t not in rec.targets]
+    if bad:
+        raise CareQError(f"recipe '{rec.name}' cannot honour target(s) {bad}: it supports "
+                         f"{list(rec.targets)}")
+    io = io or rec.io
+    if io not in ("float", "int8"):
+        raise CareQError(f"--io {io}: supported are float and int8")
+    if io != rec.io and rec.io != "float":
+        raise CareQError(f"recipe '{rec.name}' requires io={rec.io}; --io {io} contradicts it")
+    out = Path(out)
+    notes: list[str] = []
+
+    net = create_model(model, weights=weights)
+    if weights is None:
+        notes.append("no --weights: the weights are random, so accuracy figures are meaningless "
+                     "(latency, size and runtime agreement are still valid)")
+        warnings.warn(notes[-1], stacklevel=2)
+    pre = load_sidecar(weights).with_size(img_size)
+    size = pre.input_size[1]
+    dmodel = deploy(net)
+    if rec.gelu == "sigmoid":
+        dmodel = gelu_to_silu(dmodel)
+        notes.append("GELU substituted by x*sigmoid(1.702x) (SiLU with folded scales): approximate; "
+                     "fine-tune (QAT) to recover the difference")
+    graph = trace(dmodel, torch.zeros(1, 3, size, size))
+    plan = build_plan(graph, rec)
+
+    # --- calibration data
+    from care_q.data import get_dataset
+
+    calib_used = calib
+    try:
+        ds = get_dataset(calib, pre, data_root=data_root, limit=num_calib, seed=seed, model=net,
+                         progress=progress)
+    except CareQError as e:
+        if not fallback_synthetic:
+            raise
+        notes.append(f"calibration set '{calib}' unavailable ({e}); fell back to data-free "
+                     f"'synthetic_bn' (inputs optimised to match BatchNorm statistics)")
+        warnings.warn(notes[-1], stacklevel=2)
+        calib_used = "synthetic_bn"
+        ds = get_dataset("synthetic_bn", pre, data_root=data_root, limit=num_calib or 64, seed=seed,
+                         model=net, progress=progress)
+    if num_calib is not None and len(ds) < num_calib:
+        notes.append(f"asked for {num_calib} calibration images, '{calib_used}' has {len(ds)}; "
+                     f"calibrating on {len(ds)}")
+        warnings.warn(notes[-1], stacklevel=2)
+    t0 = time.time()
+    n_cal = calibrate(plan, dmodel, _batches(ds, rec.batch_size), total=None, progress=progress)
+    t_cal = time.time() - t0
+
+    # --- verification images: a different seeded draw from the same set
+    try:
+        vds = get_dataset(calib_used, pre, data_root=data_root, limit=num_verify, seed=seed + 1,
+                          model=net, progress=progress)
+    except CareQError:
+        vds = ds
+    xv = torch.cat([b[0] for b in _batches(vds, 50)])[:num_verify]
+
+    # --- per-tensor SQNR: this recipe vs one global min/max (what generic tools do)
+    naive = build_plan(graph, dataclasses.replace(rec, rules=(), method=Method.MINMAX))
+    naive.finalize(plan.observers)
+    naive.consts = {}
+    xs = xv[:16]
+    sq_recipe, sq_naive = tensor_sqnr(dmodel, plan, xs), tensor_sqnr(dmodel, naive, xs)
+    with torch.no_grad():
+        fl = dmodel(xs).numpy()
+        logit_sqnr = {"recipe": sqnr_db(fl, dmodel(xs, QuantOps(plan, "quant")).numpy()),
+                      "minmax": sqnr_db(fl, dmodel(xs, QuantOps(naive, "quant")).numpy())}
+
+    # --- export and verify
+    artifacts = {}
+    names = _artifact_names(model)
+    for t in targets:
+        path = out / names[t]
+        _emit(t, plan, io, path)
+        v = _verify(path, dmodel, plan, xv.numpy(), threads)
+        artifacts[t] = {"path": str(path), "size_bytes": path.stat().st_size, "verification": v}
+
+    fp32_bytes = sum(p.numel() * 4 for p in net.parameters())
+    report = {
+        "command": "ptq", "model": model, "weights": str(weights) if weights else None,
+        "img_size": size, "recipe": rec.to_json(), "io": io, "targets": targets,
+        "calibration": {"set": calib_used, "images": n_cal, "seconds": round(t_cal, 1)},
+        "verification_images": int(xv.shape[0]),
+        "artifacts": artifacts, "fp32_param_bytes": fp32_bytes,
+        "logit_sqnr_db_fake_quant": logit_sqnr,
+        "tensors": plan.to_json(),
+        "sqnr_db": {k: {"recipe": sq_recipe[k], "minmax": sq_naive.get(k)} for k in sq_recipe},
+        "graph_census": graph.census(),
+        "notes": notes, "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                                    "torch": torch.__version__},
+        "seconds": None,
+    }
+    if latency_runs:
+        report["latency"] = _latency(net, out, model, size, artifacts, threads, latency_runs)
+    report["seconds"] = round(time.time() - t_start, 1)
+    atomic_write_json(report, out / "report.json")
+    atomic_write_text(render_markdown(report, plan), out / "report.md")
+    failed = {t: a["verification"]["top1_agreement"] for t, a in artifacts.items()
+              if a["verification"]["top1_agreement"] < MIN_AGREEMENT}
+    if failed:
+        raise CareQError(f"artifact(s) disagree with the fake-quant reference: "
+                         + ", ".join(f"{t} {100 * v:.1f}% top-1 agreement" for t, v in failed.items())
+                         + f" (< {100 * MIN_AGREEMENT:.0f}%); see {out / 'report.md'}")
+    return report
+
+
+def _latency(net, out: Path, name: str, size: int, artifacts: dict, threads: int, runs: int) -> dict:
+    """int8 vs FP32 latency per runtime (FP32 artifacts exported next to the int8 ones)."""
+    from care_q.bench.latency import measure
+    from care_q.export.fp32 import export_onnx, export_tflite
+    from care_q.runtime import load_runner
+
+    res = {}
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    for t, a in artifacts.items():
+        fp = out / f"{name}_fp32.{t}"
+        if not fp.exists():
+            (export_onnx if t == "onnx" else export_tflite)(net, fp, size)
+        m = measure({"fp32": load_runner(fp, threads=threads), "int8": load_runner(a["path"], threads=threads)},
+                    x, runs=runs)
+        res[t] = {**m, "ratio": m["int8"]["median_ms"] / m["fp32"]["median_ms"],
+                  "fp32_size_bytes": fp.stat().st_size,
+                  "size_ratio": Path(a["path"]).stat().st_size / fp.stat().st_size}
+    return res
+
+
+def render_markdown(r: dict, plan) -> str:
+    L = [f"# care-q PTQ report: {r['model']} ({r['img_size']}x{r['img_size']})", ""]
+    L += [f"- recipe: `{r['recipe']['name']}` ({r['recipe']['source']}), io: {r['io']}",
+          f"- calibration: `{r['calibration']['set']}`, {r['calibration']['images']} images, "
+          f"{r['calibration']['seconds']} s",
+          f"- weights: {r['weights'] or 'random (accuracy meaningless)'}",
+          f"- total time: {r['seconds']} s", ""]
+    for n in r["notes"]:
+        L.append(f"> note: {n}")
+    L += ["", "## Artifacts, verified in their runtimes against the PyTorch fake-quant reference", "",
+          "| target | file | size (MB) | top-1 agreement | logit SQNR (dB) | max abs diff |",
+          "|---|---|---:|---:|---:|---:|"]
+    for t, a in r["artifacts"].items():
+        v = a["verification"]
+        L.append(f"| {t} | `{Path(a['path']).name}` | {a['size_bytes'] / 1e6:.2f} | "
+                 f"{100 * v['top1_agreement']:.1f}% ({v['images']} images) | {v['logit_sqnr_db']:.1f} | "
+                 f"{v['max_abs_diff']:.3g} |")
+        if "delegate" in v:
+            L.append(f"|  | XNNPACK: {v['delegate']} | | | | |")
+    if "latency" in r:
+        L += ["", "## Latency (batch 1, this machine)", "",
+              "| runtime | FP32 median (ms) | INT8 median (ms) | ratio | size ratio |", "|---|---:|---:|---:|---:|"]
+        for t, m in r["latency"].items():
+            L.append(f"| {t} | {m['fp32']['median_ms']:.2f} | {m['int8']['median_ms']:.2f} | "
+                     f"{m['ratio']:.2f}x | {m['size_ratio']:.2f}x |")
+    ls = r["logit_sqnr_db_fake_quant"]
+    L += ["", "## Linear attention: per-tensor SQNR (dB), this recipe vs one global min/max", "",
+          f"Logits (fake-quant vs FP32): recipe {ls['recipe']:.1f} dB, min/max everywhere {ls['minmax']:.1f} dB.",
+          "", "| role | tensors | mean SQNR recipe | mean SQNR min/max |", "|---|---:|---:|---:|"]
+    by_role: dict[str, list] = {}
+    for k, v in r["sqnr_db"].items():
+        by_role.setdefault(plan.specs[k].role.value, []).append(v)
+    for role, vals in sorted(by_role.items()):
+        rec = np.mean([v["recipe"] for v in vals])
+        mm = np.mean([v["minmax"] for v in vals if v["minmax"] is not None])
+        L.append(f"| {role} | {len(vals)} | {rec:.1f} | {mm:.1f} |")
+    L += ["", "## Attention tensors: ranges and why", "",
+          "| tensor | dtype | method | sym | range | why |", "|---|---|---|---|---|---|"]
+    first_attn = [k for k, s in plan.specs.items() if s.role in ATTENTION_ROLES][:16]
+    for k in first_attn:
+        s, qp = plan.specs[k], plan.qp(k)
+        rng = f"[{qp.lo:.3g}, {qp.hi:.3g}]" if qp else "float"
+        L.append(f"| `{k}` | {s.dtype.value} | {s.method.value} | {s.symmetric} | {rng} | "
+                 f"{'; '.join(s.why[1:]) or s.why[0]} |")
+    L += ["", f"(all {len(plan.specs)} tensors with their parameters: `report.json` -> `tensors`)", ""]
+    return "\n".join(L)

@@ -1,0 +1,1 @@
+"""Quantization: shared vocabulary, observers, recipes, the per-tensor plan, fake quantization."""

@@ -1,0 +1,160 @@
+"""Calibration and fake quantization as interpretations of the deploy form's ops.
+
+`QuantOps(plan, mode)` runs `DeployCARE.forward(x, ops)`:
+
+- mode "observe": float compute; every quantized tensor updates its `HistogramObserver`;
+- mode "quant": the PyTorch reference of the int8 artifacts: weights quantized per channel
+  (symmetric, [-127, 127]), biases to int32 at s_in * s_w, every activation rounded to its
+  tensor's grid; the head after the pool in float, as the exporters emit it;
+- mode "float": plain float compute (for side-by-side SQNR with `record=True`).
+
+Gradients pass straight through the rounding (STE), so QAT trains this same module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from care_q.graph.ops import Ops
+from care_q.quant.observers import HistogramObserver
+from care_q.quant.plan import SHARED_OPS, QuantPlan
+from care_q.quant.qtypes import DType, QParams
+
+SIGMOID_QPARAMS = {DType.INT8: QParams((1 / 256,), (-128,), DType.INT8),
+                   DType.INT16: QParams((1 / 32768,), (0,), DType.INT16)}
+
+
+def fake_quant(x: torch.Tensor, qp: QParams | None) -> torch.Tensor:
+    if qp is None:
+        return x
+    return torch.fake_quantize_per_tensor_affine(x, qp.scale[0], qp.zero_point[0], qp.qmin, qp.qmax)
+
+
+def weight_scales(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
+    """Symmetric int8 weight scales over [-127, 127], per output channel (dim 0)."""
+    if per_channel:
+        amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
+    else:
+        amax = w.detach().abs().max().expand(w.shape[0])
+    return torch.clamp(amax, min=1e-12) / 127.0
+
+
+def quantize_weight(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    zp = torch.zeros(w.shape[0], dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(w, scales.float(), zp, 0, -127, 127)
+
+
+def quantize_bias(b: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Round a bias to int32 at the given per-channel scales (s_in * s_w)."""
+    q = torch.clamp(torch.round(b / scales), -(2 ** 31), 2 ** 31 - 1)
+    return b + (q * scales - b).detach()
+
+
+class QuantOps(Ops):
+    def __init__(self, plan: QuantPlan, mode: str = "quant", record: bool = False,
+                 observers: dict[str, HistogramObserver] | None = None):
+        if mode not in ("observe", "quant", "float"):
+            raise ValueError(mode)
+        self.plan = plan
+        self.mode = mode
+        self.observers = observers if observers is not None else {}
+        self.record: dict[str, torch.Tensor] | None = {} if record else None
+        self.per_channel = plan.recipe.weight_granularity == "per_channel"
+        self.consts = plan.__dict__.setdefault("consts", {})
+
+    # ------------------------------------------------------------------ helpers
+    def _out(self, name: str, y: torch.Tensor, op: str = "") -> torch.Tensor:
+        spec = self.plan.specs.get(name)
+        if self.record is not None:
+            self.record[name] = y.detach()
+        if spec is None or spec.dtype == DType.FLOAT or self.mode == "float":
+            return y
+        if self.mode == "observe":
+            if op not in SHARED_OPS:
+                obs = self.observers.get(name)
+                if obs is None:
+                    obs = self.observers[name] = HistogramObserver(name)
+                obs.update(y)
+            return y
+        y = fake_quant(y, self.plan.qp(name))
+        if self.record is not None:
+            self.record[name] = y.detach()
+        return y
+
+    def _wq(self) -> bool:
+        return self.mode == "quant"
+
+    # ------------------------------------------------------------------ ops
+    def input(self, name, x):
+        return self._out(name, x)
+
+    def conv(self, name, x, conv):
+        w, b = conv.weight, conv.bias
+        if self._wq():
+            s_w = weight_scales(w, self.per_channel)
+            w = quantize_weight(w, s_w)
+            in_qp = self.plan.qp(self.plan.graph_inputs[name][0])
+            if b is not None and in_qp is not None:
+                b = quantize_bias(b, s_w * in_qp.scale[0])
+        y = F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return self._out(name, y)
+
+    def linear(self, name, x, fc):
+        return self._out(name, F.linear(x, fc.weight, fc.bias))
+
+    def add(self, name, a, b):
+        return self._out(name, a + b)
+
+    def mul(self, name, a, b):
+        return self._out(name, a * b)
+
+    def add_const(self, name, x, value):
+        if self.mode == "quant" and name.endswith(".den_eps"):
+            # divisor guard: at least 1.5 LSB so no divisor rounds to its zero point
+            value = max(float(value), 1.5 * self.plan.qp(name).scale[0])
+            self.consts[name] = value
+        return self._out(name, x + value)
+
+    def mul_const(self, name, x, value):
+        return self._out(name, super().mul_const(name, x, value))
+
+    def div(self, name, a, b):
+        return self._out(name, a / b)
+
+    def gelu(self, name, x):
+        return self._out(name, F.gelu(x))
+
+    def silu(self, name, x):
+        s = torch.sigmoid(x)
+        if self.mode == "quant" and self.plan.quantized(name):
+            s = fake_quant(s, SIGMOID_QPARAMS[self.plan.specs[name].dtype])
+        return self._out(name, x * s)
+
+    def elu(self, name, x):
+        return self._out(name, F.elu(x))
+
+    def split(self, name, x, sizes, dim=1):
+        outs = torch.split(x, sizes, dim=dim)
+        return tuple(self._out(f"{name}:{i}", o, "split") for i, o in enumerate(outs))
+
+    def cat(self, name, xs, dim=1):
+        return self._out(name, torch.cat(xs, dim=dim), "cat")
+
+    def to_heads(self, name, x, num_heads):
+        return self._out(name, super().to_heads(name, x, num_heads), "to_heads")
+
+    def from_heads(self, name, x, hw):
+        return self._out(name, super().from_heads(name, x, hw), "from_heads")
+
+    def matmul(self, name, a, b, transpose_a=False, transpose_b=False):
+        return self._out(name, super().matmul(name, a, b, transpose_a, transpose_b))
+
+    def mean_tokens(self, name, x):
+        return self._out(name, x.mean(dim=-2, keepdim=True))
+
+    def global_pool(self, name, x):
+        return self._out(name, x.flatten(2).mean(dim=-1))
+
+    def layer_norm(self, name, x, eps):
+        return self._out(name, F.layer_norm(x, x.shape[-1:], None, None, eps))

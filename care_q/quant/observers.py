@@ -1,0 +1,187 @@
+"""Calibration observers: one protocol (`update`, then `range(method, ...)`).
+
+`HistogramObserver` keeps the exact min/max and a histogram over a symmetric power-of-two
+range [-R, R] that doubles (merging bin pairs, so no resolution is lost to re-binning
+artefacts) when a larger value arrives. Every range method reads the same statistics, so a
+single calibration pass serves minmax, percentile, MSE and entropy alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from care_q.errors import CareQError
+from care_q.quant.qtypes import DType, Method
+
+
+class HistogramObserver:
+    def __init__(self, name: str, bins: int = 4096):
+        if bins % 2:
+            raise ValueError("bins must be even")
+        self.name = name
+        self.bins = bins
+        self.R: float | None = None
+        self.hist = np.zeros(bins, dtype=np.float64)
+        self.min = math.inf
+        self.max = -math.inf
+        self.count = 0
+
+    # ---------------------------------------------------------------- statistics
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1)
+        if x.numel() == 0:
+            return
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise CareQError(f"tensor '{self.name}' has {bad} NaN/inf value(s) during calibration "
+                             f"(check the input data and the checkpoint)")
+        lo, hi = float(x.min()), float(x.max())
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        amax = max(abs(lo), abs(hi), 1e-12)
+        if self.R is None:
+            self.R = 2.0 ** math.ceil(math.log2(amax))
+        while amax > self.R:
+            self._double()
+        h = torch.histc(x, bins=self.bins, min=-self.R, max=self.R)
+        self.hist += h.double().numpy()
+        self.count += x.numel()
+
+    def _double(self) -> None:
+        # [-R, R] -> [-2R, 2R]: each new bin is two old bins, centred.
+        merged = self.hist.reshape(-1, 2).sum(axis=1)
+        q = self.bins // 4
+        new = np.zeros_like(self.hist)
+        new[q:q + merged.size] = merged
+        self.hist = new
+        self.R *= 2.0
+
+    def merge(self, other: HistogramObserver) -> HistogramObserver:
+        """Union of two observers' statistics (for tensors that must share parameters)."""
+        out = HistogramObserver(self.name, self.bins)
+        for obs in (self, other):
+            if obs.R is None:
+                continue
+            if out.R is None:
+                out.R, out.hist = obs.R, obs.hist.copy()
+            else:
+                a, b = (out, obs)
+                while a.R < b.R:
+                    a._double()
+                hist = b.hist
+                r = b.R
+                while r < a.R:
+                    merged = hist.reshape(-1, 2).sum(axis=1)
+                    q = self.bins // 4
+                    hist = np.zeros_like(hist)
+                    hist[q:q + merged.size] = merged
+                    r *= 2.0
+                a.hist = a.hist + hist
+            out.min, out.max = min(out.min, obs.min), max(out.max, obs.max)
+            out.count += obs.count
+        return out
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(-self.R, self.R, self.bins + 1)
+
+    # ---------------------------------------------------------------- ranges
+    def range(self, method: Method, dtype: DType, symmetric: bool, percentile: float = 99.99) -> tuple[float, float]:
+        if self.count == 0 or self.R is None:
+            raise CareQError(f"tensor '{self.name}' saw no calibration data")
+        method = Method(method)
+        if method == Method.MINMAX:
+            lo, hi = self.min, self.max
+        elif method == Method.PERCENTILE:
+            lo, hi = self._percentile(percentile, symmetric)
+        elif method == Method.MSE:
+            lo, hi = self._search(dtype, symmetric, self._mse_cost)
+        elif method == Method.ENTROPY:
+            lo, hi = self._search(dtype, symmetric, self._kl_cost)
+        else:  # pragma: no cover
+            raise ValueError(method)
+        if symmetric:
+            a = max(abs(lo), abs(hi))
+            return -a, a
+        return lo, hi
+
+    def _cdf_quantile(self, hist: np.ndarray, edges: np.ndarray, q: float) -> float:
+        cdf = np.cumsum(hist) / hist.sum()
+        i = int(np.searchsorted(cdf, q, side="left"))
+        i = min(i, hist.size - 1)
+        prev = cdf[i - 1] if i > 0 else 0.0
+        frac = 0.0 if hist[i] == 0 else (q - prev) / (cdf[i] - prev)
+        return float(edges[i] + frac * (edges[i + 1] - edges[i]))
+
+    def _percentile(self, p: float, symmetric: bool) -> tuple[float, float]:
+        if not 50.0 < p <= 100.0:
+            raise CareQError(f"percentile must be in (50, 100], got {p}")
+        if symmetric:
+            half = self.bins // 2
+            mag = self.hist[half:] + self.hist[:half][::-1]
+            a = self._cdf_quantile(mag, np.linspace(0, self.R, half + 1), p / 100.0)
+            a = min(a, max(abs(self.min), abs(self.max)))
+            return -a, a
+        lo = self._cdf_quantile(self.hist, self.edges, 1.0 - p / 100.0)
+        hi = self._cdf_quantile(self.hist, self.edges, p / 100.0)
+        return max(lo, self.min), min(hi, self.max)
+
+    def _centres(self) -> tuple[np.ndarray, np.ndarray]:
+        e = self.edges
+        return (e[:-1] + e[1:]) / 2, self.hist
+
+    def _mse_cost(self, lo: float, hi: float, levels: int) -> float:
+        c, h = self._centres()
+        step = (hi - lo) / levels
+        inside = (c >= lo) & (c <= hi)
+        clip = np.where(c < lo, lo - c, np.where(c > hi, c - hi, 0.0))
+        return float((h * np.where(inside, step * step / 12.0, clip * clip + step * step / 12.0)).sum())
+
+    def _kl_cost(self, lo: float, hi: float, levels: int) -> float:
+        c, h = self._centres()
+        inside = (c >= lo) & (c <= hi)
+        if not inside.any():
+            return math.inf
+        p = h[inside].copy()
+        p[0] += h[c < lo].sum()
+        p[-1] += h[c > hi].sum()
+        # Quantize: group the bins inside [lo, hi] into `levels` buckets; spread each bucket's
+        # mass uniformly over its non-empty bins.
+        idx = np.minimum(((c[inside] - lo) / max(hi - lo, 1e-30) * levels).astype(np.int64), levels - 1)
+        nz = p > 0
+        mass = np.bincount(idx, weights=p, minlength=levels)
+        cnt = np.bincount(idx, weights=nz.astype(np.float64), minlength=levels)
+        q = np.where(nz, mass[idx] / np.maximum(cnt[idx], 1), 0.0)
+        ps, qs = p / p.sum(), q / q.sum()
+        m = ps > 0
+        return float((ps[m] * np.log(ps[m] / np.maximum(qs[m], 1e-30))).sum())
+
+    def _search(self, dtype: DType, symmetric: bool, cost) -> tuple[float, float]:
+        qmin, qmax = dtype.qrange
+        levels = qmax - qmin
+        lo0, hi0 = min(self.min, 0.0), max(self.max, 0.0)
+        if symmetric:
+            a0 = max(-lo0, hi0)
+            lo0, hi0 = -a0, a0
+        best, arg = math.inf, (lo0, hi0)
+        # A candidate must span at least 2 histogram bins per level, or the KL of a range
+        # narrower than the histogram's resolution is trivially 0.
+        min_width = 2 * levels * (2 * self.R / self.bins)
+        for alpha in np.linspace(0.05, 1.0, 96):
+            lo, hi = lo0 * alpha, hi0 * alpha
+            if hi - lo <= 0 or (cost == self._kl_cost and hi - lo < min_width and alpha < 1.0):
+                continue
+            cst = cost(lo, hi, levels)
+            if cst < best:
+                best, arg = cst, (lo, hi)
+        if not symmetric and self.min < 0 < self.max:
+            # refine each side independently around the joint optimum
+            lo_b, hi_b = arg
+            for beta in np.linspace(0.5, 1.5, 41):
+                for lo, hi in ((max(lo_b * beta, lo0), hi_b), (lo_b, min(hi_b * beta, hi0))):
+                    cst = cost(lo, hi, levels)
+                    if cst < best:
+                        best, arg = cst, (lo, hi)
+        return arg

@@ -1,0 +1,202 @@
+"""The per-tensor quantization plan: which settings every tensor gets, and why.
+
+`build_plan(graph, recipe)` marks tensors (role, dtype, method, symmetry) from the recipe's
+defaults and rules, then applies what the kernels need:
+
+- data-movement ops (split, concat, head split/merge) share one set of parameters between
+  inputs and outputs: TFLite/XNNPACK int8 CONCATENATION, SLICE, RESHAPE and TRANSPOSE
+  require it, so the members form one group calibrated on the union of their statistics;
+- right-hand sides of int8 BATCH_MATMUL (v, kv, mean(k)) are symmetric (XNNPACK needs zero
+  point 0 there);
+- the sigmoid inside SiLU has TFLite's fixed output parameters (1/256, -128);
+- the classifier head after the global pool stays float on every target.
+
+Each tensor's `why` lists the decisions in order, so the report can say why it got its
+settings. A rule that matches no tensor is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from care_q.errors import CareQError
+from care_q.graph.trace import Graph
+from care_q.quant.qtypes import DType, Method, QParams, Role, qparams_from_range
+from care_q.quant.recipe import Recipe
+
+SHARED_OPS = ("split", "cat", "to_heads", "from_heads")
+FLOAT_ROLES = (Role.HEAD,)
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    role: Role
+    op: str
+    dtype: DType
+    method: Method
+    percentile: float
+    symmetric: bool = False
+    group: str = ""
+    fixed: QParams | None = None
+    why: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"role": self.role.value, "op": self.op, "dtype": self.dtype.value,
+                "method": self.method.value, "symmetric": self.symmetric, "group": self.group,
+                "why": self.why}
+
+
+def role_of(op: str, name: str) -> Role:
+    leaf = name.rsplit(".", 1)[-1]
+    if name.startswith("head.") or name == "logits":
+        return Role.POOL if op == "global_pool" else Role.HEAD
+    if op == "input":
+        return Role.INPUT
+    table = {"qk": Role.ATTN_QK, "elu_q": Role.ATTN_ELU, "elu_k": Role.ATTN_ELU,
+             "phi_q": Role.ATTN_PHI, "phi_k": Role.ATTN_PHI, "kTv": Role.ATTN_KV, "kv": Role.ATTN_KV,
+             "k_mean": Role.ATTN_KMEAN, "den": Role.ATTN_DEN, "den_eps": Role.ATTN_DEN,
+             "num": Role.ATTN_NUM, "out": Role.ATTN_OUT if ".attn." in name else Role.RESIDUAL,
+             "inter1_res": Role.RESIDUAL, "skip": Role.RESIDUAL, "cat": Role.RESIDUAL,
+             "ls_res": Role.LAYER_SCALE, "inter1_act": Role.GELU, "inter2_act": Role.GELU,
+             "merge": Role.ATTN_OUT}
+    if leaf in table:
+        return table[leaf]
+    return Role.CONV
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
+@dataclass
+class QuantPlan:
+    graph: Graph
+    recipe: Recipe
+    specs: dict[str, TensorSpec]
+    groups: dict[str, list[str]]
+    qparams: dict[str, QParams] = field(default_factory=dict)
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    consts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def graph_inputs(self) -> dict[str, list[str]]:
+        """Node name -> its input tensor names."""
+        if not hasattr(self, "_inputs"):
+            self._inputs = {n.name: n.inputs for n in self.graph.nodes}
+        return self._inputs
+
+    def quantized(self, name: str) -> bool:
+        return self.specs[name].dtype != DType.FLOAT
+
+    def qp(self, name: str) -> QParams | None:
+        spec = self.specs[name]
+        if spec.dtype == DType.FLOAT:
+            return None
+        return self.qparams.get(spec.group)
+
+    def finalize(self, observers: dict) -> None:
+        """Compute every group's parameters from the calibration observers."""
+        for root, members in self.groups.items():
+            spec = self.specs[root]
+            if spec.dtype == DType.FLOAT:
+                continue
+            if spec.fixed is not None:
+                self.qparams[root] = spec.fixed
+                continue
+            obs = None
+            for m in members:
+                if m in observers:
+                    obs = observers[m] if obs is None else obs.merge(observers[m])
+            if obs is None:
+                raise CareQError(f"tensor group '{root}' saw no calibration data")
+            lo, hi = obs.range(spec.method, spec.dtype, spec.symmetric, spec.percentile)
+            self.ranges[root] = (float(obs.min), float(obs.max))
+            self.qparams[root] = qparams_from_range(lo, hi, spec.dtype, spec.symmetric)
+
+    def to_json(self) -> dict:
+        out = {}
+        for name, spec in self.specs.items():
+            d = spec.to_json()
+            qp = self.qp(name)
+            if qp is not None:
+                d["qparams"] = qp.to_json()
+                if spec.group in self.ranges:
+                    d["observed"] = list(self.ranges[spec.group])
+            out[name] = d
+        return out
+
+
+def build_plan(graph: Graph, recipe: Recipe) -> QuantPlan:
+    producer = {graph.input: None, **{o: n for n in graph.nodes for o in n.outputs}}
+    specs: dict[str, TensorSpec] = {}
+    hits = {r.index: 0 for r in recipe.rules}
+    for name in graph.tensors():
+        node = producer[name]
+        op = node.op if node else "input"
+        base = node.name if node else name
+        role = role_of(op, base)
+        spec = TensorSpec(name, role, op, recipe.act_dtype, recipe.method, recipe.percentile,
+                          why=[f"default: {recipe.act_dtype.value} {recipe.method.value}"])
+        for rule in recipe.rules:
+            if rule.matches(base, role, op):
+                hits[rule.index] += 1
+                for attr in ("dtype", "method", "percentile", "symmetric"):
+                    v = getattr(rule, attr)
+                    if v is not None:
+                        setattr(spec, attr, v)
+                spec.why.append(rule.describe())
+        if role in FLOAT_ROLES:
+            spec.dtype = DType.FLOAT
+            spec.why.append("head after the global pool: float on every target")
+        specs[name] = spec
+    unused = [r for r in recipe.rules if hits[r.index] == 0]
+    if unused:
+        raise CareQError(f"{recipe.source}: {unused[0].describe()} matches no tensor of this model")
+
+    # kernel constraints
+    uf = _UnionFind()
+    for n in graph.nodes:
+        if n.op in SHARED_OPS:
+            for t in n.inputs + n.outputs:
+                if specs[t].dtype == specs[n.outputs[0]].dtype:
+                    uf.union(n.outputs[0], t)
+        if n.op == "matmul":
+            rhs = n.inputs[1]
+            specs[rhs].symmetric = True
+            specs[rhs].why.append(f"right-hand side of {n.name}: symmetric (int8 BATCH_MATMUL needs zero point 0)")
+    for name, spec in specs.items():
+        spec.group = uf.find(name)
+    groups: dict[str, list[str]] = {}
+    for name, spec in specs.items():
+        groups.setdefault(spec.group, []).append(name)
+    for root, members in groups.items():
+        if len(members) > 1:
+            sym = any(specs[m].symmetric for m in members)
+            for m in members:
+                if sym and not specs[m].symmetric:
+                    specs[m].why.append(f"shares parameters with group '{root}', which is symmetric")
+                specs[m].symmetric = sym
+                specs[m].dtype = specs[root].dtype
+                specs[m].method = specs[root].method
+                specs[m].percentile = specs[root].percentile
+                if m != root:
+                    specs[m].why.append(f"shares parameters with '{root}' (concat/split/reshape)")
+    for name, spec in specs.items():
+        if spec.dtype == DType.INT16 and not spec.symmetric:
+            spec.symmetric = True
+            spec.why.append("int16 activations are symmetric (TFLite 16x8, ONNX int16 QDQ)")
+    return QuantPlan(graph, recipe, specs, groups)

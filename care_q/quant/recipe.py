@@ -1,0 +1,245 @@
+"""Recipes: YAML data validated against one typed schema.
+
+Every key a recipe may set is declared here. Unknown keys, wrong types and rules that match
+no tensor are errors that name the file, the field and its line, before any work is done.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from care_q.errors import CareQError
+from care_q.paths import RECIPES_DIR
+from care_q.quant.qtypes import DType, Method, Role
+
+TARGETS = ("tflite", "onnx")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Settings for the tensors a rule selects (by role, op kind or name regex); last match wins."""
+
+    index: int
+    line: int | None
+    roles: tuple[Role, ...] = ()
+    ops: tuple[str, ...] = ()
+    tensors: str | None = None
+    dtype: DType | None = None
+    method: Method | None = None
+    percentile: float | None = None
+    symmetric: bool | None = None
+
+    def matches(self, name: str, role: Role, op: str) -> bool:
+        if self.roles and role not in self.roles:
+            return False
+        if self.ops and op not in self.ops:
+            return False
+        if self.tensors is not None and not re.fullmatch(self.tensors, name):
+            return False
+        return True
+
+    def describe(self) -> str:
+        sel = []
+        if self.roles:
+            sel.append("roles=" + ",".join(r.value for r in self.roles))
+        if self.ops:
+            sel.append("ops=" + ",".join(self.ops))
+        if self.tensors:
+            sel.append(f"tensors=/{self.tensors}/")
+        where = f" (line {self.line})" if self.line else ""
+        return f"rule {self.index}{where} [{' '.join(sel)}]"
+
+
+@dataclass(frozen=True)
+class QATSettings:
+    epochs: float = 1.0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    distill_weight: float = 1.0
+    temperature: float = 1.0
+    learn_scales: bool = False
+    freeze_bn: bool = True
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    kind: str = "ptq"
+    description: str = ""
+    targets: tuple[str, ...] = TARGETS
+    io: str = "float"
+    weight_dtype: DType = DType.INT8
+    weight_granularity: str = "per_channel"
+    act_dtype: DType = DType.INT8
+    method: Method = Method.PERCENTILE
+    percentile: float = 99.99
+    batch_size: int = 32
+    gelu: str = "exact"
+    cross_layer_equalization: bool = False
+    bias_correction: bool = False
+    rules: tuple[Rule, ...] = ()
+    qat: QATSettings | None = None
+    source: str = "<built-in>"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "source": self.source, "targets": list(self.targets),
+                "io": self.io, "weights": {"dtype": self.weight_dtype.value,
+                                          "granularity": self.weight_granularity},
+                "activations": {"dtype": self.act_dtype.value, "method": self.method.value,
+                                "percentile": self.percentile},
+                "substitutions": {"gelu": self.gelu},
+                "transforms": {"cross_layer_equalization": self.cross_layer_equalization,
+                               "bias_correction": self.bias_correction},
+                "rules": [r.describe() for r in self.rules]}
+
+
+# ----------------------------------------------------------------------------- parsing
+
+SCHEMA = {
+    "name": str, "kind": ("ptq", "qat"), "description": str, "targets": [TARGETS], "io": ("float", "int8", "uint8"),
+    "weights": {"dtype": ("int8",), "granularity": ("per_channel", "per_tensor")},
+    "activations": {"dtype": ("int8", "int16"), "method": tuple(m.value for m in Method),
+                    "percentile": float},
+    "calibration": {"batch_size": int},
+    "transforms": {"deploy": bool, "cross_layer_equalization": bool, "bias_correction": bool},
+    "substitutions": {"gelu": ("exact", "sigmoid")},
+    "rules": "rules",
+    "qat": {"epochs": float, "lr": float, "weight_decay": float, "batch_size": int,
+            "distill_weight": float, "temperature": float, "learn_scales": bool, "freeze_bn": bool},
+}
+RULE_SCHEMA = {"roles": [tuple(r.value for r in Role)], "ops": [str], "tensors": str,
+               "dtype": ("int8", "int16", "float"), "method": tuple(m.value for m in Method),
+               "percentile": float, "symmetric": bool}
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader, node):
+    mapping = loader.construct_mapping(node, deep=True)
+    mapping["__line__"] = node.start_mark.line + 1
+    mapping["__lines__"] = {k.value: k.start_mark.line + 1 for k, _ in node.value}
+    return mapping
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _check(value, spec, where: str, src: str, line: int | None):
+    at = f"{src}:{line}: " if line else f"{src}: "
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            raise CareQError(f"{at}'{where}' must be a mapping")
+        lines = value.get("__lines__", {})
+        for k, v in value.items():
+            if k.startswith("__"):
+                continue
+            if k not in spec:
+                raise CareQError(f"{src}:{lines.get(k, '?')}: unknown field '{where}.{k}'; allowed: "
+                                 f"{', '.join(sorted(spec))}".replace("'.", "'"))
+            _check(v, spec[k], f"{where}.{k}" if where else k, src, lines.get(k, line))
+        return
+    if spec == "rules":
+        if not isinstance(value, list):
+            raise CareQError(f"{at}'rules' must be a list of mappings")
+        for i, r in enumerate(value):
+            _check(r, RULE_SCHEMA, f"rules[{i}]", src, r.get("__line__") if isinstance(r, dict) else line)
+            sel = [k for k in ("roles", "ops", "tensors") if k in r]
+            if not sel:
+                raise CareQError(f"{src}:{r.get('__line__', '?')}: rules[{i}] selects nothing: give roles, "
+                                 f"ops or tensors")
+            if "tensors" in r:
+                try:
+                    re.compile(r["tensors"])
+                except re.error as e:
+                    raise CareQError(f"{src}:{r['__line__']}: rules[{i}].tensors is not a valid regex: {e}") \
+                        from None
+        return
+    if isinstance(spec, list):
+        if not isinstance(value, list):
+            value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list):
+            raise CareQError(f"{at}'{where}' must be a list")
+        for v in value:
+            _check(v, spec[0], where, src, line)
+        return
+    if isinstance(spec, tuple):
+        if value not in spec:
+            raise CareQError(f"{at}'{where}' is {value!r}; allowed: {', '.join(map(str, spec))}")
+        return
+    if spec is float and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if not isinstance(value, spec) or (spec is int and isinstance(value, bool)):
+        raise CareQError(f"{at}'{where}' must be {spec.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _listify(v):
+    return tuple(v) if isinstance(v, list) else (v,)
+
+
+def parse_recipe(text: str, source: str = "<string>") -> Recipe:
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (SafeLoader subclass)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise CareQError(f"{source}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise CareQError(f"{source}: a recipe is a YAML mapping")
+    _check(data, SCHEMA, "", source, None)
+    if "name" not in data:
+        raise CareQError(f"{source}: missing required field 'name'")
+    w, a = data.get("weights", {}), data.get("activations", {})
+    rules = []
+    for i, r in enumerate(data.get("rules", [])):
+        rules.append(Rule(
+            index=i, line=r.get("__line__"),
+            roles=tuple(Role(x) for x in _listify(r["roles"])) if "roles" in r else (),
+            ops=_listify(r["ops"]) if "ops" in r else (),
+            tensors=r.get("tensors"),
+            dtype=DType(r["dtype"]) if "dtype" in r else None,
+            method=Method(r["method"]) if "method" in r else None,
+            percentile=float(r["percentile"]) if "percentile" in r else None,
+            symmetric=r.get("symmetric")))
+    kind = data.get("kind", "ptq")
+    qat = None
+    if "qat" in data:
+        if kind != "qat":
+            raise CareQError(f"{source}:{data['__lines__']['qat']}: a 'qat' section needs kind: qat")
+        qat = QATSettings(**{k: v for k, v in data["qat"].items() if not k.startswith("__")})
+    elif kind == "qat":
+        qat = QATSettings()
+    pct = float(a.get("percentile", 99.99))
+    if not 50 < pct <= 100:
+        raise CareQError(f"{source}: activations.percentile must be in (50, 100], got {pct}")
+    return Recipe(
+        name=data["name"], kind=kind, description=data.get("description", ""),
+        targets=_listify(data.get("targets", list(TARGETS))), io=data.get("io", "float"),
+        weight_dtype=DType(w.get("dtype", "int8")), weight_granularity=w.get("granularity", "per_channel"),
+        act_dtype=DType(a.get("dtype", "int8")), method=Method(a.get("method", "percentile")),
+        percentile=pct, batch_size=data.get("calibration", {}).get("batch_size", 32),
+        gelu=data.get("substitutions", {}).get("gelu", "exact"),
+        cross_layer_equalization=data.get("transforms", {}).get("cross_layer_equalization", False),
+        bias_correction=data.get("transforms", {}).get("bias_correction", False),
+        rules=tuple(rules), qat=qat, source=source)
+
+
+def list_recipes() -> list[Path]:
+    return sorted(RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A recipe by name (`recipes/<name>.yaml`) or by path."""
+    p = Path(name_or_path)
+    if p.suffix not in (".yaml", ".yml"):
+        p = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not p.exists():
+        known = ", ".join(x.stem for x in list_recipes())
+        raise CareQError(f"unknown recipe '{name_or_path}' (no file {p}); known recipes: {known}")
+    return parse_recipe(p.read_text(), str(p))

