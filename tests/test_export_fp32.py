@@ -87,8 +87,8 @@ def test_onnx_artifact(exported):
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
     art = exported["res"]["artifacts"]["onnx"]
     assert art["dynamic_batch"] and art["exporter"] == "dynamo"
-    assert art["op_census"]["MatMul"] == 24  # 3 per attention block, 8 blocks at stage 3-4 of s0
-    assert art["op_census"]["Elu"] == 16
+    assert art["op_census"]["MatMul"] == 36  # 3 per attention block; s0 has 8 + 4 of them
+    assert art["op_census"]["Elu"] == 24
     assert not list(exported["out"].glob(".*.tmp"))  # atomic writes left nothing behind
     r = load_runner(path)
     assert r.input_shape == (None, 3, 64, 64) and r.input_layout == "NCHW"
@@ -104,7 +104,7 @@ def test_tflite_artifact_and_xnnpack(exported):
     # the CPU kernels and split the XNNPACK graph (one split per ELU pair).
     assert set(info["undelegated_ops"]) <= {"GREATER_EQUAL", "SELECT", "SELECT_V2"}
     assert info["partitions"] <= 1 + sum(info["undelegated_ops"].values())
-    assert census["BATCH_MATMUL"] == 24 and census["CONV_2D"] + census["DEPTHWISE_CONV_2D"] > 100
+    assert census["BATCH_MATMUL"] == 36 and census["CONV_2D"] + census["DEPTHWISE_CONV_2D"] > 100
     # The converter's own MAC estimate agrees with care_q.models.profile (it also counts a few
     # elementwise ops).
     macs = model_info(exported["model"], img_size=64)["macs"]
@@ -125,6 +125,7 @@ def test_disagreeing_artifact_fails_the_cli(exported, tmp_path, proxy_ckpt, monk
     good = exported["out"] / "care_s0_cifar10_64_fp32.onnx"
 
     def copy_exporter(model, path, img_size, **kw):
+        path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(good, path)
         return {"exporter": "copy", "dynamic_batch": True}
 
@@ -142,7 +143,7 @@ def test_compare_logits_thresholds():
     assert fp32.compare_logits(ref, ref + 1e-7)["ok"]
     bad = fp32.compare_logits(ref, ref + np.array([[0, 0, 0], [0, 0, 0.01]]))
     assert not bad["ok"] and bad["rel_diff"] == pytest.approx(0.005)
-    flip = fp32.compare_logits(ref, ref[:, [1, 0, 2]])
+    flip = fp32.compare_logits(ref, ref[:, [2, 1, 0]])  # flips the first row only
     assert flip["top1_agreement"] == 0.5 and not flip["ok"]
     tie = np.array([[1.0, 1.0 - 1e-7, 0.0]])  # a flip inside round-off is a tie, not a failure
     res = fp32.compare_logits(tie, tie[:, [1, 0, 2]])

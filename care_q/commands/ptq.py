@@ -19,6 +19,8 @@ def add_parser(sub):
     p.add_argument("--latency-runs", type=int, default=20,
                    help="timed runs per artifact vs FP32 (0: skip latency)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--min-agreement", type=float, default=0.99,
+                   help="fail when an artifact's top-1 agreement with the fake-quant reference is lower")
     p.add_argument("--fallback-synthetic", action="store_true",
                    help="calibrate on data-free synthetic_bn when the set is unavailable")
     p.add_argument("--out", required=True, help="output folder")
@@ -34,7 +36,7 @@ def run(args) -> int:
             num_calib=args.num_calib, recipe=args.recipe,
             targets=args.target.split(",") if args.target else None, img_size=args.img_size, io=args.io,
             out=args.out, num_verify=args.num_verify, threads=args.threads, latency_runs=args.latency_runs,
-            fallback_synthetic=args.fallback_synthetic)
+            fallback_synthetic=args.fallback_synthetic, min_agreement=args.min_agreement)
     c = Console()
     for t, a in r["artifacts"].items():
         v = a["verification"]

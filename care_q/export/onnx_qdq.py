@@ -41,32 +41,33 @@ from care_q.quant.qtypes import DType, QParams
 from care_q.utils.io import atomic_path
 
 _NP = {DType.INT8: np.int8, DType.UINT8: np.uint8, DType.INT16: np.int16}
-_ONNX = {DType.INT8: TensorProto.INT8, DType.UINT8: TensorProto.UINT8, DType.INT16: TensorProto.INT16}
 MIN_OPSET = 13            # per-channel DequantizeLinear, Split with a `split` input
 INT16_OPSET = 21          # 16-bit QuantizeLinear / DequantizeLinear
 DEFAULT_OPSET = 17
 ACT_TYPES = ("uint8", "int8")
+WEIGHT_TYPES = ("int8", "uint8")
 
 
 def _conv_attrs(conv) -> dict:
-    (ph, pw), (sh, sw), (dh, dw) = conv.padding, conv.stride, conv.dilation
     if isinstance(conv.padding, str):
         raise CareQError(f"conv padding '{conv.padding}' is not emitted (expected explicit pads)")
+    (ph, pw), (sh, sw), (dh, dw) = conv.padding, conv.stride, conv.dilation
     return {"kernel_shape": list(conv.kernel_size), "pads": [ph, pw, ph, pw], "strides": [sh, sw],
             "dilations": [dh, dw], "group": conv.groups}
 
 
 class _Emitter:
-    def __init__(self, plan: QuantPlan, io: str, opset: int | None, act_type: str):
+    def __init__(self, plan: QuantPlan, io: str, opset: int | None, act_type: str, weight_type: str):
         if io not in ("float", "int8"):
             raise CareQError(f"io must be 'float' or 'int8', got '{io}'")
         if act_type not in ACT_TYPES:
             raise CareQError(f"act_type must be one of {', '.join(ACT_TYPES)}, got '{act_type}'")
+        if weight_type not in WEIGHT_TYPES:
+            raise CareQError(f"weight_type must be one of {', '.join(WEIGHT_TYPES)}, got '{weight_type}'")
         self.plan = plan
         self.io = io
         self.act_type = act_type
-        import os
-        self.weight_type = os.environ.get("WT", "int8")
+        self.weight_type = weight_type
         self.graph = plan.graph
         dtypes = {qp.dtype for qp in (self._qp(t) for t in self.graph.tensors()) if qp is not None}
         need = INT16_OPSET if DType.INT16 in dtypes else DEFAULT_OPSET
@@ -407,14 +408,14 @@ class _Emitter:
 
 
 def emit_onnx_qdq(plan: QuantPlan, io: str = "float", opset: int | None = None,
-                  act_type: str = "uint8") -> onnx.ModelProto:
+                  act_type: str = "uint8", weight_type: str = "int8") -> onnx.ModelProto:
     """The ONNX QDQ model of a calibrated plan (float or int8 I/O), checked by onnx.checker.
 
     `opset` defaults to 17 (21 when the plan has int16 activations). `act_type` is how the
     plan's int8 activations are stored: "uint8" (default; zero point + 128, the same values,
     the U8S8 form onnxruntime's x86 kernels run) or "int8" (literal; see the module docstring
     for why onnxruntime on x86 then leaves fan-out tensors' consumers unfused)."""
-    return _Emitter(plan, io, opset, act_type).emit()
+    return _Emitter(plan, io, opset, act_type, weight_type).emit()
 
 
 def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
