@@ -204,7 +204,7 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
     failed = {t: a["verification"]["top1_agreement"] for t, a in artifacts.items()
               if a["verification"]["top1_agreement"] < min_agreement}
     if failed:
-        raise CareQError(f"artifact(s) disagree with the fake-quant reference: "
+        raise CareQError("artifact(s) disagree with the fake-quant reference: "
                          + ", ".join(f"{t} {100 * v:.1f}% top-1 agreement" for t, v in failed.items())
                          + f" (< {100 * min_agreement:.0f}%); see {out / 'report.md'}")
     return report

@@ -1,26 +1,41 @@
-"""Emit the quantized deploy graph as an ONNX QDQ model (onnxruntime's int8 format).
+"""Emit the quantized deploy graph as an ONNX QDQ model (onnxruntime's integer format).
 
 The sibling of `care_q.export.tflite_int8`: one ONNX op (or a short fixed sequence) per graph
 node, with exactly the plan's parameters, so onnxruntime computes what the PyTorch fake-quant
-reference (`QuantOps(plan, "quant")`) computes. Layout NCHW; input ``input`` (N, 3, H, W) with
-a dynamic batch ``N``, output ``logits`` (N, classes).
+reference (`QuantOps(plan, "quant")`) computes (without graph optimizations the two agree to
+float round-off). Layout NCHW; input ``input`` (N, 3, H, W) with a dynamic batch ``N``, output
+``logits`` (N, classes). Nodes are named after the graph's nodes (``stages.2.blocks.0.attn.kTv``),
+helpers after their tensor (``<tensor>/Quantize``, ``<tensor>/Dequantize``, ``<node>/Reshape``).
 
 QDQ form (what onnxruntime's CPU EP fuses into integer kernels):
 
 - every quantized activation T: ``QuantizeLinear(T) -> T/q -> DequantizeLinear -> T/dq``, and
-  every consumer reads ``T/dq``; a node DQ -> op -> Q becomes one integer kernel (QLinearConv,
+  every consumer reads ``T/dq``; DQ -> op -> Q becomes one integer kernel (QLinearConv,
   QLinearAdd, QLinearMul, QLinearMatMul, QLinearSigmoid, QLinearConcat,
-  QLinearGlobalAveragePool) or, for data movement (Split, Reshape, Transpose), drops its Q/DQ
-  pair (the plan gives input and output identical parameters);
-- weights: int8 initializers (per-channel symmetric over [-127, 127], axis 0) + DequantizeLinear;
-  biases: int32 initializers at s_in * s_w (axis 0) + DequantizeLinear;
-- scalar constants (``elu + 1``, ``kv / N``, the divisor guard): int8 127 at scale value / 127
-  (exact), as the TFLite emitter's ``scalar_q``; the per-channel layer scale: a 1x1 depthwise
-  Conv with int8 weights +-127 at |gamma| / 127 (exact) and a zero bias;
+  QLinearGlobalAveragePool) or, for data movement (Split, Reshape, Transpose), loses its Q/DQ
+  pair (the plan gives input and output identical parameters) and moves integers;
+- weights: int8 initializers (per-channel symmetric over [-127, 127], axis 0, zero point 0) +
+  DequantizeLinear; biases: int32 initializers at s_in * s_w (axis 0) + DequantizeLinear;
+- scalar constants (``elu + 1``, ``kv / N``, the divisor guard): the top code at scale
+  |value| / 127 (exact), as the TFLite emitter's ``scalar_q``; the per-channel layer scale: a 1x1
+  depthwise Conv with weights +-127 at |gamma| / 127 (exact) and a zero bias;
 - ops without an integer kernel in onnxruntime (Gelu, Elu, Div, ReduceMean) run float between
   their DQ and Q; GELU is com.microsoft ``Gelu`` below opset 20 and ai.onnx ``Gelu`` from 20
-  (both one fused kernel, ~0.5 ms per 128x56x56 on 2 threads; the Erf formula is ~2.7x slower);
+  (one fused kernel either way: ~0.5 ms per 128x56x56 on 2 threads, the Erf formula ~1.35 ms);
 - the head after the global pool (GELU, LayerNormalization, Gemm) is float, as in the plan.
+
+Storage types (`act_type`, `weight_type`); the represented values are the plan's either way:
+
+- activations on the plan's int8 grid are stored as **uint8** by default: (s, z) -> (s, z + 128),
+  the same values and clamping range. onnxruntime on x86 runs U8S8 kernels only; it re-encodes
+  int8 Q/DQ pairs itself, but only where a QuantizeLinear has a single consumer, so every
+  fan-out tensor of CARE (split inputs, residuals, concat outputs) would leave its consumers as
+  float Conv/Add/MatMul. ``act_type="int8"`` emits the literal int8 form (what ARM/NPU flows take).
+- weights are int8. On x86 CPUs onnxruntime's U8S8 kernels sum pairs of products in saturating
+  int16 (VPMADDUBSW), which is wrong for full-range [-127, 127] weights (care_s0, random weights:
+  17% logit error, top-1 agreement 1/4). Sessions must set ``ORT_SESSION_CONFIG``
+  (``session.x64quantprecision=1``: onnxruntime re-encodes the weights as uint8 and runs exact
+  U8U8 kernels), or emit ``weight_type="uint8"`` (the same thing done at export).
 
 Opset 17 when every activation is 8-bit (per-channel DequantizeLinear needs >= 13), 21 when the
 plan has int16 activations (16-bit QuantizeLinear/DequantizeLinear).
@@ -28,6 +43,7 @@ plan has int16 activations (16-bit QuantizeLinear/DequantizeLinear).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +61,8 @@ MIN_OPSET = 13            # per-channel DequantizeLinear, Split with a `split` i
 INT16_OPSET = 21          # 16-bit QuantizeLinear / DequantizeLinear
 DEFAULT_OPSET = 17
 ACT_TYPES = ("uint8", "int8")
+# onnxruntime session config entries the int8-weight QDQ model needs on x86 for exact results
+ORT_SESSION_CONFIG = {"session.x64quantprecision": "1"}
 WEIGHT_TYPES = ("int8", "uint8")
 
 
@@ -76,7 +94,8 @@ class _Emitter:
         if opset < MIN_OPSET:
             raise CareQError(f"opset {opset}: the QDQ model needs opset >= {MIN_OPSET} (per-channel DQ)")
         if DType.INT16 in dtypes and opset < INT16_OPSET:
-            raise CareQError(f"opset {opset}: the plan has int16 activations, which need opset >= {INT16_OPSET}")
+            raise CareQError(f"opset {opset}: the plan has int16 activations, which need opset "
+                             f">= {INT16_OPSET}")
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
@@ -199,6 +218,12 @@ class _Emitter:
         else:
             if qin is None or qin.dtype != DType.INT8:
                 raise CareQError("io=int8 needs an int8 input tensor in the plan")
+            qout = getattr(self.plan, "output_qparams", None)
+            if qout is None:
+                raise CareQError("io=int8 needs plan.output_qparams (the logits range): calibrate with "
+                                 "care_q.quant.calibrate.calibrate")
+            if qout.dtype != DType.INT8:
+                raise CareQError(f"io=int8 needs int8 output parameters, the plan has {qout.dtype.value}")
             inp = helper.make_tensor_value_info("input", TensorProto.INT8, ["N", *shape[1:]])
             self.names.add("input")
             s = self.init("input/int8/scale", np.array(qin.scale[0], np.float32))
@@ -220,12 +245,7 @@ class _Emitter:
                 self.node("Identity", [final], ["logits"], "logits/Identity")
             out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", n_classes])
         else:
-            qp = getattr(self.plan, "output_qparams", None)
-            if qp is None:
-                raise CareQError("io=int8 needs plan.output_qparams (the logits range): calibrate with "
-                                 "care_q.quant.calibrate.calibrate")
-            if qp.dtype != DType.INT8:
-                raise CareQError(f"io=int8 needs int8 output parameters, the plan has {qp.dtype.value}")
+            qp = self.plan.output_qparams
             s = self.init("logits/scale", np.array(qp.scale[0], np.float32))
             z = self.init("logits/zero_point", np.array(qp.zero_point[0], np.int8))
             self.node("QuantizeLinear", [final, s, z], ["logits"], "logits/Quantize")
@@ -237,11 +257,25 @@ class _Emitter:
         model = helper.make_model(graph, opset_imports=opsets, producer_name="care-q",
                                   doc_string=f"care-q int8 QDQ, recipe {self.plan.recipe.name}, io={self.io}")
         model.ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", self.opset)])
+        helper.set_model_props(model, self.metadata())
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as e:
             raise CareQError(f"emitted QDQ model fails onnx.checker: {e}") from None
         return model
+
+    def metadata(self) -> dict[str, str]:
+        """What a runner needs and the file does not say otherwise: the integer I/O grids and
+        the session config entries for exact results (see ORT_SESSION_CONFIG)."""
+        meta = {"care_q.recipe": self.plan.recipe.name, "care_q.io": self.io,
+                "care_q.act_type": self.act_type, "care_q.weight_type": self.weight_type,
+                "care_q.ort_session_config": json.dumps(ORT_SESSION_CONFIG if self.weight_type == "int8"
+                                                        else {})}
+        if self.io == "int8":
+            for key, qp in (("input", self.plan.qp(self.graph.input)), ("output", self.plan.output_qparams)):
+                meta[f"care_q.{key}_scale"] = repr(float(qp.scale[0]))
+                meta[f"care_q.{key}_zero_point"] = str(int(qp.zero_point[0]))
+        return meta
 
     # ---------------------------------------------------------------- ops
     def op_conv(self, n):
@@ -343,8 +377,8 @@ class _Emitter:
             self.out(o, r)
 
     def op_cat(self, n):
-        xs = [self.val[i] for i in n.inputs]
-        self.out(n.outputs[0], self.node("Concat", xs, [self.raw(n.outputs[0])], n.name, axis=n.attrs["dim"])[0])
+        xs, o = [self.val[i] for i in n.inputs], n.outputs[0]
+        self.out(o, self.node("Concat", xs, [self.raw(o)], n.name, axis=n.attrs["dim"])[0])
 
     def op_to_heads(self, n):
         o = n.outputs[0]

@@ -195,7 +195,7 @@ def build_plan(graph: Graph, recipe: Recipe) -> QuantPlan:
                 specs[m].percentile = specs[root].percentile
                 if m != root:
                     specs[m].why.append(f"shares parameters with '{root}' (concat/split/reshape)")
-    for name, spec in specs.items():
+    for spec in specs.values():
         if spec.dtype == DType.INT16 and not spec.symmetric:
             spec.symmetric = True
             spec.why.append("int16 activations are symmetric (TFLite 16x8, ONNX int16 QDQ)")

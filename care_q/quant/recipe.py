@@ -7,7 +7,7 @@ no tensor are errors that name the file, the field and its line, before any work
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
