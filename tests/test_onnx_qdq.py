@@ -1,0 +1,250 @@
+"""ONNX QDQ export of a calibrated plan (care_test at 32x32), run in onnxruntime.
+
+Checked: the structure (int8 weights, int32 biases, dynamic batch, names), agreement with the
+PyTorch fake-quant reference (to round-off without graph optimizations; to a few quantization
+steps with onnxruntime's integer kernels), and that the QDQ groups fuse into integer kernels
+(the optimized graph has no float Conv/Add/Concat/MatMul/Sigmoid left)."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import care_q
+from care_q.errors import CareQError
+from care_q.export.onnx_qdq import ORT_SESSION_CONFIG, emit_onnx_qdq, save_onnx
+from care_q.graph.trace import trace
+from care_q.quant.fakequant import QuantOps
+from care_q.quant.plan import build_plan
+from care_q.quant.qtypes import DType, Method, Role, qparams_from_range
+from care_q.quant.recipe import Rule, load_recipe
+from care_q.transforms import deploy
+from care_q.transforms.substitute import gelu_to_silu
+
+SIZE = 32
+# ops that legitimately stay float in the optimized graph: no integer kernel in onnxruntime
+# (Gelu, Elu, Div, ReduceMean) or the float head (Flatten, LayerNormalization, Gemm)
+FLOAT_ISLANDS = {"Gelu", "Elu", "Div", "ReduceMean", "Flatten", "LayerNormalization", "Gemm"}
+
+
+def _calibrated(model, recipe=None, seed=0):
+    g = trace(model, torch.randn(1, 3, SIZE, SIZE))
+    plan = build_plan(g, recipe or load_recipe("ptq_int8"))
+    obs = {}
+    x = torch.randn(16, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        logits = model(x, QuantOps(plan, "observe", observers=obs))
+    plan.finalize(obs)
+    plan.output_qparams = qparams_from_range(float(logits.min()), float(logits.max()), DType.INT8, False)
+    return plan
+
+
+def _case(model, recipe=None):
+    plan = _calibrated(model, recipe)
+    x = torch.randn(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x, QuantOps(plan, "quant")).numpy()
+    return {"model": model, "plan": plan, "x": x.numpy(), "ref": ref}
+
+
+@pytest.fixture(scope="module")
+def gelu():
+    torch.manual_seed(0)
+    return _case(deploy(care_q.create_model("care_test", num_classes=10)))
+
+
+@pytest.fixture(scope="module")
+def silu(gelu):
+    return _case(gelu_to_silu(gelu["model"]))
+
+
+def _session(model: onnx.ModelProto, optimized_path=None, level=None, config=ORT_SESSION_CONFIG):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for k, v in config.items():
+        so.add_session_config_entry(k, v)
+    so.log_severity_level = 3
+    if level is not None:
+        so.graph_optimization_level = level
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _census(path) -> collections.Counter:
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def _assert_agrees(y, ref, rel_tol):
+    """Max |logit diff| within rel_tol of the logit scale; top-1 equal except near-ties."""
+    diff = np.abs(y - ref).max()
+    assert diff <= rel_tol * np.abs(ref).max(), (diff, np.abs(ref).max())
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    tie = (top2[:, 1] - top2[:, 0]) <= 2 * diff
+    assert np.all((y.argmax(1) == ref.argmax(1)) | tie)
+
+
+def test_structure(gelu):
+    plan = gelu["plan"]
+    m = emit_onnx_qdq(plan)
+    assert {o.domain: o.version for o in m.opset_import}[""] == 17
+    (inp,), (out,) = m.graph.input, m.graph.output
+    assert inp.name == "input" and inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert inp.type.tensor_type.shape.dim[0].dim_param == "N"
+    assert [d.dim_value for d in inp.type.tensor_type.shape.dim[1:]] == [3, SIZE, SIZE]
+    assert out.name == "logits" and out.type.tensor_type.shape.dim[1].dim_value == 10
+
+    inits = {i.name: i for i in m.graph.initializer}
+    prod = {o: n for n in m.graph.node for o in n.output}
+    names = {n.name for n in m.graph.node}
+    assert all(n.name in names for n in plan.graph.nodes)   # nodes named after the graph
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    n_layer_scale = sum(1 for n in plan.graph.nodes if n.op == "mul_const" and n.name.endswith(".ls_res"))
+    assert len(convs) == plan.graph.census()["conv"] + n_layer_scale
+    for c in convs:
+        w_dq, b_dq = prod[c.input[1]], prod[c.input[2]]
+        assert w_dq.op_type == b_dq.op_type == "DequantizeLinear"
+        w, w_zp = inits[w_dq.input[0]], inits[w_dq.input[2]]
+        assert w.data_type == w_zp.data_type == onnx.TensorProto.INT8
+        assert not onnx.numpy_helper.to_array(w_zp).any()
+        assert np.abs(onnx.numpy_helper.to_array(w).astype(int)).max() <= 127
+        assert {a.name: a.i for a in w_dq.attribute}["axis"] == 0
+        assert inits[b_dq.input[0]].data_type == onnx.TensorProto.INT32
+    # every weight is stored as integers: the only float initializers are scales and the head
+    floats = [i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+              and not i.name.endswith("/scale") and not i.name.startswith("head.")]
+    assert floats == []
+
+
+def test_graph_semantics_equal_reference(gelu):
+    """Without graph optimizations onnxruntime executes the QDQ graph literally: float round-off."""
+    s = _session(emit_onnx_qdq(gelu["plan"]), level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    y = s.run(None, {"input": gelu["x"]})[0]
+    assert y.shape == (8, 10)
+    assert np.abs(y - gelu["ref"]).max() <= 1e-4 * np.abs(gelu["ref"]).max()
+
+
+def test_integer_kernels_fuse_and_agree(gelu, tmp_path):
+    plan = gelu["plan"]
+    opt = tmp_path / "opt.onnx"
+    y = _session(emit_onnx_qdq(plan), optimized_path=opt).run(None, {"input": gelu["x"]})[0]
+    _assert_agrees(y, gelu["ref"], 0.05)   # measured ~0.01: 1-2 LSB requantization differences
+
+    census = _census(opt)
+    graph = plan.graph.census()
+    assert census["Conv"] == 0 and census["QLinearConv"] >= graph["conv"]
+    assert census["QLinearMatMul"] == graph["matmul"] and census["MatMul"] == 0
+    assert census["QLinearAdd"] >= graph["add"] and census["Add"] == 0
+    assert census["QLinearConcat"] == graph["cat"] and census["Concat"] == 0
+    assert census["QLinearGlobalAveragePool"] == 1
+    m = onnx.load(str(opt))
+    prod = {o: n for n in m.graph.node for o in n.output}
+    inits = {i.name for i in m.graph.initializer}
+    for n in m.graph.node:
+        fed_by_dq = any(i in prod and prod[i].op_type == "DequantizeLinear" and prod[i].input[0] not in inits
+                        for i in n.input)
+        if fed_by_dq:   # only ops without an integer kernel read dequantized values
+            assert n.op_type in FLOAT_ISLANDS, n.name
+        if n.op_type in ("Split", "Reshape", "Transpose"):   # data movement moves integers
+            assert not fed_by_dq, n.name
+
+
+def test_silu_variant_fuses_sigmoid_and_mul(silu, tmp_path):
+    plan = silu["plan"]
+    opt = tmp_path / "opt.onnx"
+    m = emit_onnx_qdq(plan)
+    y = _session(m, optimized_path=opt).run(None, {"input": silu["x"]})[0]
+    _assert_agrees(y, silu["ref"], 0.05)
+    n_silu = plan.graph.census()["silu"]
+    assert n_silu == 10
+    census = _census(opt)
+    assert census["QLinearSigmoid"] == n_silu and census["Sigmoid"] == 0
+    assert census["QLinearMul"] >= n_silu and census["Mul"] == 0
+    assert census["Gelu"] == 1   # only the float head's
+    assert census["Conv"] == 0
+    # the sigmoid output has the fixed parameters of the reference (1/256, int8 -128 == uint8 0)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+    sig = [k[: -len("/scale")] for k in inits if k.endswith("/sigmoid/scale")]
+    assert len(sig) == n_silu
+    for k in sig:
+        assert inits[f"{k}/scale"] == np.float32(1 / 256) and inits[f"{k}/zero_point"] == 0
+
+
+def test_uint8_weights_exact_without_session_option(gelu):
+    s = _session(emit_onnx_qdq(gelu["plan"], weight_type="uint8"), config={})
+    y = s.run(None, {"input": gelu["x"]})[0]
+    _assert_agrees(y, gelu["ref"], 0.05)
+
+
+def test_int8_act_type_is_literal(gelu):
+    m = emit_onnx_qdq(gelu["plan"], act_type="int8")
+    types = {i.data_type for i in m.graph.initializer if i.name.endswith("/zero_point")}
+    assert onnx.TensorProto.UINT8 not in types
+    s = _session(m, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    y = s.run(None, {"input": gelu["x"]})[0]
+    assert np.abs(y - gelu["ref"]).max() <= 1e-4 * np.abs(gelu["ref"]).max()
+
+
+def test_int8_io(gelu):
+    plan = gelu["plan"]
+    m = emit_onnx_qdq(plan, io="int8")
+    assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT8
+    assert m.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.INT8
+    qin, qout = plan.qp(plan.graph.input), plan.output_qparams
+    xq = np.clip(np.round(gelu["x"] / qin.scale[0]) + qin.zero_point[0], -128, 127).astype(np.int8)
+    yq = _session(m, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, {"input": xq})[0]
+    # the reference's logits on the output grid (clamped to the calibrated range): at most 1 code
+    # apart where the reference and onnxruntime round-off straddle a rounding boundary
+    expected = np.clip(np.round(gelu["ref"] / qout.scale[0]) + qout.zero_point[0], -128, 127)
+    assert np.abs(yq.astype(int) - expected).max() <= 1
+
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert float(meta["care_q.input_scale"]) == qin.scale[0]
+    assert int(meta["care_q.output_zero_point"]) == qout.zero_point[0]
+    assert json.loads(meta["care_q.ort_session_config"]) == ORT_SESSION_CONFIG
+
+    bare = copy.copy(plan)
+    del bare.output_qparams
+    with pytest.raises(CareQError, match="output_qparams"):
+        emit_onnx_qdq(bare, io="int8")
+
+
+def test_int16_tensors_use_opset_21(gelu):
+    recipe = load_recipe("ptq_int8")
+    rule = Rule(index=len(recipe.rules), line=None, roles=(Role.ATTN_DEN,), dtype=DType.INT16,
+                method=Method.MINMAX)
+    case = _case(gelu["model"], dataclasses.replace(recipe, rules=recipe.rules + (rule,)))
+    m = emit_onnx_qdq(case["plan"])
+    assert {o.domain: o.version for o in m.opset_import}[""] == 21
+    assert any(i.data_type == onnx.TensorProto.INT16 for i in m.graph.initializer)
+    s = _session(m, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    y = s.run(None, {"input": case["x"]})[0]
+    assert np.abs(y - case["ref"]).max() <= 1e-4 * np.abs(case["ref"]).max()
+    with pytest.raises(CareQError, match="int16"):
+        emit_onnx_qdq(case["plan"], opset=17)
+
+
+def test_bad_arguments(gelu):
+    with pytest.raises(CareQError, match="io"):
+        emit_onnx_qdq(gelu["plan"], io="uint8")
+    with pytest.raises(CareQError, match="opset"):
+        emit_onnx_qdq(gelu["plan"], opset=12)
+    uncalibrated = build_plan(gelu["plan"].graph, load_recipe("ptq_int8"))
+    with pytest.raises(CareQError, match="calibrate"):
+        emit_onnx_qdq(uncalibrated)
+
+
+def test_save_onnx_round_trips(gelu, tmp_path):
+    m = emit_onnx_qdq(gelu["plan"])
+    path = save_onnx(m, tmp_path / "sub" / "care_test_int8.onnx")
+    assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["care_test_int8.onnx"]
+    assert onnx.load(str(path)).SerializeToString() == m.SerializeToString()
