@@ -85,6 +85,9 @@ class Runner:
         input_dtype / output_dtype: numpy dtypes of the artifact's tensors,
         input_quant / output_quant: (scale, zero_point) of integer tensors, else None,
         threads, delegate_info: dict (TFLite) or None.
+    `OnnxRunner` adds ``metadata`` (the file's metadata_props) and ``session_config`` (the
+    onnxruntime config entries applied: the file's ``care_q.ort_session_config``, then the
+    caller's); integer I/O grids come from ``care_q.{input,output}_{scale,zero_point}``.
     """
 
     kind = ""
@@ -208,9 +211,12 @@ class OnnxRunner(Runner):
     kind = "onnx"
 
     def __init__(self, path: Path, threads: int = 2, optimized_model_path: str | Path | None = None,
-                 optimization: str = "all", input_quant: tuple[float, int] | None = None):
+                 optimization: str = "all", input_quant: tuple[float, int] | None = None,
+                 output_quant: tuple[float, int] | None = None, session_config: dict | None = None):
         super().__init__(path, threads)
         import onnxruntime as ort
+
+        self.metadata = _onnx_metadata(path)
 
         levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -227,6 +233,12 @@ class OnnxRunner(Runner):
         # Spinning worker threads keep cores busy between runs; sessions used one after the
         # other (or in parallel benchmarks) would then steal each other's cores.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Entries the artifact says it needs (care_q's QDQ emitter records them, e.g.
+        # session.x64quantprecision for exact int8-weight kernels on x86), then the caller's.
+        self.session_config = {**_json_dict(self.metadata.get("care_q.ort_session_config"), path),
+                               **(session_config or {})}
+        for key, value in self.session_config.items():
+            so.add_session_config_entry(str(key), str(value))
         so.log_severity_level = 3
         if optimized_model_path is not None:
             Path(optimized_model_path).parent.mkdir(parents=True, exist_ok=True)
@@ -249,17 +261,28 @@ class OnnxRunner(Runner):
             if meta.type not in _ORT_TYPES:
                 raise CareQError(f"{path}: unsupported tensor type {meta.type} for '{meta.name}'")
             setattr(self, attr, np.dtype(_ORT_TYPES[meta.type]))
-        if self.input_dtype.kind in "iu":
-            if input_quant is None:
-                raise CareQError(f"{path}: the input '{self._input.name}' is {self.input_dtype}, and "
-                                 f"an ONNX file does not record its quantization; pass input_quant="
-                                 f"(scale, zero_point)")
-            self.input_quant = (float(input_quant[0]), int(input_quant[1]))
-        if self.output_dtype.kind in "iu":
-            raise CareQError(f"{path}: integer output '{self._output.name}' ({self.output_dtype}) "
-                             f"cannot be dequantized: an ONNX file does not record its quantization")
+        for key, given in (("input", input_quant), ("output", output_quant)):
+            meta = self._input if key == "input" else self._output
+            if getattr(self, f"{key}_dtype").kind not in "iu":
+                continue
+            qp = given if given is not None else self._meta_quant(key)
+            if qp is None:
+                raise CareQError(f"{path}: the {key} '{meta.name}' is {getattr(self, f'{key}_dtype')} "
+                                 f"and the file has no care_q.{key}_scale / care_q.{key}_zero_point "
+                                 f"metadata; pass {key}_quant=(scale, zero_point)")
+            setattr(self, f"{key}_quant", (float(qp[0]), int(qp[1])))
         self._binding = self.session.io_binding()
         self._bound = None
+
+    def _meta_quant(self, key: str) -> tuple[float, int] | None:
+        scale, zp = self.metadata.get(f"care_q.{key}_scale"), self.metadata.get(f"care_q.{key}_zero_point")
+        if scale is None or zp is None:
+            return None
+        try:
+            return float(scale), int(zp)
+        except ValueError:
+            raise CareQError(f"{self.path}: bad care_q.{key}_scale / _zero_point metadata "
+                             f"({scale!r}, {zp!r})") from None
 
     def _set_input(self, x: np.ndarray) -> None:
         import onnxruntime as ort
@@ -274,7 +297,33 @@ class OnnxRunner(Runner):
         self.session.run_with_iobinding(self._binding)
 
     def _get_output(self) -> np.ndarray:
-        return self._binding.get_outputs()[0].numpy()
+        return np.array(self._binding.get_outputs()[0].numpy())  # own the memory across invokes
+
+
+def _onnx_metadata(path: Path) -> dict[str, str]:
+    """The model's metadata_props, read before the session is made (they may configure it)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise CareQError(f"{path}: onnxruntime could not load it: not a readable ONNX model "
+                         f"({_first_line(e)})") from None
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _json_dict(text: str | None, path: Path) -> dict:
+    import json
+
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise CareQError(f"{path}: care_q.ort_session_config metadata is not a JSON object: {text[:100]!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------- TFLite
@@ -390,7 +439,9 @@ def delegate_info(interpreter, log: str = "") -> dict:
 
 def load_runner(path: str | Path, threads: int = 2, tflite_delegate: str = "xnnpack",
                 optimized_model_path: str | Path | None = None, ort_optimization: str = "all",
-                input_quant: tuple[float, int] | None = None) -> Runner:
+                input_quant: tuple[float, int] | None = None,
+                output_quant: tuple[float, int] | None = None,
+                session_config: dict | None = None) -> Runner:
     """Load an .onnx or .tflite artifact for inference on CPU.
 
     Args:
@@ -399,7 +450,10 @@ def load_runner(path: str | Path, threads: int = 2, tflite_delegate: str = "xnnp
             delegate) or 'reference' (reference kernels: slow, the numerics oracle).
         optimized_model_path: ONNX only; where onnxruntime writes the optimized graph.
         ort_optimization: ONNX only; 'all' | 'extended' | 'basic' | 'disable'.
-        input_quant: ONNX only; (scale, zero_point) of an integer input.
+        input_quant, output_quant: ONNX only; (scale, zero_point) of an integer input/output,
+            when the file's care_q.{input,output}_{scale,zero_point} metadata does not say.
+        session_config: ONNX only; extra onnxruntime session config entries, on top of those
+            the file's care_q.ort_session_config metadata asks for.
     """
     path = Path(path)
     kind = KINDS.get(path.suffix.lower())
@@ -413,7 +467,8 @@ def load_runner(path: str | Path, threads: int = 2, tflite_delegate: str = "xnnp
         raise CareQError(f"threads must be >= 1, got {threads}")
     if kind == "onnx":
         return OnnxRunner(path, threads, optimized_model_path=optimized_model_path,
-                          optimization=ort_optimization, input_quant=input_quant)
+                          optimization=ort_optimization, input_quant=input_quant,
+                          output_quant=output_quant, session_config=session_config)
     return TFLiteRunner(path, threads, tflite_delegate=tflite_delegate)
 
 

@@ -102,6 +102,35 @@ def test_onnx_int8_input_needs_and_uses_quantization(tmp_path):
     np.testing.assert_allclose(r(x), _ref((xq + 3) * 0.05), rtol=1e-5, atol=1e-5)
 
 
+def test_onnx_int8_io_from_care_q_metadata(tmp_path):
+    """The QDQ emitter records integer I/O grids and needed session entries as metadata_props."""
+    nodes = [helper.make_node("DequantizeLinear", ["input", "s", "zp"], ["xf"]),
+             helper.make_node("ReduceMean", ["xf", "axes"], ["pooled"], keepdims=0),
+             helper.make_node("MatMul", ["pooled", "W"], ["y"]),
+             helper.make_node("QuantizeLinear", ["y", "so", "zpo"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "int8_io",
+        [helper.make_tensor_value_info("input", TensorProto.INT8, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.INT8, [1, 5])],
+        initializer=[numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+                     numpy_helper.from_array(np.array(-3, np.int8), "zp"),
+                     numpy_helper.from_array(np.array(0.02, np.float32), "so"),
+                     numpy_helper.from_array(np.array(4, np.int8), "zpo"),
+                     numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+                     numpy_helper.from_array(W, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    helper.set_model_props(model, {"care_q.input_scale": "0.05", "care_q.input_zero_point": "-3",
+                                   "care_q.output_scale": "0.02", "care_q.output_zero_point": "4",
+                                   "care_q.ort_session_config": '{"session.x64quantprecision": "1"}'})
+    r = load_runner(_save(model, tmp_path / "q.onnx"), session_config={"session.intra_op.allow_spinning": "0"})
+    assert r.input_quant == (0.05, -3) and r.output_quant == (0.02, 4)
+    assert r.session_config == {"session.x64quantprecision": "1", "session.intra_op.allow_spinning": "0"}
+    x = _x(2, 4, 4)
+    xq = np.clip(np.round(x / 0.05) - 3, -128, 127)
+    yq = np.clip(np.round(_ref((xq + 3) * 0.05) / 0.02) + 4, -128, 127)
+    np.testing.assert_allclose(r(x), (yq - 4) * 0.02, atol=0.02 + 1e-6)  # one output step
+
+
 def test_onnx_optimized_model_is_saved(tmp_path):
     opt = tmp_path / "opt" / "m.opt.onnx"
     load_runner(_onnx_pool_fc(tmp_path / "m.onnx", ["N", 3, 8, 8], nhwc=False), optimized_model_path=opt)

@@ -184,12 +184,13 @@ def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict:
 
 
 def verify_artifact(path: str | Path, model: nn.Module, samples: np.ndarray, threads: int = 2,
-                    tflite_delegate: str = "xnnpack", runner=None) -> dict:
-    """Run ``path`` in its runtime on ``samples`` (float32 NCHW) and compare with PyTorch."""
-    d = _to_deploy(model)
+                    tflite_delegate: str = "xnnpack", runner=None, ref: np.ndarray | None = None) -> dict:
+    """Run ``path`` in its runtime on ``samples`` (float32 NCHW) and compare with the PyTorch
+    deploy form (or with ``ref``, its logits on ``samples`` when already computed)."""
     samples = np.asarray(samples, np.float32)
-    with torch.no_grad():
-        ref = d(torch.from_numpy(samples)).numpy()
+    if ref is None:
+        with torch.no_grad():
+            ref = _to_deploy(model)(torch.from_numpy(samples)).numpy()
     runner = runner or load_runner(path, threads=threads, tflite_delegate=tflite_delegate)
     res = compare_logits(ref, runner(samples))
     res["runtime"] = "onnxruntime" if runner.kind == "onnx" else f"tflite ({tflite_delegate})"
@@ -232,9 +233,12 @@ def export_fp32(model: nn.Module, out_dir: str | Path, name: str, img_size: int,
                          f"got {img_size}")
     d = _to_deploy(model)
     say = progress or (lambda msg: None)
+    ref = None
     if verify:
         samples = _check_samples(samples, img_size) if samples is not None \
             else random_samples(num_samples, img_size)
+        with torch.no_grad():
+            ref = d(torch.from_numpy(samples)).numpy()
     results = {"name": name, "img_size": img_size, "artifacts": {}, "problems": []}
     for fmt in formats:
         path = artifact_path(out_dir, name, fmt)
@@ -255,7 +259,7 @@ def export_fp32(model: nn.Module, out_dir: str | Path, name: str, img_size: int,
             art["xnnpack_partitions"] = runner.delegate_info["partitions"]
         if verify:
             say(f"{fmt}: verifying on {len(samples)} inputs")
-            v = verify_artifact(path, d, samples, threads=threads, runner=runner)
+            v = verify_artifact(path, d, samples, threads=threads, runner=runner, ref=ref)
             art["verify"] = v
             if not v["ok"]:
                 results["problems"].append(
