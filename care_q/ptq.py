@@ -75,7 +75,7 @@ def _verify(path: Path, model, plan, x: np.ndarray, threads: int) -> dict:
 
     runner = load_runner(path, threads=threads)
     with torch.no_grad():
-        ref = model(torch.from_numpy(x), QuantOps(plan, "quant")).numpy()
+        ref = model(torch.from_numpy(x), QuantOps(plan, "quant", exact=True)).numpy()
     got = runner(x)
     agree = float((got.argmax(1) == ref.argmax(1)).mean())
     res = {"images": int(x.shape[0]), "top1_agreement": agree, "logit_sqnr_db": sqnr_db(ref, got),
@@ -163,7 +163,6 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
     # --- per-tensor SQNR: this recipe vs one global min/max (what generic tools do)
     naive = build_plan(graph, dataclasses.replace(rec, rules=(), method=Method.MINMAX))
     naive.finalize(plan.observers)
-    naive.consts = {}
     xs = xv[:16]
     sq_recipe, sq_naive = tensor_sqnr(dmodel, plan, xs), tensor_sqnr(dmodel, naive, xs)
     with torch.no_grad():

@@ -312,12 +312,8 @@ class _Emitter:
         self._binary(n, "Div")
 
     def _const_value(self, n) -> float:
-        value = float(n.attrs["value"])
-        if n.name.endswith(".den_eps") and self.plan.quantized(n.outputs[0]):
-            # the divisor guard of the reference (QuantOps.add_const): >= 1.5 LSB
-            guard = max(value, 1.5 * self._qp(n.outputs[0]).scale[0])
-            value = float(self.plan.consts.get(n.name, guard))
-        return value
+        # the divisor guard of `*.den_eps` nodes is fixed by QuantPlan.finalize
+        return float(self.plan.consts.get(n.name, n.attrs["value"]))
 
     def _scalar_op(self, n, op_type, value: float):
         x = self.val[n.inputs[0]]
@@ -326,7 +322,22 @@ class _Emitter:
         self.out(n.outputs[0], self.node(op_type, [x, c], [self.raw(n.outputs[0])], n.name)[0])
 
     def op_add_const(self, n):
-        self._scalar_op(n, "Add", self._const_value(n))
+        value = self._const_value(n)
+        in_qp = self._qp(n.inputs[0])
+        if in_qp is None:
+            self._scalar_op(n, "Add", value)
+            return
+        # x + c as a 1x1 depthwise Conv over dim 1 (weight 1 = 127 at 1/127, bias c in int32):
+        # the reference computes exactly this (QuantOps.add_const), as the TFLite file does.
+        x, o = self.val[n.inputs[0]], n.outputs[0]
+        ch = int(self.graph.shapes[n.inputs[0]][1])
+        s_w = np.full(ch, np.float32(1.0 / 127.0), np.float32)
+        wt = self.weight_dq(f"{n.name}.weight", np.full((ch, 1, 1, 1), 127.0), s_w, per_channel=True)
+        s_b = s_w.astype(np.float64) * np.float32(in_qp.scale[0])
+        bt = self.bias_dq(f"{n.name}.bias", np.full(ch, value), s_b)
+        raw = self.node("Conv", [x, wt, bt], [self.raw(o)], n.name, kernel_shape=[1, 1], pads=[0, 0, 0, 0],
+                        strides=[1, 1], dilations=[1, 1], group=ch)[0]
+        self.out(o, raw)
 
     def op_mul_const(self, n):
         v = n.attrs["value"]

@@ -12,7 +12,7 @@ Kernel choices (XNNPACK is the CPU engine of TFLite):
   exactly, where a MUL constant would be per-tensor);
 - channel split: SLICE (shares parameters with its input);
 - heads: RESHAPE + TRANSPOSE; attention products: BATCH_MATMUL with a zero-point-0 RHS;
-- normaliser: DIV (TFLite's int8 kernel; the divisor carries a >= 1.5 LSB guard so it never
+- normaliser: DIV (TFLite's int8 kernel; the divisor carries a one-LSB guard so it never
   equals its zero point).
 """
 
@@ -65,9 +65,10 @@ def _padding(conv) -> int:
 
 
 class _Emitter:
-    def __init__(self, plan: QuantPlan, io: str):
+    def __init__(self, plan: QuantPlan, io: str, debug_outputs: bool = False):
         self.plan = plan
         self.io = io
+        self.debug_outputs = debug_outputs
         self.b = TFLiteBuilder("care-q int8 " + plan.recipe.name)
         self.idx: dict[str, int] = {}
         self.layout = _layouts(plan)
@@ -126,6 +127,8 @@ class _Emitter:
             b.op(OP.QUANTIZE, [out], [q], version=2)
             out = q
         b.outputs.append(out)
+        if self.debug_outputs:  # every graph tensor readable after invoke (debugging numerics)
+            b.outputs.extend(i for n, i in self.idx.items() if i != out and n != g.input)
         return b.to_bytes()
 
     def op_conv(self, n):
@@ -175,11 +178,21 @@ class _Emitter:
         self._binary(n, OP.DIV, fb.BuiltinOptions.DivOptions, fb.DivOptionsT)
 
     def op_add_const(self, n):
-        x = self.idx[n.inputs[0]]
-        value = self.plan.consts.get(n.name, n.attrs["value"])
-        c = self.scalar_q(f"{n.name}.const", float(value), len(self.b.shape_of(x)))
-        self.b.op(OP.ADD, [x, c], [self.out(n.outputs[0])], fb.BuiltinOptions.AddOptions,
-                  options(fb.AddOptionsT), version=2)
+        # x + c as a 1x1 depthwise conv (weight 1, bias c) over the last axis: see
+        # care_q.quant.fakequant.QuantOps.add_const for why not an ADD.
+        x, b = self.idx[n.inputs[0]], self.b
+        value = float(self.plan.consts.get(n.name, n.attrs["value"]))
+        shape = b.shape_of(x)
+        if len(shape) != 4:
+            raise CareQError(f"{n.name}: add_const is emitted for 4-D tensors only, got {shape}")
+        ch = shape[-1]
+        s_w = np.full(ch, np.float32(1.0 / 127.0), np.float64)
+        s_b = s_w * np.float32(self.in_scale(n.inputs[0]))
+        wt = b.const(f"{n.name}.weight", np.full((1, 1, 1, ch), 127, np.int8), s_w, np.zeros(ch, np.int64), axis=3)
+        bt = b.const(f"{n.name}.bias", np.round(value / s_b).astype(np.int32), s_b, np.zeros(ch, np.int64), axis=0)
+        b.op(OP.DEPTHWISE_CONV_2D, [x, wt, bt], [self.out(n.outputs[0])], fb.BuiltinOptions.DepthwiseConv2DOptions,
+             options(fb.DepthwiseConv2DOptionsT, padding=fb.Padding.VALID, strideW=1, strideH=1,
+                     depthMultiplier=1, dilationWFactor=1, dilationHFactor=1), version=3)
 
     def op_mul_const(self, n):
         x, b = self.idx[n.inputs[0]], self.b
@@ -313,6 +326,10 @@ class _Emitter:
              fb.BuiltinOptions.FullyConnectedOptions, options(fb.FullyConnectedOptionsT))
 
 
-def emit_tflite_int8(plan: QuantPlan, io: str = "float") -> bytes:
-    """The int8 TFLite flatbuffer for a calibrated plan."""
-    return _Emitter(plan, io).emit()
+def emit_tflite_int8(plan: QuantPlan, io: str = "float", debug_outputs: bool = False) -> bytes:
+    """The int8 TFLite flatbuffer for a calibrated plan.
+
+    ``debug_outputs`` makes every graph tensor a model output, so a runtime's intermediate
+    values can be compared op by op with the fake-quant reference.
+    """
+    return _Emitter(plan, io, debug_outputs).emit()

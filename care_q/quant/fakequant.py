@@ -8,6 +8,12 @@
   tensor's grid; the head after the pool in float, as the exporters emit it;
 - mode "float": plain float compute (for side-by-side SQNR with `record=True`).
 
+`exact=True` (quant mode) computes convolutions, 1x1 constant convs and matmuls the way the
+integer runtimes do: exact integer accumulation (float64), then float32 requantization
+``round_half_even(float32(acc) * (s_in * s_w / s_out))`` as XNNPACK and onnxruntime's MLAS
+compute it. This is the verification reference: float32 accumulation alone differs from the
+runtimes by one step on ~1e-5 of the outputs, which a low-SNR network amplifies.
+
 Gradients pass straight through the rounding (STE), so QAT trains this same module.
 """
 
@@ -45,6 +51,14 @@ def quantize_weight(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return torch.fake_quantize_per_channel_affine(w, scales.float(), zp, 0, -127, 127)
 
 
+def unit_weight_and_bias(value: float, in_scale: float) -> tuple[float, float]:
+    """Dequantized weight (127 at scale 1/127) and int32-rounded bias of `x * 1 + value`."""
+    s_w = torch.tensor(1.0 / 127.0, dtype=torch.float32)
+    w = float(127 * s_w)
+    s_b = float(s_w * in_scale)
+    return w, round(value / s_b) * s_b
+
+
 def quantize_bias(b: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Round a bias to int32 at the given per-channel scales (s_in * s_w)."""
     q = torch.clamp(torch.round(b / scales), -(2 ** 31), 2 ** 31 - 1)
@@ -53,15 +67,15 @@ def quantize_bias(b: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 class QuantOps(Ops):
     def __init__(self, plan: QuantPlan, mode: str = "quant", record: bool = False,
-                 observers: dict[str, HistogramObserver] | None = None):
+                 observers: dict[str, HistogramObserver] | None = None, exact: bool = False):
         if mode not in ("observe", "quant", "float"):
             raise ValueError(mode)
+        self.exact = exact and mode == "quant"
         self.plan = plan
         self.mode = mode
         self.observers = observers if observers is not None else {}
         self.record: dict[str, torch.Tensor] | None = {} if record else None
         self.per_channel = plan.recipe.weight_granularity == "per_channel"
-        self.consts = plan.__dict__.setdefault("consts", {})
 
     # ------------------------------------------------------------------ helpers
     def _out(self, name: str, y: torch.Tensor, op: str = "") -> torch.Tensor:
@@ -85,12 +99,48 @@ class QuantOps(Ops):
     def _wq(self) -> bool:
         return self.mode == "quant"
 
+    def _exact_ok(self, name: str, inputs: list[str]) -> bool:
+        return self.exact and all(self.plan.qp(t) is not None for t in [name, *inputs])
+
+    def _ints(self, x: torch.Tensor, tensor: str) -> torch.Tensor:
+        """Integer values (minus zero point) of a tensor on its grid, as float64."""
+        qp = self.plan.qp(tensor)
+        return torch.round(x.double() / qp.scale[0])
+
+    def _requant(self, name: str, acc: torch.Tensor, scale_in: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
+        """float32(acc) * float32(scale_in / s_out), round half to even, clamp: dequantized output."""
+        qp = self.plan.qp(name)
+        s_out = torch.tensor(qp.scale[0], dtype=torch.float32)
+        scale = scale_in.float() / s_out
+        if channel_dim is not None:
+            shape = [1] * acc.dim()
+            shape[channel_dim] = -1
+            scale = scale.reshape(shape)
+        y = torch.round(acc.float() * scale)
+        y = torch.clamp(y, qp.qmin - qp.zero_point[0], qp.qmax - qp.zero_point[0])
+        return y * s_out
+
+    def _exact_conv(self, name, x, in_name, w_int, s_w, b_int, conv_args) -> torch.Tensor:
+        s_in = torch.tensor(self.plan.qp(in_name).scale[0], dtype=torch.float32)
+        acc = F.conv2d(self._ints(x, in_name), w_int.double(), b_int.double(), *conv_args)
+        return self._requant(name, acc, s_in * s_w.float(), 1)
+
     # ------------------------------------------------------------------ ops
     def input(self, name, x):
         return self._out(name, x)
 
     def conv(self, name, x, conv):
         w, b = conv.weight, conv.bias
+        in_name = self.plan.graph_inputs[name][0]
+        if self._exact_ok(name, [in_name]):
+            s_w = weight_scales(w, self.per_channel).float()
+            w_int = torch.clamp(torch.round(w.detach().double() / s_w.double().reshape(-1, 1, 1, 1)), -127, 127)
+            s_b = s_w.double() * torch.tensor(self.plan.qp(in_name).scale[0], dtype=torch.float32).double()
+            b0 = b.detach().double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+            b_int = torch.round(b0 / s_b)
+            y = self._exact_conv(name, x, in_name, w_int, s_w, b_int,
+                                 (conv.stride, conv.padding, conv.dilation, conv.groups))
+            return self._out(name, y)
         if self._wq():
             s_w = weight_scales(w, self.per_channel)
             w = quantize_weight(w, s_w)
@@ -110,13 +160,31 @@ class QuantOps(Ops):
         return self._out(name, a * b)
 
     def add_const(self, name, x, value):
-        if self.mode == "quant" and name.endswith(".den_eps"):
-            # divisor guard: at least 1.5 LSB so no divisor rounds to its zero point
-            value = max(float(value), 1.5 * self.plan.qp(name).scale[0])
-            self.consts[name] = value
-        return self._out(name, x + value)
+        if self.mode != "quant" or not self.plan.quantized(name):
+            return self._out(name, x + value)
+        value = self.plan.consts.get(name, value)  # the divisor guard (QuantPlan.finalize)
+        in_name = self.plan.graph_inputs[name][0]
+        if self._exact_ok(name, [in_name]):
+            ch = x.shape[1]
+            s_w = torch.full((ch,), 1.0 / 127.0, dtype=torch.float32)
+            s_b = s_w.double() * torch.tensor(self.plan.qp(in_name).scale[0], dtype=torch.float32).double()
+            b_int = torch.round(torch.full((ch,), float(value), dtype=torch.float64) / s_b)
+            w_int = torch.full((ch, 1, 1, 1), 127.0, dtype=torch.float64)
+            return self._out(name, self._exact_conv(name, x, in_name, w_int, s_w, b_int, (1, 0, 1, ch)))
+        # Exported as a 1x1 depthwise conv with weight 1 (int8 127 at scale 1/127) and the
+        # constant as its int32 bias: the same kernel as every conv, so runtimes match this
+        # reference bit for bit (an int8 ADD of a constant rounds differently in XNNPACK).
+        w, b = unit_weight_and_bias(float(value), self.plan.qp(self.plan.graph_inputs[name][0]).scale[0])
+        return self._out(name, x * w + b)
 
     def mul_const(self, name, x, value):
+        in_name = self.plan.graph_inputs[name][0]
+        if isinstance(value, torch.Tensor) and value.dim() == 1 and self._exact_ok(name, [in_name]):
+            g = value.detach()
+            s_w = (torch.clamp(g.abs().double(), min=1e-12) / 127.0).float()
+            w_int = torch.clamp(torch.round(g.double() / s_w.double()), -127, 127).reshape(-1, 1, 1, 1)
+            b_int = torch.zeros(g.numel(), dtype=torch.float64)
+            return self._out(name, self._exact_conv(name, x, in_name, w_int, s_w, b_int, (1, 0, 1, g.numel())))
         return self._out(name, super().mul_const(name, x, value))
 
     def div(self, name, a, b):
@@ -148,6 +216,12 @@ class QuantOps(Ops):
         return self._out(name, super().from_heads(name, x, hw), "from_heads")
 
     def matmul(self, name, a, b, transpose_a=False, transpose_b=False):
+        ins = self.plan.graph_inputs[name]
+        if self._exact_ok(name, ins):
+            acc = super().matmul(name, self._ints(a, ins[0]), self._ints(b, ins[1]), transpose_a, transpose_b)
+            s_in = (torch.tensor(self.plan.qp(ins[0]).scale[0], dtype=torch.float32)
+                    * torch.tensor(self.plan.qp(ins[1]).scale[0], dtype=torch.float32))
+            return self._out(name, self._requant(name, acc, s_in, None))
         return self._out(name, super().matmul(name, a, b, transpose_a, transpose_b))
 
     def mean_tokens(self, name, x):

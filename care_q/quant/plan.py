@@ -126,6 +126,12 @@ class QuantPlan:
             lo, hi = obs.range(spec.method, spec.dtype, spec.symmetric, spec.percentile)
             self.ranges[root] = (float(obs.min), float(obs.max))
             self.qparams[root] = qparams_from_range(lo, hi, spec.dtype, spec.symmetric)
+        self.consts = {}
+        for n in self.graph.nodes:
+            if n.op == "add_const" and n.name.endswith(".den_eps") and self.quantized(n.outputs[0]):
+                # divisor guard: one LSB (x >= 0, so x + guard never rounds to the zero point;
+                # a whole LSB also avoids the rounding ties that 1.5 LSB would create)
+                self.consts[n.name] = max(float(n.attrs["value"]), self.qp(n.outputs[0]).scale[0])
 
     def to_json(self) -> dict:
         out = {}

@@ -32,6 +32,7 @@ class Rule:
     method: Method | None = None
     percentile: float | None = None
     symmetric: bool | None = None
+    weight_bits: int | None = None  # `weight_dtype: int4` on a rule (QAT only): the selected convs' weights
 
     def matches(self, name: str, role: Role, op: str) -> bool:
         if self.roles and role not in self.roles:
@@ -64,6 +65,11 @@ class QATSettings:
     temperature: float = 1.0
     learn_scales: bool = False
     freeze_bn: bool = True
+    ce_weight: float = 1.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    checkpoint_every: int = 100
+    scale_lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ class Recipe:
     targets: tuple[str, ...] = TARGETS
     io: str = "float"
     weight_dtype: DType = DType.INT8
+    weight_bits: int = 8  # 4: int4 values simulated in fake quantization, stored in int8 containers
     weight_granularity: str = "per_channel"
     act_dtype: DType = DType.INT8
     method: Method = Method.PERCENTILE
@@ -95,14 +102,23 @@ class Recipe:
                 "substitutions": {"gelu": self.gelu},
                 "transforms": {"cross_layer_equalization": self.cross_layer_equalization,
                                "bias_correction": self.bias_correction},
-                "rules": [r.describe() for r in self.rules]}
+                "rules": [r.describe() for r in self.rules]} | self._extra_json()
+
+    def _extra_json(self) -> dict:
+        extra = {}
+        if self.weight_bits != 8 or any(r.weight_bits for r in self.rules):
+            extra["weight_bits"] = {"default": self.weight_bits,
+                                    "rules": {r.describe(): r.weight_bits for r in self.rules if r.weight_bits}}
+        if self.qat is not None:
+            extra["qat"] = dict(self.qat.__dict__)
+        return extra
 
 
 # ----------------------------------------------------------------------------- parsing
 
 SCHEMA = {
     "name": str, "kind": ("ptq", "qat"), "description": str, "targets": [TARGETS], "io": ("float", "int8", "uint8"),
-    "weights": {"dtype": ("int8",), "granularity": ("per_channel", "per_tensor")},
+    "weights": {"dtype": ("int8", "int4"), "granularity": ("per_channel", "per_tensor")},
     "activations": {"dtype": ("int8", "int16"), "method": tuple(m.value for m in Method),
                     "percentile": float},
     "calibration": {"batch_size": int},
@@ -110,11 +126,13 @@ SCHEMA = {
     "substitutions": {"gelu": ("exact", "sigmoid")},
     "rules": "rules",
     "qat": {"epochs": float, "lr": float, "weight_decay": float, "batch_size": int,
-            "distill_weight": float, "temperature": float, "learn_scales": bool, "freeze_bn": bool},
+            "distill_weight": float, "temperature": float, "learn_scales": bool, "freeze_bn": bool,
+            "ce_weight": float, "schedule": ("cosine", "constant"), "warmup_steps": int, "checkpoint_every": int,
+            "scale_lr": float},
 }
 RULE_SCHEMA = {"roles": [tuple(r.value for r in Role)], "ops": [str], "tensors": str,
                "dtype": ("int8", "int16", "float"), "method": tuple(m.value for m in Method),
-               "percentile": float, "symmetric": bool}
+               "percentile": float, "symmetric": bool, "weight_dtype": ("int8", "int4")}
 
 
 class _Loader(yaml.SafeLoader):
@@ -206,7 +224,8 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
             dtype=DType(r["dtype"]) if "dtype" in r else None,
             method=Method(r["method"]) if "method" in r else None,
             percentile=float(r["percentile"]) if "percentile" in r else None,
-            symmetric=r.get("symmetric")))
+            symmetric=r.get("symmetric"),
+            weight_bits=4 if r.get("weight_dtype") == "int4" else None))
     kind = data.get("kind", "ptq")
     qat = None
     if "qat" in data:
@@ -215,13 +234,19 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         qat = QATSettings(**{k: v for k, v in data["qat"].items() if not k.startswith("__")})
     elif kind == "qat":
         qat = QATSettings()
+    weight_bits = 4 if w.get("dtype") == "int4" else 8
+    int4 = [r for r in rules if r.weight_bits == 4]
+    if kind != "qat" and (weight_bits == 4 or int4):
+        line = w["__lines__"]["dtype"] if weight_bits == 4 else int4[0].line
+        raise CareQError(f"{source}:{line}: int4 weights are simulated in fake quantization and need training: "
+                         f"they are allowed in QAT recipes only (kind: qat)")
     pct = float(a.get("percentile", 99.99))
     if not 50 < pct <= 100:
         raise CareQError(f"{source}: activations.percentile must be in (50, 100], got {pct}")
     return Recipe(
         name=data["name"], kind=kind, description=data.get("description", ""),
         targets=_listify(data.get("targets", list(TARGETS))), io=data.get("io", "float"),
-        weight_dtype=DType(w.get("dtype", "int8")), weight_granularity=w.get("granularity", "per_channel"),
+        weight_dtype=DType.INT8, weight_bits=weight_bits, weight_granularity=w.get("granularity", "per_channel"),
         act_dtype=DType(a.get("dtype", "int8")), method=Method(a.get("method", "percentile")),
         percentile=pct, batch_size=data.get("calibration", {}).get("batch_size", 32),
         gelu=data.get("substitutions", {}).get("gelu", "exact"),
