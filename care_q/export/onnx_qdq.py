@@ -51,7 +51,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from care_q.errors import CareQError
-from care_q.quant.fakequant import SIGMOID_QPARAMS, weight_scales
+from care_q.quant.fakequant import SIGMOID_QPARAMS, weight_qmax, weight_scales
 from care_q.quant.plan import QuantPlan
 from care_q.quant.qtypes import DType, QParams
 from care_q.utils.io import atomic_path
@@ -62,6 +62,7 @@ INT16_OPSET = 21          # 16-bit QuantizeLinear / DequantizeLinear
 DEFAULT_OPSET = 17
 ACT_TYPES = ("uint8", "int8")
 # onnxruntime session config entries the int8-weight QDQ model needs on x86 for exact results
+# (full-range weights overflow the 16-bit u8s8 kernel; 7-bit weights do not and skip it)
 ORT_SESSION_CONFIG = {"session.x64quantprecision": "1"}
 WEIGHT_TYPES = ("int8", "uint8")
 
@@ -270,6 +271,7 @@ class _Emitter:
         meta = {"care_q.recipe": self.plan.recipe.name, "care_q.io": self.io,
                 "care_q.act_type": self.act_type, "care_q.weight_type": self.weight_type,
                 "care_q.ort_session_config": json.dumps(ORT_SESSION_CONFIG if self.weight_type == "int8"
+                                                        and weight_qmax(self.plan) > 63
                                                         else {})}
         if self.io == "int8":
             for key, qp in (("input", self.plan.qp(self.graph.input)), ("output", self.plan.output_qparams)):
@@ -282,9 +284,10 @@ class _Emitter:
         conv = n.module
         x = self.val[n.inputs[0]]
         per_channel = self.plan.recipe.weight_granularity == "per_channel"
-        s_w = weight_scales(conv.weight, per_channel).detach().float().numpy()
+        qmax = weight_qmax(self.plan)
+        s_w = weight_scales(conv.weight, per_channel, qmax).detach().float().numpy()
         w = conv.weight.detach().double().numpy()
-        qw = np.clip(np.round(w / s_w.astype(np.float64).reshape(-1, 1, 1, 1)), -127, 127)
+        qw = np.clip(np.round(w / s_w.astype(np.float64).reshape(-1, 1, 1, 1)), -qmax, qmax)
         wt = self.weight_dq(f"{n.name}.weight", qw, s_w, per_channel)
         inputs = [x, wt]
         cout = w.shape[0]

@@ -23,7 +23,7 @@ from ai_edge_litert import schema_py_generated as fb
 
 from care_q.errors import CareQError
 from care_q.export.tflite_builder import TFLiteBuilder, options
-from care_q.quant.fakequant import SIGMOID_QPARAMS, weight_scales
+from care_q.quant.fakequant import SIGMOID_QPARAMS, weight_qmax, weight_scales
 from care_q.quant.plan import QuantPlan
 from care_q.quant.qtypes import DType
 
@@ -135,13 +135,15 @@ class _Emitter:
         conv, b = n.module, self.b
         x = self.idx[n.inputs[0]]
         w = conv.weight.detach().double().numpy()
-        s_w = weight_scales(conv.weight).double().numpy()
+        qmax = weight_qmax(self.plan)
+        per_channel = self.plan.recipe.weight_granularity == "per_channel"
+        s_w = weight_scales(conv.weight, per_channel, qmax).double().numpy()
         s_in = self.in_scale(n.inputs[0])
         cout = w.shape[0]
         depthwise = conv.groups > 1
         if depthwise and not (conv.groups == conv.in_channels == cout):
             raise CareQError(f"{n.name}: grouped conv with groups={conv.groups} has no TFLite form")
-        qw = np.clip(np.round(w / s_w.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
+        qw = np.clip(np.round(w / s_w.reshape(-1, 1, 1, 1)), -qmax, qmax).astype(np.int8)
         if depthwise:
             qw = qw.transpose(1, 2, 3, 0)  # (1, kh, kw, C)
             wt = b.const(f"{n.name}.weight", qw, s_w, np.zeros(cout, np.int64), axis=3)

@@ -37,18 +37,23 @@ def fake_quant(x: torch.Tensor, qp: QParams | None) -> torch.Tensor:
     return torch.fake_quantize_per_tensor_affine(x, qp.scale[0], qp.zero_point[0], qp.qmin, qp.qmax)
 
 
-def weight_scales(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
-    """Symmetric int8 weight scales over [-127, 127], per output channel (dim 0)."""
+def weight_qmax(plan) -> int:
+    """Largest weight code: 127, or 63 for 7-bit weights (recipe `weights.bits: 7`)."""
+    return 63 if plan.recipe.weight_bits == 7 else 127
+
+
+def weight_scales(w: torch.Tensor, per_channel: bool = True, qmax: int = 127) -> torch.Tensor:
+    """Symmetric weight scales over [-qmax, qmax] (int8: 127), per output channel (dim 0)."""
     if per_channel:
         amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
     else:
         amax = w.detach().abs().max().expand(w.shape[0])
-    return torch.clamp(amax, min=1e-12) / 127.0
+    return torch.clamp(amax, min=1e-12) / float(qmax)
 
 
-def quantize_weight(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def quantize_weight(w: torch.Tensor, scales: torch.Tensor, qmax: int = 127) -> torch.Tensor:
     zp = torch.zeros(w.shape[0], dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w, scales.float(), zp, 0, -127, 127)
+    return torch.fake_quantize_per_channel_affine(w, scales.float(), zp, 0, -qmax, qmax)
 
 
 def unit_weight_and_bias(value: float, in_scale: float) -> tuple[float, float]:
@@ -76,6 +81,7 @@ class QuantOps(Ops):
         self.observers = observers if observers is not None else {}
         self.record: dict[str, torch.Tensor] | None = {} if record else None
         self.per_channel = plan.recipe.weight_granularity == "per_channel"
+        self.w_qmax = weight_qmax(plan)
 
     # ------------------------------------------------------------------ helpers
     def _out(self, name: str, y: torch.Tensor, op: str = "") -> torch.Tensor:
@@ -133,8 +139,9 @@ class QuantOps(Ops):
         w, b = conv.weight, conv.bias
         in_name = self.plan.graph_inputs[name][0]
         if self._exact_ok(name, [in_name]):
-            s_w = weight_scales(w, self.per_channel).float()
-            w_int = torch.clamp(torch.round(w.detach().double() / s_w.double().reshape(-1, 1, 1, 1)), -127, 127)
+            q = self.w_qmax
+            s_w = weight_scales(w, self.per_channel, q).float()
+            w_int = torch.clamp(torch.round(w.detach().double() / s_w.double().reshape(-1, 1, 1, 1)), -q, q)
             s_b = s_w.double() * torch.tensor(self.plan.qp(in_name).scale[0], dtype=torch.float32).double()
             b0 = b.detach().double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
             b_int = torch.round(b0 / s_b)
@@ -142,8 +149,8 @@ class QuantOps(Ops):
                                  (conv.stride, conv.padding, conv.dilation, conv.groups))
             return self._out(name, y)
         if self._wq():
-            s_w = weight_scales(w, self.per_channel)
-            w = quantize_weight(w, s_w)
+            s_w = weight_scales(w, self.per_channel, self.w_qmax)
+            w = quantize_weight(w, s_w, self.w_qmax)
             in_qp = self.plan.qp(self.plan.graph_inputs[name][0])
             if b is not None and in_qp is not None:
                 b = quantize_bias(b, s_w * in_qp.scale[0])

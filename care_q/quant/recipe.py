@@ -96,7 +96,7 @@ class Recipe:
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "source": self.source, "targets": list(self.targets),
                 "io": self.io, "weights": {"dtype": self.weight_dtype.value,
-                                          "granularity": self.weight_granularity},
+                                          "granularity": self.weight_granularity, "bits": self.weight_bits},
                 "activations": {"dtype": self.act_dtype.value, "method": self.method.value,
                                 "percentile": self.percentile},
                 "substitutions": {"gelu": self.gelu},
@@ -118,7 +118,7 @@ class Recipe:
 
 SCHEMA = {
     "name": str, "kind": ("ptq", "qat"), "description": str, "targets": [TARGETS], "io": ("float", "int8", "uint8"),
-    "weights": {"dtype": ("int8", "int4"), "granularity": ("per_channel", "per_tensor")},
+    "weights": {"dtype": ("int8", "int4"), "granularity": ("per_channel", "per_tensor"), "bits": (7, 8)},
     "activations": {"dtype": ("int8", "int16"), "method": tuple(m.value for m in Method),
                     "percentile": float},
     "calibration": {"batch_size": int},
@@ -234,7 +234,8 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         qat = QATSettings(**{k: v for k, v in data["qat"].items() if not k.startswith("__")})
     elif kind == "qat":
         qat = QATSettings()
-    weight_bits = 4 if w.get("dtype") == "int4" else 8
+    # 7 bits: weights in [-63, 63], onnxruntime's fast exact u8s8 path on x86 CPUs without VNNI
+    weight_bits = 4 if w.get("dtype") == "int4" else w.get("bits", 8)
     int4 = [r for r in rules if r.weight_bits == 4]
     if kind != "qat" and (weight_bits == 4 or int4):
         line = w["__lines__"]["dtype"] if weight_bits == 4 else int4[0].line
