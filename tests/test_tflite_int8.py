@@ -46,8 +46,10 @@ def test_tflite_matches_fake_quant(tmp_path, silu):
     runner = load_runner(path, threads=1)
     got = runner(x.numpy())
     scale = np.abs(ref).max()
-    assert np.abs(got - ref).max() <= 0.15 * scale
-    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    # the exact reference emulates the integer kernels: XNNPACK's output is the same up to
+    # float round-off in the float head (measured 3e-7 of the logit scale)
+    assert np.abs(got - ref).max() <= 1e-4 * scale
+    assert (got.argmax(1) == ref.argmax(1)).all()
 
 
 def test_op_census_no_float_islands(tmp_path):
