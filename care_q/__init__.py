@@ -5,4 +5,30 @@ from care_q.models import create_model, list_models
 
 __version__ = "0.1.0"
 
-__all__ = ["CareQError", "create_model", "list_models", "__version__"]
+
+
+def check(path, targets=("xnnpack", "nnapi", "edgetpu"), runtime: bool = True):
+    """Compatibility census of a .tflite/.onnx artifact (see `care_q.census.check`)."""
+    from care_q.census import check as _check
+
+    return _check(path, targets, runtime)
+
+
+def deploy(model):
+    """The FP32-equivalent inference form of a CARE model (see `care_q.transforms.deploy`)."""
+    from care_q.transforms import deploy as _deploy
+
+    return _deploy(model)
+
+
+def __getattr__(name: str):
+    # `care_q.ptq(...)`: the module care_q.ptq is callable (it forwards to care_q.ptq.ptq), so
+    # the attribute works whether or not the submodule was imported before.
+    if name == "ptq":
+        import care_q.ptq as module
+
+        return module
+    raise AttributeError(f"module 'care_q' has no attribute '{name}'")
+
+
+__all__ = ["CareQError", "check", "create_model", "deploy", "list_models", "ptq", "__version__"]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -275,3 +277,13 @@ def render_markdown(r: dict, plan) -> str:
                  f"{'; '.join(s.why[1:]) or s.why[0]} |")
     L += ["", f"(all {len(plan.specs)} tensors with their parameters: `report.json` -> `tensors`)", ""]
     return "\n".join(L)
+
+
+class _CallableModule(types.ModuleType):
+    """Lets `care_q.ptq(...)` call `care_q.ptq.ptq(...)` (the package attribute is this module)."""
+
+    def __call__(self, *args, **kwargs):
+        return ptq(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
