@@ -88,6 +88,16 @@ def _verify(path: Path, model, plan, x: np.ndarray, threads: int) -> dict:
     return res
 
 
+def _census(path: Path) -> list[str]:
+    """What runs where (XNNPACK / NNAPI / Edge TPU, or ORT integer kernels): summary lines."""
+    from care_q.census import check
+
+    try:
+        return check(path, targets=("all",), runtime=False).summary_lines()
+    except CareQError as e:
+        return [f"census failed: {e}"]
+
+
 def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet_1k_subset",
         data_root: str | Path | None = None, num_calib: int | None = None, recipe: str | Path = "ptq_int8",
         targets: list[str] | None = None, img_size: int | None = None, io: str | None = None,
@@ -179,7 +189,8 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
         path = out / names[t]
         _emit(t, plan, io, path)
         v = _verify(path, dmodel, plan, xv.numpy(), threads)
-        artifacts[t] = {"path": str(path), "size_bytes": path.stat().st_size, "verification": v}
+        artifacts[t] = {"path": str(path), "size_bytes": path.stat().st_size, "verification": v,
+                        "census": _census(path)}
 
     fp32_bytes = sum(p.numel() * 4 for p in net.parameters())
     report = {
@@ -248,8 +259,9 @@ def render_markdown(r: dict, plan) -> str:
         L.append(f"| {t} | `{Path(a['path']).name}` | {a['size_bytes'] / 1e6:.2f} | "
                  f"{100 * v['top1_agreement']:.1f}% ({v['images']} images) | {v['logit_sqnr_db']:.1f} | "
                  f"{v['max_abs_diff']:.3g} |")
-        if "delegate" in v:
-            L.append(f"|  | XNNPACK: {v['delegate']} | | | | |")
+    L += ["", "## Where the ops run (care-q check)", ""]
+    for t, a in r["artifacts"].items():
+        L += [f"- {t}: " + line for line in a.get("census", [])]
     if "latency" in r:
         L += ["", "## Latency (batch 1, this machine)", "",
               "| runtime | FP32 median (ms) | INT8 median (ms) | ratio | size ratio |", "|---|---:|---:|---:|---:|"]

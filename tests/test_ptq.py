@@ -1,0 +1,77 @@
+"""End-to-end PTQ at small resolution: both targets, runtime verification, report, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import care_q
+from care_q import CareQError
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_root):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ptq")
+    with pytest.warns(UserWarning, match="weights are random"):
+        report = care_q.ptq("care_test", calib="cifar10_test", data_root=data_root, num_calib=32,
+                            img_size=32, out=out, num_verify=48, latency_runs=0, progress=False)
+    return out, report
+
+
+def test_artifacts_verified(run):
+    out, report = run
+    assert (out / "care_test_int8.tflite").exists() and (out / "care_test_int8_qdq.onnx").exists()
+    for t in ("tflite", "onnx"):
+        v = report["artifacts"][t]["verification"]
+        assert v["images"] == 48 and v["top1_agreement"] >= 0.99, (t, v)
+        assert v["logit_sqnr_db"] > 30, (t, v)  # the exact reference emulates the kernels
+    assert report["calibration"] == {"set": "cifar10_test", "images": 32, "seconds": report["calibration"]["seconds"]}
+
+
+def test_report_contents(run):
+    out, report = run
+    data = json.loads((out / "report.json").read_text())
+    assert data["recipe"]["name"] == "ptq_int8"
+    t = data["tensors"]["stages.2.blocks.0.attn.kv"]
+    assert t["role"] == "attn_kv" and t["symmetric"] and t["qparams"]["zero_point"] == 0
+    assert data["sqnr_db"]["stages.2.blocks.0.attn.num"]["recipe"] > 0
+    md = (out / "report.md").read_text()
+    assert "top-1 agreement" in md and "attn_phi" in md and "xnnpack:" in md and "float islands" in md
+    assert not list(out.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_target_the_recipe_cannot_honour(tmp_path):
+    with pytest.raises(CareQError, match="cannot honour target.*tflite"):
+        care_q.ptq("care_test", recipe="ptq_a16w8_attention", targets=["tflite"], out=tmp_path)
+    assert not list(tmp_path.iterdir())  # refused before any work
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"recipe": "nope"}, "unknown recipe 'nope'"),
+    ({"io": "int4"}, "--io int4"),
+])
+def test_bad_arguments(tmp_path, kw, match):
+    with pytest.raises(CareQError, match=match):
+        care_q.ptq("care_test", out=tmp_path, **kw)
+
+
+def test_unknown_model(tmp_path):
+    with pytest.raises(CareQError, match="unknown model 'care_s7'"):
+        care_q.ptq("care_s7", out=tmp_path)
+
+
+def test_interrupted_export_leaves_no_artifact(tmp_path, data_root, monkeypatch):
+    import care_q.export.tflite_int8 as tfl
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tfl, "emit_tflite_int8", boom)
+    with pytest.raises(KeyboardInterrupt):
+        care_q.ptq("care_test", calib="cifar10_test", data_root=data_root, num_calib=8, img_size=32,
+                   targets=["tflite"], out=tmp_path, num_verify=8, progress=False)
+    assert not (tmp_path / "care_test_int8.tflite").exists()
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
