@@ -365,7 +365,10 @@ class TFLiteRunner(Runner):
         except Exception as e:
             native = " ".join(ln.strip() for ln in log[0].splitlines()
                               if ln.strip() and not ln.startswith("INFO:"))
-            detail = _first_line(e) + (f" ({native[:300]})" if native else "")
+            first = _first_line(e)
+            if len(first) > 400:
+                first = first[:400] + " ..."
+            detail = first + (f" ({native[:300]})" if native else "")
             raise CareQError(f"{path}: the TFLite interpreter could not load it: {detail}") from None
         _forward_log(log[0])
         inputs = self.interpreter.get_input_details()

@@ -158,7 +158,10 @@ class QuantOps(Ops):
         return self._out(name, y)
 
     def linear(self, name, x, fc):
-        return self._out(name, F.linear(x, fc.weight, fc.bias))
+        w = fc.weight
+        if self._wq():  # weight-only int8 (per output channel); the head computes in float
+            w = quantize_weight(w, weight_scales(w, True, 127))
+        return self._out(name, F.linear(x, w, fc.bias))
 
     def add(self, name, a, b):
         return self._out(name, a + b)
