@@ -106,4 +106,10 @@ class Ops:
 
 
 class FloatOps(Ops):
-    """Plain PyTorch: the FP32 deploy form."""
+    """Plain PyTorch: the FP32 deploy form (what the FP32 exporters trace)."""
+
+    def elu(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        # elu(x) = relu(x) + exp(min(x, 0)) - 1, exactly. Written this way because litert-torch
+        # lowers F.elu to GREATER_EQUAL + SELECT, which XNNPACK rejects (one CPU island per ELU);
+        # RELU, MINIMUM, EXP and ADD all stay in one XNNPACK partition.
+        return F.relu(x) + torch.exp(torch.clamp(x, max=0.0)) - 1.0
