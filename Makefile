@@ -28,7 +28,11 @@ demo: $(BIN)/care-q
 	    --min-agreement 0.95 --out $(OUT)/demo   # 0.95: see README "Status"
 
 bench: $(BIN)/care-q
-	@echo "make bench: the benchmark suite (issue 4) is not built yet; see README 'Status'" >&2; exit 1
+	$(BIN)/python -m care_q.bench.suite --suite eval/suite.yaml --shared $(SHARED) --out $(OUT)/bench \
+	    --benchmarks eval/BENCHMARKS.md   # long (not a test); resumable: rerun after an interruption
+
+bench-quick: $(BIN)/care-q
+	$(BIN)/python -m care_q.bench.suite --quick --shared $(SHARED) --out $(OUT)/bench-quick
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache

@@ -1,0 +1,195 @@
+"""The suite's tables: eval/BENCHMARKS.md (no figures) and out/bench/report.{md,json,html} (with).
+
+Built from `care_q.bench.suite.run_suite`'s result with the report blocks of `care_q.eval.report`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from care_q.eval import report as R
+
+
+def _status(v) -> str:
+    return "–" if v is None else ("PASS" if v else "**FAIL**")
+
+
+def _fmt_target_value(v) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def target_blocks(res: dict) -> list:
+    rows = [[t["what"], t["target"], _fmt_target_value(t["value"]), _status(t["ok"])] for t in res["targets"]]
+    return [R.H(2, "Targets (issue 3)"), R.T(["what", "target", "measured", "status"], rows, "lrrl")]
+
+
+def accuracy_blocks(res: dict) -> list:
+    acc = res.get("accuracy")
+    if not acc:
+        return []
+    ev = acc["eval"]
+    A = res["config"]["accuracy"]
+    ref = ev["reference"]
+    cal = acc["ptq"]["calibration"]
+    out = [R.H(2, f"Accuracy: {A['model']} proxy on {ev['dataset']['name']} ({ev['dataset']['images']} images, "
+                  f"{ev['img_size']}x{ev['img_size']})"),
+           R.L([f"checkpoint: `{Path(A['weights']).name}`; FP32 PyTorch top-1 {R.pct(ref['top1'])}, top-5 {R.pct(ref['top5'])}",
+                f"calibration: the same {cal['images']} images of `{cal['set']}` for care-q (recipe `{A['recipe']}`) and "
+                f"every baseline",
+                "every artifact runs in its runtime (onnxruntime CPU EP; TFLite with XNNPACK) on the same images; agreement: "
+                "same top-1 class as the FP32 PyTorch model"])]
+    headers = ["method", "file", "top-1", "top-5", "top-1 drop (pt)", "agreement", "logit SQNR (dB)", "size (MB)",
+               "float ops", "XNNPACK partitions", "status"]
+    rows = []
+    for r in res["rows"]:
+        if "file" not in r:
+            continue
+        c = r.get("census") or {}
+        parts = (c.get("xnnpack") or {}).get("partitions") if r["runtime"] == "tflite" else None
+        if "accuracy" in r:
+            m = r["accuracy"]
+            rows.append([r["label"], f"`{r['file']}`", R.pct(m["top1"]), R.pct(m["top5"]), R.pts(m["drop_top1_pt"]),
+                         R.pct(m["agreement"]), R.num(m.get("logit_sqnr_db"), ".1f"), R.mb(r.get("size_bytes")),
+                         c.get("float_ops"), parts, "ok"])
+        else:
+            rows.append([r["label"], f"`{r['file']}`", "", "", "", "", "", "", "", "",
+                         R.failure_text(r.get("failure") or {"message": "no result"})])
+    out.append(R.T(headers, rows, "llrrrrrrrrl"))
+    pq = acc["ptq"]["artifacts"]
+    ver = "; ".join(f"{t}: {R.pct(a['verification']['top1_agreement'], 1)} top-1 agreement, logit SQNR "
+                    f"{a['verification']['logit_sqnr_db']:.1f} dB" for t, a in pq.items())
+    out.append(R.P(f"care-q artifacts against their PyTorch fake-quant reference ({acc['ptq']['verification_images']} "
+                   f"held-out calibration-set images): {ver}."))
+    return out
+
+
+def latency_blocks(res: dict) -> list:
+    lat = res.get("latency") or {}
+    if not lat:
+        return []
+    L = res["config"]["latency"]
+    out = [R.H(2, f"Latency at {L['img_size']}x{L['img_size']}, batch 1, {res['config']['threads']} threads"),
+           R.P(f"Random weights (latency does not depend on their values), {L['num_calib']} calibration images of "
+               f"`{L['calib']}`. Each table is one interleaved measurement: {L['warmup']} warm-up runs, then "
+               f"{L['runs']} rounds in which every artifact runs once, the order rotated each round; median and p90 "
+               f"over the rounds. Ratio: median over the FP32 artifact of the same runtime in the same measurement. "
+               f"Peak: resident-memory high-water mark of a process that loads and runs only that artifact.")]
+    from care_q.bench.host import busy_warning
+
+    for model in lat:
+        rows = []
+        for r in res["rows"]:
+            e = r["latency"].get(model)
+            if e is None:
+                continue
+            s = e.get("stats") or {}
+            c = e.get("census") or {}
+            parts = (c.get("xnnpack") or {}).get("partitions") if r["runtime"] == "tflite" else c.get("integer_kernels")
+            mem = e.get("memory") or {}
+            status = R.failure_text(e["failure"]) if "failure" in e else "ok"
+            rows.append([r["label"], "TFLite XNNPACK" if r["runtime"] == "tflite" else "onnxruntime CPU",
+                         R.num(s.get("median_ms")), R.num(s.get("p90_ms")),
+                         "–" if s.get("ratio") is None else f"{s['ratio']:.2f}x", R.mb(e.get("size_bytes")),
+                         "–" if e.get("size_ratio") is None else f"{e['size_ratio']:.2f}x",
+                         R.num(mem.get("peak_mb"), ".0f"), c.get("float_ops"), parts, status])
+        warn = busy_warning(lat[model])
+        out += [R.H(3, model)] + ([R.P(f"**Warning: {warn}.**")] if warn else []) + [
+                R.T(["method", "runtime", "median (ms)", "p90 (ms)", "ratio", "size (MB)", "size ratio", "peak RSS (MB)",
+                     "float ops", "XNNPACK partitions / ORT int kernels", "status"], rows, "llrrrrrrrrl")]
+        slow = [(r["label"], s, v) for r in res["rows"] for s, v in
+                ((r["latency"].get(model) or {}).get("slow") or {}).items()]
+        if slow:
+            out.append(R.T(["method", "setting", "median (ms)", "p90 (ms)", "ratio"],
+                           [[lbl, s, R.num(v["median_ms"]), R.num(v["p90_ms"]),
+                             "–" if v.get("ratio") is None else f"{v['ratio']:.2f}x"] for lbl, s, v in slow], "llrrr"))
+    return out
+
+
+def tradeoff_points(res: dict) -> list[dict]:
+    lat_models = list(res.get("latency") or {})
+    model = "care_s0" if "care_s0" in lat_models else (lat_models[0] if lat_models else None)
+    pts = []
+    for r in res["rows"]:
+        if model is None:
+            continue
+        if r["group"] == "fp32":  # both FP32 artifacts sit at (1, 0) by definition: one point
+            if not any(p["group"] == "fp32" for p in pts):
+                pts.append({"label": "FP32", "ratio": 1.0, "drop": 0.0, "group": "fp32", "runtime": None})
+            continue
+        s = (r["latency"].get(model) or {}).get("stats") or {}
+        pts.append({"label": r["label"].split(" (")[0], "ratio": s.get("ratio"),
+                    "drop": (r.get("accuracy") or {}).get("drop_top1_pt"), "group": r["group"], "runtime": r["runtime"]})
+    return pts
+
+
+def failure_blocks(res: dict) -> list:
+    items = []
+    for r in res["rows"]:
+        if "failure" in r:
+            items.append(f"{r['label']} (proxy): {R.failure_text(r['failure'])}")
+        for model, e in r["latency"].items():
+            if "failure" in e:
+                items.append(f"{r['label']} ({model}): {R.failure_text(e['failure'])}")
+    if not items:
+        return []
+    return [R.H(2, "Failures (reported, not hidden)"), R.L(items)]
+
+
+def suite_blocks(res: dict, figures: bool = True) -> list:
+    from care_q.eval import plots
+
+    q = " (quick configuration: NOT the benchmark)" if res.get("quick") else ""
+    out = [R.H(1, f"care-q benchmarks{q}"),
+           R.P(f"Generated by `make bench` ({res['source']}) on {res['started']}; its steps took "
+               f"{sum((res.get('steps') or {}).values()):.0f} s"
+               + (f" ({len(res['cached_steps'])} reused from an earlier, interrupted or identical run)"
+                  if res.get("cached_steps") else "") + ". "
+               "Rerun `make bench` to reproduce: accuracy exactly, latency within noise. Do not edit by hand.")]
+    out += target_blocks(res) + accuracy_blocks(res)
+    if figures and res.get("accuracy") and res.get("latency"):
+        out.append(R.tradeoff_figure(tradeoff_points(res), "Top-1 drop on the proxy vs latency relative to FP32 in the "
+                                                           "same runtime (care_s0 at deployment resolution)"))
+    out += latency_blocks(res)
+    if figures and res.get("latency"):
+        for model, b in res["latency"].items():
+            out.append(R.F(f"latency_{model}", plots.latency_bars(b["latency"], f"{model}: latency"), f"{model}: latency"))
+    out += failure_blocks(res)
+    if res.get("accuracy") and res["accuracy"].get("analysis"):
+        a = R.analysis_blocks(res["accuracy"]["analysis"])
+        out += a if figures else [b for b in a if b[0] != "fig"]
+    out += R.machine_blocks(res.get("machine"))
+    steps = ", ".join(f"{k} {v:.0f} s" for k, v in res.get("steps", {}).items())
+    if steps:
+        out.append(R.P(f"Step times: {steps}."))
+    return out
+
+
+def render_benchmarks(res: dict, report_dir: Path | None = None) -> str:
+    """BENCHMARKS.md: the tables without figures (they are in the report next to the cache)."""
+    blocks = suite_blocks(res, figures=False)
+    if report_dir is not None:
+        blocks.insert(2, R.P(f"Plots (accuracy vs latency, per-tensor SQNR, attention histograms): "
+                             f"`{Path(report_dir).name}/report.html` in the output folder of the run."))
+    return R.to_markdown(blocks)
+
+
+def write_suite_report(res: dict, out: Path) -> dict[str, Path]:
+    blocks = suite_blocks(res, figures=True)
+    return R.render(blocks, out, blocks[0][2], res)
+
+
+def summary_lines(res: dict) -> list[str]:
+    lines = [f"care-q benchmarks ({'quick' if res.get('quick') else 'full'}), {res['seconds']:.0f} s this invocation"]
+    for t in res["targets"]:
+        lines.append(f"  {_status(t['ok']).strip('*'):4} {t['what']}: {_fmt_target_value(t['value'])} (target {t['target']})")
+    for r in res["rows"]:
+        a = r.get("accuracy")
+        acc = f"top-1 {R.pct(a['top1'])} ({R.pts(a['drop_top1_pt'])} pt, agreement {R.pct(a['agreement'], 1)})" if a else \
+            (R.failure_text(r["failure"]) if "failure" in r else "")
+        lat = ", ".join(f"{m} {e['stats']['ratio']:.2f}x" for m, e in r["latency"].items()
+                        if (e.get("stats") or {}).get("ratio") is not None)
+        lines.append(f"  {r['label']}: {acc}" + (f"; latency ratio {lat}" if lat else ""))
+    w = res.get("written") or {}
+    if w:
+        lines.append(f"  wrote {w.get('benchmarks')} and {w.get('html')}")
+    return lines

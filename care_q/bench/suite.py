@@ -1,0 +1,531 @@
+"""`make bench`: the benchmark suite defined in ``eval/suite.yaml``, written to ``eval/BENCHMARKS.md``.
+
+    python -m care_q.bench.suite [--suite eval/suite.yaml] [--quick] [--out out/bench]
+                                 [--benchmarks eval/BENCHMARKS.md] [--shared ../shared]
+
+Accuracy (``accuracy:``): the trained proxy checkpoint is exported to FP32 ONNX and TFLite,
+quantized by `care_q.ptq.ptq` and by every baseline (`care_q.eval.baselines`) on the same
+calibration images, then every artifact is evaluated against the FP32 PyTorch model on the same
+images (`care_q.eval.evaluate`, artifacts in child processes so a runtime abort is a result).
+Latency (``latency:``): each model at deployment resolution with random weights goes through
+the same export / ptq / baselines, then `care_q.bench.host.bench` times all artifacts together.
+
+Every step is cached under ``--out`` with the settings it ran with (``<step>.step.json``); a
+killed run resumes from the last finished step (evaluation even from the last finished
+artifact), and a changed setting reruns only the steps it affects. The final table goes to
+``BENCHMARKS.md`` (atomically) and, with plots, to ``--out``/report.{md,json,html}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+
+from care_q.errors import CareQError
+from care_q.paths import EVAL_DIR, REPO_ROOT
+from care_q.utils.io import atomic_write_json, atomic_write_text
+
+SUITE = EVAL_DIR / "suite.yaml"
+
+# ----------------------------------------------------------------------------- schema
+
+_INT, _FLOAT, _STR, _LIST, _OPT_INT, _OPT_STR = "int", "float", "str", "list[str]", "int|null", "str|null"
+SCHEMA = {
+    "name": _STR, "threads": _INT, "seed": _INT,
+    "accuracy": {"name": _STR, "model": _STR, "weights": _OPT_STR, "dataset": _STR, "limit": _OPT_INT,
+                 "calib": _STR, "num_calib": _INT, "recipe": _STR, "baselines": _LIST, "analysis_images": _INT},
+    "latency": {"models": _LIST, "img_size": _INT, "calib": _STR, "num_calib": _INT, "runs": _INT, "warmup": _INT,
+                "tflite_delegates": _LIST, "baselines": _LIST, "slow_delegates": _LIST, "slow_runs": _INT,
+                "slow_models": _LIST},
+    "targets": {"accuracy_drop_pt": _FLOAT, "tflite_latency_ratio": _FLOAT, "onnx_latency_ratio": _FLOAT,
+                "size_ratio": _FLOAT},
+}
+REQUIRED = ("accuracy", "latency")
+
+
+def _key_lines(node, prefix: str = "") -> dict[str, int]:
+    """Dotted key -> 1-based line, from a composed YAML node tree."""
+    out = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = f"{prefix}{k.value}"
+            out[key] = k.start_mark.line + 1
+            out.update(_key_lines(v, key + "."))
+    return out
+
+
+def _check(value, kind, where: str, src: str, line: int | None):
+    at = f"{src}:{line}" if line else src
+
+    def bad(what):
+        raise CareQError(f"{at}: '{where}' must be {what}, got {value!r}")
+
+    if kind == _INT and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        bad("a non-negative integer")
+    if kind == _OPT_INT and value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        bad("a positive integer or null")
+    if kind == _FLOAT and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+        bad("a number")
+    if kind == _STR and not isinstance(value, str):
+        bad("a string")
+    if kind == _OPT_STR and value is not None and not isinstance(value, str):
+        bad("a string or null")
+    if kind == _LIST and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+        bad("a list of strings")
+
+
+def _validate(data: dict, schema: dict, lines: dict, src: str, prefix: str = "", partial: bool = False) -> None:
+    if not isinstance(data, dict):
+        raise CareQError(f"{src}:{lines.get(prefix.rstrip('.'), '?')}: '{prefix.rstrip('.') or 'suite'}' must be a mapping")
+    for k, v in data.items():
+        where = prefix + str(k)
+        if k not in schema:
+            raise CareQError(f"{src}:{lines.get(where, '?')}: unknown key '{where}'; allowed: {sorted(schema)}")
+        if isinstance(schema[k], dict):
+            _validate(v, schema[k], lines, src, where + ".", partial)
+        else:
+            _check(v, schema[k], where, src, lines.get(where))
+    if not partial:
+        missing = [k for k in schema if k not in data and not (prefix == "" and k in ("targets",))]
+        if missing:
+            at = f"{src}:{lines[prefix.rstrip('.')]}" if prefix and prefix.rstrip(".") in lines else src
+            raise CareQError(f"{at}: missing key(s) {[prefix + m for m in missing]}")
+
+
+def _expand(value, shared: Path):
+    if isinstance(value, str):
+        return value.replace("${SHARED}", str(shared))
+    if isinstance(value, list):
+        return [_expand(v, shared) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v, shared) for k, v in value.items()}
+    return value
+
+
+def load_suite(path: str | Path = SUITE, quick: bool = False, shared: str | Path | None = None) -> dict:
+    """Read and check a suite file; with ``quick`` its ``quick:`` overrides are applied."""
+    from care_q.eval.baselines import BASELINES
+    from care_q.models import list_models
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except OSError as e:
+        raise CareQError(f"suite file {path} cannot be read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise CareQError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CareQError(f"{path}: expected a mapping")
+    lines = _key_lines(node)
+    quick_over = data.pop("quick", None) or {}
+    _validate(data, SCHEMA, lines, str(path))
+    _validate(quick_over, {k: SCHEMA[k] for k in ("accuracy", "latency")}, lines, str(path), "quick.", partial=True)
+    if quick:
+        for section, over in quick_over.items():
+            data[section] = {**data[section], **over}
+    for where, names in (("accuracy.baselines", data["accuracy"]["baselines"]),
+                         ("latency.baselines", data["latency"]["baselines"])):
+        bad = [n for n in names if n not in BASELINES]
+        if bad:
+            raise CareQError(f"{path}:{lines.get(where, '?')}: unknown baseline(s) {bad}; known: {list(BASELINES)}")
+    known = list_models(include_test=True)
+    for where, names in (("accuracy.model", [data["accuracy"]["model"]]), ("latency.models", data["latency"]["models"]),
+                         ("latency.slow_models", data["latency"]["slow_models"])):
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise CareQError(f"{path}:{lines.get(where, '?')}: unknown model(s) {bad}; known: {known}")
+    for where in ("latency.tflite_delegates", "latency.slow_delegates"):
+        sec, key = where.split(".")
+        bad = [d for d in data[sec][key] if d not in ("xnnpack", "builtin", "reference")]
+        if bad:
+            raise CareQError(f"{path}:{lines.get(where, '?')}: unknown TFLite delegate(s) {bad}")
+    shared = Path(shared or os.environ.get("SHARED") or REPO_ROOT.parent / "shared")
+    data = _expand(data, shared)
+    data["quick"] = bool(quick)
+    data["source"] = str(path)
+    return data
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+class Steps:
+    """Cached steps: ``run(key, config, fn, folder)`` returns the cached result when the step
+    finished before with the same config; otherwise wipes ``folder`` if it holds another
+    config's partial work, runs ``fn`` and records the result."""
+
+    def __init__(self, root: Path, log):
+        self.root = root
+        self.log = log
+        self.timings: dict[str, float] = {}   # step -> seconds it took when it ran
+        self.cached: list[str] = []           # steps reused from an earlier invocation
+
+    def run(self, key: str, config: dict, fn, folder: Path | None = None):
+        marker = self.root / f"{key}.step.json"
+        cfg = json.loads(json.dumps(config, default=str))
+        if marker.exists():
+            try:
+                saved = json.loads(marker.read_text())
+            except json.JSONDecodeError:
+                saved = {}
+            if saved.get("config") == cfg:
+                self.log(f"[dim]{key}: cached ({saved.get('seconds', '?')} s when run)[/]")
+                self.timings[key] = float(saved.get("seconds") or 0.0)
+                self.cached.append(key)
+                return saved["result"]
+        if folder is not None:
+            tag = folder / ".step-config.json"
+            if folder.exists() and (not tag.exists() or json.loads(tag.read_text() or "{}") != cfg):
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(cfg, tag)
+        self.log(f"{key}: running")
+        t0 = time.time()
+        result = fn()
+        seconds = round(time.time() - t0, 1)
+        self.timings[key] = seconds
+        atomic_write_json({"config": cfg, "result": result, "seconds": seconds}, marker)
+        self.log(f"{key}: done in {seconds} s")
+        return result
+
+
+def _stamp(path) -> dict | None:
+    """What identifies an input file for caching: path, size, mtime."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        raise CareQError(f"file not found: {p}")
+    st = p.stat()
+    return {"path": str(p.resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
+
+
+# ----------------------------------------------------------------------------- methods
+
+METHODS = [  # key, label, runtime, group
+    ("fp32_tflite", "FP32 TFLite (litert-torch)", "tflite", "fp32"),
+    ("fp32_onnx", "FP32 ONNX (torch.onnx)", "onnx", "fp32"),
+    ("careq_tflite", "care-q int8 TFLite", "tflite", "care-q"),
+    ("careq_onnx", "care-q int8 ONNX QDQ", "onnx", "care-q"),
+    ("ort_quantize_static", "ORT quantize_static (QDQ, per-channel, MinMax)", "onnx", "baseline"),
+    ("nncf", "NNCF quantize (transformer)", "onnx", "baseline"),
+    ("ai_edge_quantizer", "ai-edge-quantizer static int8", "tflite", "baseline"),
+]
+SETTING = {"tflite": "tflite/xnnpack", "onnx": "onnxruntime"}
+
+
+def artifact_file(method: str, model: str) -> str:
+    from care_q.eval.baselines import SUFFIX
+
+    return {"fp32_tflite": f"{model}_fp32.tflite", "fp32_onnx": f"{model}_fp32.onnx",
+            "careq_tflite": f"{model}_int8.tflite", "careq_onnx": f"{model}_int8_qdq.onnx"}.get(method) \
+        or f"{model}{SUFFIX[method]}"
+
+
+def _method_paths(model: str, fp32_dir: Path, ptq_dir: Path, baselines: dict) -> dict[str, dict]:
+    """method -> {"path" | "failure", "source", "file"} for one model's artifacts."""
+    out = {}
+    for key, *_ in METHODS:
+        name = artifact_file(key, model)
+        if key.startswith("fp32"):
+            out[key] = {"file": name, "path": str(fp32_dir / name), "source": "fp32"}
+        elif key.startswith("careq"):
+            out[key] = {"file": name, "path": str(ptq_dir / name), "source": "int8"}
+        elif key in baselines:
+            b = baselines[key]
+            out[key] = {"file": name, "source": "int8", "path": b.get("path")}
+            if not b.get("ok"):
+                out[key]["failure"] = b.get("failure")
+    return out
+
+
+# ----------------------------------------------------------------------------- the suite
+
+
+def _strip_ptq(rep: dict) -> dict:
+    """The parts of a ptq report the suite keeps (the per-tensor table stays in its report.json)."""
+    keep = ("model", "img_size", "io", "targets", "calibration", "verification_images", "artifacts",
+            "fp32_param_bytes", "logit_sqnr_db_fake_quant", "notes", "seconds")
+    return {k: rep.get(k) for k in keep}
+
+
+def run_accuracy(cfg: dict, A: dict, root: Path, steps: Steps, data_root, progress) -> dict:
+    import torch
+
+    from care_q.eval.analysis import prepare_plan, quant_analysis
+    from care_q.eval.baselines import calibration_images, run_baselines
+    from care_q.eval.evaluate import evaluate
+    from care_q.export.fp32 import export_fp32
+    from care_q.models import create_model, load_sidecar
+    from care_q.ptq import ptq
+
+    d = root / A["name"]
+    model, weights, seed, threads = A["model"], A["weights"], cfg["seed"], cfg["threads"]
+    wstamp = _stamp(weights)
+    img = load_sidecar(weights).input_size[-1]
+    base = {"model": model, "weights": wstamp, "img_size": img}
+
+    def fp32():
+        res = export_fp32(create_model(model, weights=weights), d / "fp32", model, img, num_samples=8, threads=threads)
+        if not res["ok"]:
+            raise CareQError(f"FP32 export of {model} disagrees with PyTorch: {res['problems']}")
+        return res
+
+    fp = steps.run(f"{A['name']}/fp32", base, fp32, d / "fp32")
+    calib_cfg = {**base, "calib": A["calib"], "num_calib": A["num_calib"], "seed": seed}
+
+    def do_ptq():
+        torch.manual_seed(seed)
+        return _strip_ptq(ptq(model, weights=weights, calib=A["calib"], data_root=data_root, num_calib=A["num_calib"],
+                              recipe=A["recipe"], out=d / "ptq", threads=threads, latency_runs=0, min_agreement=0.0,
+                              progress=progress, seed=seed))
+
+    pq = steps.run(f"{A['name']}/ptq", {**calib_cfg, "recipe": A["recipe"]}, do_ptq, d / "ptq")
+
+    def do_baselines():
+        x = calibration_images(model, weights=weights, calib=A["calib"], num_calib=A["num_calib"], data_root=data_root,
+                               seed=seed, progress=progress)
+        return run_baselines(fp["artifacts"]["onnx"]["path"], fp["artifacts"]["tflite"]["path"], x, d / "baselines",
+                             A["baselines"], prefix=model, threads=threads, cache=True, say=steps.log)
+
+    bl = steps.run(f"{A['name']}/baselines", {**calib_cfg, "baselines": A["baselines"]}, do_baselines, d / "baselines")
+    methods = _method_paths(model, d / "fp32", d / "ptq", bl)
+    arts = {m["file"]: {"path": m["path"], "source": m["source"]} for m in methods.values() if "failure" not in m}
+
+    from care_q.eval.evaluate import file_digest
+
+    eval_cfg = {**base, "dataset": A["dataset"], "limit": A["limit"], "seed": seed,
+                "artifacts": {n: file_digest(Path(a["path"])) for n, a in arts.items()}}
+
+    def do_eval():
+        return evaluate(model, weights=weights, artifacts=arts, dataset=A["dataset"], data_root=data_root, limit=A["limit"],
+                        out=d / "eval", threads=threads, seed=seed, isolate=True, cache=True, progress=progress)
+
+    ev = steps.run(f"{A['name']}/eval", eval_cfg, do_eval, d / "eval")
+
+    def do_analysis():
+        prep = prepare_plan(model, weights=weights, calib=A["calib"], recipe=A["recipe"], num_calib=A["num_calib"],
+                            data_root=data_root, seed=seed, progress=progress)
+        return quant_analysis(prep, num_images=A["analysis_images"], data_root=data_root, seed=seed + 1)
+
+    an = steps.run(f"{A['name']}/analysis", {**calib_cfg, "recipe": A["recipe"], "images": A["analysis_images"]},
+                   do_analysis)
+    return {"fp32": {k: {kk: v.get(kk) for kk in ("path", "size_bytes", "verify", "exporter")}
+                     for k, v in fp["artifacts"].items()},
+            "ptq": pq, "baselines": bl, "methods": methods, "eval": ev, "analysis": an}
+
+
+def run_latency(cfg: dict, Lc: dict, A: dict, root: Path, steps: Steps, data_root, progress) -> dict:
+    import torch
+
+    from care_q.bench.host import bench
+    from care_q.eval.baselines import calibration_images, run_baselines
+    from care_q.eval.evaluate import file_digest
+    from care_q.export.fp32 import export_fp32
+    from care_q.models import create_model, save_checkpoint
+    from care_q.ptq import ptq
+
+    out = {}
+    seed, threads, img = cfg["seed"], cfg["threads"], Lc["img_size"]
+    for model in Lc["models"]:
+        d = root / "latency" / model
+        wpath = d / "weights" / f"{model}_random.pth"
+
+        def weights(model=model, wpath=wpath):
+            torch.manual_seed(seed)
+            save_checkpoint(create_model(model), wpath)  # no sidecar: ImageNet preprocessing, size from img_size
+            return {"path": str(wpath)}
+
+        steps.run(f"latency/{model}/weights", {"model": model, "seed": seed}, weights, d / "weights")
+        base = {"model": model, "weights": _stamp(wpath), "img_size": img}
+
+        def fp32(model=model, wpath=wpath, d=d):
+            res = export_fp32(create_model(model, weights=wpath), d / "fp32", model, img, num_samples=2, threads=threads)
+            if not res["ok"]:
+                raise CareQError(f"FP32 export of {model} at {img} disagrees with PyTorch: {res['problems']}")
+            return {k: {"path": v["path"], "size_bytes": v["size_bytes"]} for k, v in res["artifacts"].items()}
+
+        fp = steps.run(f"latency/{model}/fp32", base, fp32, d / "fp32")
+        calib_cfg = {**base, "calib": Lc["calib"], "num_calib": Lc["num_calib"], "seed": seed}
+
+        def do_ptq(model=model, wpath=wpath, d=d):
+            return _strip_ptq(ptq(model, weights=wpath, calib=Lc["calib"], data_root=data_root, num_calib=Lc["num_calib"],
+                                  recipe=A["recipe"], img_size=img, out=d / "ptq", num_verify=16, threads=threads,
+                                  latency_runs=0, min_agreement=0.0, progress=progress, seed=seed))
+
+        steps.run(f"latency/{model}/ptq", {**calib_cfg, "recipe": A["recipe"]}, do_ptq, d / "ptq")
+
+        def do_baselines(model=model, wpath=wpath, d=d, fp=fp):
+            x = calibration_images(model, weights=wpath, calib=Lc["calib"], num_calib=Lc["num_calib"], img_size=img,
+                                   data_root=data_root, seed=seed, progress=progress)
+            return run_baselines(fp["onnx"]["path"], fp["tflite"]["path"], x, d / "baselines", Lc["baselines"],
+                                 prefix=model, threads=threads, cache=True, say=steps.log)
+
+        bl = steps.run(f"latency/{model}/baselines", {**calib_cfg, "baselines": Lc["baselines"]}, do_baselines,
+                       d / "baselines")
+        methods = _method_paths(model, d / "fp32", d / "ptq", bl)
+        arts = {m["file"]: {"path": m["path"], "source": m["source"]} for m in methods.values() if "failure" not in m}
+        delegates = list(Lc["tflite_delegates"]) + [x for x in Lc["slow_delegates"] if model in Lc["slow_models"]
+                                                    and x not in Lc["tflite_delegates"]]
+        bench_cfg = {"threads": threads, "runs": Lc["runs"], "warmup": Lc["warmup"], "delegates": delegates,
+                     "slow_runs": Lc["slow_runs"], "artifacts": {n: file_digest(Path(a["path"])) for n, a in arts.items()}}
+
+        def do_bench(arts=arts, delegates=delegates):
+            return bench(arts, threads=threads, runs=Lc["runs"], warmup=Lc["warmup"], tflite_delegates=tuple(delegates),
+                         slow_runs=Lc["slow_runs"], memory=True, progress=progress, report=False)
+
+        out[model] = {"methods": methods, "baselines": bl,
+                      "bench": steps.run(f"latency/{model}/bench", bench_cfg, do_bench)}
+    return out
+
+
+def _rows(acc: dict | None, lat: dict) -> list[dict]:
+    """One row per method: accuracy on the proxy, latency/size per latency model."""
+    rows = []
+    ev = acc["eval"] if acc else None
+    for key, label, runtime, group in METHODS:
+        row = {"method": key, "label": label, "runtime": runtime, "group": group, "latency": {}}
+        if acc and key in acc["methods"]:
+            m = acc["methods"][key]
+            row["file"] = m["file"]
+            a = ev["artifacts"].get(m["file"]) if ev else None
+            if "failure" in m:
+                row["failure"] = m["failure"]
+            elif a is not None and "failure" in a:
+                row["failure"] = {**a["failure"], "stage": "evaluation on the proxy"}
+            elif a is not None:
+                row["accuracy"] = a["metrics"]
+                row["size_bytes"] = a.get("size_bytes")
+                row["census"] = a.get("census")
+        for model, res in lat.items():
+            meth = res["methods"].get(key)
+            if meth is None:
+                continue
+            b = res["bench"]
+            entry = {"file": meth["file"]}
+            if "failure" in meth:
+                entry["failure"] = meth["failure"]
+            else:
+                art = b["artifacts"].get(meth["file"], {})
+                if "failure" in art:
+                    entry["failure"] = art["failure"]
+                stats = b["latency"].get(SETTING[runtime], {}).get(meth["file"])
+                entry.update({"stats": stats, "size_bytes": art.get("size_bytes"), "size_ratio": art.get("size_ratio"),
+                              "memory": art.get("memory"), "census": art.get("census"),
+                              "slow": {s: v[meth["file"]] for s, v in b["latency"].items()
+                                       if s not in SETTING.values() and meth["file"] in v}})
+            row["latency"][model] = entry
+        rows.append(row)
+    return rows
+
+
+def _targets(rows: list[dict], T: dict, acc_model: str | None, lat_models: list[str]) -> list[dict]:
+    by = {r["method"]: r for r in rows}
+    model = "care_s0" if "care_s0" in lat_models else (lat_models[0] if lat_models else None)
+    checks = []
+
+    def add(what, target, value, ok):
+        checks.append({"what": what, "target": target, "value": value, "ok": ok})
+
+    for key in ("careq_tflite", "careq_onnx"):
+        r = by.get(key, {})
+        v = (r.get("accuracy") or {}).get("drop_top1_pt")
+        add(f"{r.get('label', key)}: top-1 drop on {acc_model} proxy (pt)", f"<= {T['accuracy_drop_pt']}", v,
+            None if v is None else v <= T["accuracy_drop_pt"])
+    if model:
+        for key, tkey in (("careq_tflite", "tflite_latency_ratio"), ("careq_onnx", "onnx_latency_ratio")):
+            e = by.get(key, {}).get("latency", {}).get(model, {})
+            v = (e.get("stats") or {}).get("ratio")
+            add(f"{by[key]['label']}: latency / FP32, {model} (batch 1)", f"<= {T[tkey]}", v,
+                None if v is None else v <= T[tkey])
+        for key in ("careq_tflite", "careq_onnx"):
+            v = by.get(key, {}).get("latency", {}).get(model, {}).get("size_ratio")
+            add(f"{by[key]['label']}: size / FP32 artifact, {model}", f"<= {T['size_ratio']}", v,
+                None if v is None else v <= T["size_ratio"])
+    return checks
+
+
+DEFAULT_TARGETS = {"accuracy_drop_pt": 0.5, "tflite_latency_ratio": 0.45, "onnx_latency_ratio": 0.55, "size_ratio": 0.28}
+
+
+def run_suite(suite: str | Path = SUITE, *, quick: bool = False, out: str | Path | None = None,
+              benchmarks: str | Path | None = None, shared=None, data_root=None, progress: bool | None = None,
+              sections=("accuracy", "latency"), log=None) -> dict:
+    """Run the suite (see the module docstring); returns the combined result."""
+    import torch
+
+    from care_q.bench.machine import machine_info
+
+    cfg = load_suite(suite, quick=quick, shared=shared)
+    root = Path(out or REPO_ROOT / "out" / ("bench-quick" if quick else "bench"))
+    root.mkdir(parents=True, exist_ok=True)
+    if log is None:
+        from rich.console import Console
+
+        con = Console(stderr=True, log_path=False)
+
+        def log(msg):
+            con.log(msg)
+
+    torch.set_num_threads(cfg["threads"])
+    steps = Steps(root, log)
+    t0 = time.time()
+    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    A, Lc = cfg["accuracy"], cfg["latency"]
+    acc = run_accuracy(cfg, A, root, steps, data_root, progress) if "accuracy" in sections else None
+    lat = run_latency(cfg, Lc, A, root, steps, data_root, progress) if "latency" in sections else {}
+    rows = _rows(acc, lat)
+    res = {"command": "suite", "suite": cfg["name"], "source": cfg["source"], "quick": quick, "config": cfg,
+           "started": started, "rows": rows,
+           "targets": _targets(rows, cfg.get("targets") or DEFAULT_TARGETS, A["model"] if acc else None, list(lat)),
+           "accuracy": acc, "latency": {m: v["bench"] for m, v in lat.items()},
+           "steps": steps.timings, "cached_steps": steps.cached, "machine": machine_info(), "seconds": round(time.time() - t0, 1)}
+    from care_q.bench.benchmarks import render_benchmarks, write_suite_report
+
+    paths = write_suite_report(res, root)
+    bpath = Path(benchmarks) if benchmarks else (root / "BENCHMARKS.md" if quick else EVAL_DIR / "BENCHMARKS.md")
+    atomic_write_text(render_benchmarks(res, report_dir=root), bpath)
+    res["written"] = {**{k: str(v) for k, v in paths.items()}, "benchmarks": str(bpath)}
+    log(f"wrote {bpath} and {paths['html']} ({res['seconds']} s)")
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m care_q.bench.suite", description=__doc__.splitlines()[0])
+    p.add_argument("--suite", default=str(SUITE), help="suite definition (default eval/suite.yaml)")
+    p.add_argument("--quick", action="store_true", help="the suite's quick: overrides (minutes; validates the pipeline)")
+    p.add_argument("--out", help="cache and report folder (default out/bench, out/bench-quick with --quick)")
+    p.add_argument("--benchmarks", help="where to write the table (default eval/BENCHMARKS.md; "
+                                        "with --quick OUT/BENCHMARKS.md)")
+    p.add_argument("--shared", help="the shared folder for ${SHARED} (default $SHARED, else ../shared)")
+    p.add_argument("--data-root", help="data root (default $CARE_Q_DATA)")
+    p.add_argument("--only", choices=["accuracy", "latency"], help="run one section")
+    args = p.parse_args(argv)
+    try:
+        res = run_suite(args.suite, quick=args.quick, out=args.out, benchmarks=args.benchmarks, shared=args.shared,
+                        data_root=args.data_root, sections=(args.only,) if args.only else ("accuracy", "latency"))
+    except CareQError as e:
+        print(f"make bench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("make bench: interrupted; run it again to resume from the last finished step", file=sys.stderr)
+        return 130
+    from care_q.bench.benchmarks import summary_lines
+
+    print("\n".join(summary_lines(res)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,58 @@
+"""care-q bench: latency (median, p90), size and peak memory of artifacts in their runtimes, with
+the ratio to the FP32 artifact of the same runtime. Interleaved rounds, after warm-up."""
+
+from __future__ import annotations
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="latency / size / memory of artifacts on this machine", description=__doc__)
+    p.add_argument("--artifacts", required=True, help="folder of .tflite / .onnx files (or one file)")
+    p.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
+    p.add_argument("--runs", type=int, default=50, help="timed rounds (default 50)")
+    p.add_argument("--warmup", type=int, default=10, help="warm-up runs per artifact (default 10)")
+    p.add_argument("--tflite-delegates", default="xnnpack,builtin",
+                   help="comma list of xnnpack, builtin (TFLite's CPU kernels), reference (slow)")
+    p.add_argument("--slow-runs", type=int, help="rounds for builtin/reference kernels (default: --runs)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probe (and its crash check)")
+    p.add_argument("--accuracy-from", metavar="EVAL_DIR",
+                   help="a care-q eval output folder (or its report.json): adds the accuracy-drop vs latency plot")
+    p.add_argument("--out", required=True, help="output folder for report.md / .json / .html")
+    # On-device benchmarking (--device adb:SERIAL ...) belongs to care_q.device.adb.run_device_bench:
+    # register its options here; run() stores its return value under r["device"] before the report
+    # is written (care_q.eval.report.device_blocks renders it).
+    return p
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from care_q.bench.host import bench
+    from care_q.eval.report import failure_text
+
+    r = bench(args.artifacts, threads=args.threads, runs=args.runs, warmup=args.warmup,
+              tflite_delegates=tuple(d.strip() for d in args.tflite_delegates.split(",") if d.strip()),
+              slow_runs=args.slow_runs, memory=not args.no_memory, out=None)
+    # r["device"] = run_device_bench(...)   <- the --device options' place (see add_parser)
+    from care_q.eval.report import load_peer_report, tradeoff_points, write_report
+
+    if args.accuracy_from:
+        r["tradeoff"] = tradeoff_points(load_peer_report(args.accuracy_from, "eval"), r)
+    write_report(r, args.out)
+    c = Console()
+    if not c.is_terminal:
+        c = Console(width=140)
+    for setting, group in r["latency"].items():
+        t = Table(title=f"{setting}: batch 1, {r['threads']} threads")
+        for col in ("artifact", "median ms", "p90 ms", "ratio to FP32", "size MB", "peak MB"):
+            t.add_column(col, justify="left" if col == "artifact" else "right")
+        for n, s in group.items():
+            a = r["artifacts"][n]
+            t.add_row(n, f"{s['median_ms']:.2f}", f"{s['p90_ms']:.2f}", "" if s["ratio"] is None else f"{s['ratio']:.2f}x",
+                      f"{a['size_bytes'] / 1e6:.2f}", f"{(a.get('memory') or {}).get('peak_mb', '')}")
+        c.print(t)
+    failed = {n: a["failure"] for n, a in r["artifacts"].items() if "failure" in a}
+    for n, f in failed.items():
+        c.print(f"[red]{n}: {failure_text(f)}[/]")
+    c.print(f"report: {args.out}/report.md, report.html ({r['seconds']} s)")
+    return 1 if failed else 0

@@ -1,0 +1,208 @@
+"""Latency harness (interleaving order, statistics), the bench runner on small artifacts, the
+memory probe's crash check, and the suite definition / step cache of `make bench`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from care_q.bench.latency import measure, measure_rotated, rotations, summarize
+from care_q.errors import CareQError
+
+SIZE = 32
+
+
+class FakeRunner:
+    """Records every prepare/invoke in a shared log."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+        self.prepared = None
+
+    def prepare(self, x):
+        self.prepared = x
+        self.log.append(("prepare", self.name))
+
+    def invoke(self):
+        self.log.append(("invoke", self.name))
+
+
+def test_measure_interleaves_after_warmup():
+    log = []
+    runners = {"a": FakeRunner("a", log), "b": FakeRunner("b", log)}
+    res = measure(runners, np.zeros((1, 3, 4, 4), np.float32), runs=3, warmup=2)
+    assert log[:6] == [("prepare", "a"), ("invoke", "a"), ("invoke", "a"),
+                       ("prepare", "b"), ("invoke", "b"), ("invoke", "b")]
+    assert [n for _, n in log[6:]] == ["a", "b", "a", "b", "a", "b"]
+    assert res["a"]["runs"] == 3 and res["b"]["runs"] == 3
+
+
+def test_rotated_order_and_statistics():
+    assert rotations(["a", "b", "c"], 4) == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    log = []
+    runners = {k: FakeRunner(k, log) for k in "abc"}
+    # a fake clock: each invoke of X takes (1 + round index) ms for a, 10 ms for b, 2 ms for c
+    durations = {"a": iter(range(1, 11)), "b": iter([10] * 10), "c": iter([2] * 10)}
+    state = {"t": 0.0, "pending": None}
+
+    def clock():
+        if state["pending"] is None:  # start of a timed invoke: the runner about to run is the next in log
+            state["pending"] = True
+            return state["t"]
+        name = log[-1][1]
+        state["t"] += next(durations[name]) / 1e3
+        state["pending"] = None
+        return state["t"]
+
+    rounds = []
+    res = measure_rotated(runners, np.zeros((1, 3, 4, 4), np.float32), runs=10, warmup=1,
+                          advance=lambda n: rounds.append(n), clock=clock)
+    timed = [n for kind, n in log if kind == "invoke"][3:]  # after 1 warm-up each
+    assert timed[:6] == ["a", "b", "c", "b", "c", "a"]
+    assert len(rounds) == 10
+    assert res["a"]["median_ms"] == pytest.approx(5.5)           # median of 1..10
+    assert res["a"]["p90_ms"] == pytest.approx(9.1)              # numpy's linear interpolation
+    assert res["a"]["min_ms"] == pytest.approx(1.0) and res["a"]["mean_ms"] == pytest.approx(5.5)
+    assert res["b"]["median_ms"] == pytest.approx(10.0) and res["c"]["p90_ms"] == pytest.approx(2.0)
+    assert summarize([3.0, 1.0, 2.0]) == {"median_ms": 2.0, "p90_ms": pytest.approx(2.8), "runs": 3}
+    with pytest.raises(ValueError):
+        measure_rotated(runners, np.zeros((1, 3, 4, 4), np.float32), runs=0)
+
+
+# ----------------------------------------------------------------------------- bench on artifacts
+
+
+@pytest.fixture(scope="module")
+def arts(tmp_path_factory):
+    torch.set_num_threads(1)
+    from care_q import create_model
+    from care_q.export.onnx_qdq import emit_onnx_qdq, save_onnx
+    from care_q.export.tflite_int8 import emit_tflite_int8
+    from care_q.graph.trace import trace
+    from care_q.quant.calibrate import calibrate
+    from care_q.quant.plan import build_plan
+    from care_q.quant.recipe import load_recipe
+    from care_q.transforms import deploy
+
+    root = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    d = deploy(create_model("care_test", num_classes=10))
+    plan = build_plan(trace(d, torch.zeros(1, 3, SIZE, SIZE)), load_recipe("ptq_int8"))
+    calibrate(plan, d, [torch.randn(8, 3, SIZE, SIZE)], progress=False)
+    (root / "m_int8.tflite").write_bytes(emit_tflite_int8(plan))
+    save_onnx(emit_onnx_qdq(plan), root / "m_int8_qdq.onnx")
+    return root
+
+
+def test_bench_runner_and_report(arts, tmp_path):
+    """The same int8 file declared once as the FP32 reference: pairing, ratios and sizes are exact."""
+    from care_q.bench.host import bench
+
+    x = tmp_path / "x"
+    x.mkdir()
+    shutil.copy(arts / "m_int8.tflite", x / "m_fp32.tflite")   # stands in for the FP32 artifact
+    shutil.copy(arts / "m_int8.tflite", x / "m_int8.tflite")
+    shutil.copy(arts / "m_int8_qdq.onnx", x / "m_int8_qdq.onnx")
+    res = bench(x, threads=1, runs=5, warmup=1, tflite_delegates=("xnnpack", "builtin", "reference"), slow_runs=3,
+                progress=False, out=tmp_path / "out")
+    a = res["artifacts"]
+    assert a["m_fp32.tflite"]["source"] == "fp32" and a["m_int8.tflite"]["source"] == "int8"
+    assert a["m_int8.tflite"]["fp32"] == "m_fp32.tflite" and a["m_int8.tflite"]["size_ratio"] == 1.0
+    assert a["m_int8_qdq.onnx"]["fp32"] is None and a["m_int8_qdq.onnx"]["size_ratio"] is None  # no FP32 ONNX
+    assert set(res["latency"]) == {"onnxruntime", "tflite/xnnpack", "tflite/builtin", "tflite/reference"}
+    # TFLite's reference kernels have no ELU: recorded per artifact, not timed, the rest goes on
+    assert res["latency"]["tflite/reference"] == {}
+    ref_fail = res["latency_failures"]["tflite/reference"]
+    assert set(ref_fail) == {"m_fp32.tflite", "m_int8.tflite"} and "ELU" in ref_fail["m_int8.tflite"]["message"]
+    assert "failure" not in a["m_int8.tflite"]                      # XNNPACK (the default) is fine
+    for setting, n in (("tflite/xnnpack", 5), ("tflite/builtin", 3)):
+        g = res["latency"][setting]
+        assert set(g) == {"m_fp32.tflite", "m_int8.tflite"}
+        assert g["m_int8.tflite"]["runs"] == n
+        assert g["m_int8.tflite"]["ratio"] == pytest.approx(g["m_int8.tflite"]["median_ms"] / g["m_fp32.tflite"]["median_ms"])
+        assert g["m_fp32.tflite"]["ratio"] == 1.0
+        assert 0 < g["m_int8.tflite"]["median_ms"] <= g["m_int8.tflite"]["p90_ms"]
+    assert res["latency"]["onnxruntime"]["m_int8_qdq.onnx"]["ratio"] is None
+    for e in a.values():
+        assert e["memory"]["peak_mb"] >= e["memory"]["baseline_mb"] > 0
+    assert a["m_int8.tflite"]["census"]["xnnpack"]["partitions"] >= 1
+    assert a["m_int8_qdq.onnx"]["census"]["integer_kernels"] > 0
+    assert res["machine"]["cores"] >= 1 and res["machine"]["versions"]["onnxruntime"]
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["latency"]["tflite/xnnpack"]["m_int8.tflite"]["runs"] == 5
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 1 and "tflite/builtin" in html and "Not timed" in html
+    with pytest.raises(CareQError, match="unknown TFLite delegate"):
+        bench(x, tflite_delegates=("gpu",))
+
+
+def test_memory_probe_reports_crash(tmp_path, arts, monkeypatch):
+    from care_q.bench import memory
+
+    ok = memory.probe(arts / "m_int8_qdq.onnx", threads=1)
+    assert ok["ok"] and ok["delta_mb"] > 0
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nkill -ABRT $$\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(memory.sys, "executable", str(fake))
+    res = memory.probe(arts / "m_int8.tflite")
+    assert not res["ok"] and res["failure"]["signal"] == "SIGABRT"
+
+
+# ----------------------------------------------------------------------------- make bench
+
+
+def test_suite_definition(tmp_path):
+    from care_q.bench.suite import SUITE, load_suite
+
+    s = load_suite(SUITE, shared=tmp_path)
+    assert s["accuracy"]["weights"] == str(tmp_path / "models" / "care_s0_cifar10_64.pth")
+    assert s["accuracy"]["limit"] is None and s["latency"]["models"] == ["care_s0", "care_s1", "care_s2"]
+    q = load_suite(SUITE, quick=True, shared=tmp_path)
+    assert q["accuracy"]["limit"] == 500 and q["latency"]["models"] == ["care_s0"]
+    assert q["accuracy"]["num_calib"] < s["accuracy"]["num_calib"] and q["latency"]["img_size"] == 224
+    text = SUITE.read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("  num_calib: 1000", "  num_calib: 1000\n  num_calbi: 3"))
+    line = bad.read_text().splitlines().index("  num_calbi: 3") + 1
+    with pytest.raises(CareQError, match=rf"bad.yaml:{line}: unknown key 'accuracy.num_calbi'"):
+        load_suite(bad)
+    bad.write_text(text.replace("runs: 50", "runs: fifty"))
+    with pytest.raises(CareQError, match=r"'latency.runs' must be a non-negative integer"):
+        load_suite(bad)
+    bad.write_text(text.replace("[ort_quantize_static, nncf, ai_edge_quantizer]\n  analysis",
+                                "[ort_quantize_static, tensorrt]\n  analysis"))
+    with pytest.raises(CareQError, match=r"unknown baseline\(s\) \['tensorrt'\]"):
+        load_suite(bad)
+
+
+def test_steps_cache_and_resume(tmp_path):
+    from care_q.bench.suite import Steps
+
+    calls = []
+    steps = Steps(tmp_path, log=lambda m: None)
+
+    def work(tag):
+        def fn():
+            calls.append(tag)
+            (tmp_path / "f").mkdir(exist_ok=True)
+            (tmp_path / "f" / f"{tag}.txt").write_text(tag)
+            return {"tag": tag}
+        return fn
+
+    assert steps.run("s", {"n": 1}, work("a"), tmp_path / "f") == {"tag": "a"}
+    assert steps.run("s", {"n": 1}, work("b"), tmp_path / "f") == {"tag": "a"}   # cached
+    assert calls == ["a"]
+    assert steps.run("s", {"n": 2}, work("c"), tmp_path / "f") == {"tag": "c"}   # changed config: rerun
+    assert calls == ["a", "c"]
+    assert not (tmp_path / "f" / "a.txt").exists()                               # the old partial work is gone
+    # a killed step (no marker) with the same config keeps its folder's partial work
+    (tmp_path / "s.step.json").unlink()
+    (tmp_path / "f" / "partial.txt").write_text("x")
+    steps.run("s", {"n": 2}, work("d"), tmp_path / "f")
+    assert (tmp_path / "f" / "partial.txt").exists()
