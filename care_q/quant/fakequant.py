@@ -184,7 +184,10 @@ class QuantOps(Ops):
         # Exported as a 1x1 depthwise conv with weight 1 (int8 127 at scale 1/127) and the
         # constant as its int32 bias: the same kernel as every conv, so runtimes match this
         # reference bit for bit (an int8 ADD of a constant rounds differently in XNNPACK).
-        w, b = unit_weight_and_bias(float(value), self.plan.qp(self.plan.graph_inputs[name][0]).scale[0])
+        in_qp = self.plan.qp(in_name)
+        if in_qp is None:  # float input (mixed precision): a float add, then this tensor's grid
+            return self._out(name, x + value)
+        w, b = unit_weight_and_bias(float(value), in_qp.scale[0])
         return self._out(name, x * w + b)
 
     def mul_const(self, name, x, value):
