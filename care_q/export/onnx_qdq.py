@@ -448,11 +448,8 @@ class _Emitter:
 
     def op_linear(self, n):
         fc, o = n.module, n.outputs[0]
-        # weight-only int8 (per output channel), dequantized into a float Gemm: the classifier
-        # is 1024 x classes weights, the largest single tensor of an ImageNet CARE
-        s_w = weight_scales(fc.weight, True, 127).detach().float().numpy()
-        qw = np.clip(np.round(fc.weight.detach().double().numpy() / s_w.astype(np.float64)[:, None]), -127, 127)
-        w = self.weight_dq(f"{n.name}.weight", qw, s_w, per_channel=True)
+        # float classifier, as in the reference (see QuantOps.linear)
+        w = self.init(f"{n.name}.weight", fc.weight.detach().numpy().astype(np.float32))
         inputs = [self.val[n.inputs[0]], w]
         if fc.bias is not None:
             inputs.append(self.init(f"{n.name}.bias", fc.bias.detach().numpy().astype(np.float32)))

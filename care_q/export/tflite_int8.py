@@ -321,14 +321,9 @@ class _Emitter:
         b.op(OP.MUL, [d, r], [self.out(o)], fb.BuiltinOptions.MulOptions, options(fb.MulOptionsT))
 
     def op_linear(self, n):
-        # weight-only int8 (per output channel) + DEQUANTIZE into a float FULLY_CONNECTED: the
-        # classifier (1024 x classes) is the largest single tensor of an ImageNet CARE
+        # float classifier, as in the reference (see QuantOps.linear)
         fc, b = n.module, self.b
-        s_w = weight_scales(fc.weight, True, 127).double().numpy()
-        qw = np.clip(np.round(fc.weight.detach().double().numpy() / s_w[:, None]), -127, 127).astype(np.int8)
-        wq = b.const(f"{n.name}.weight_int8", qw, s_w, np.zeros(len(s_w), np.int64), axis=0)
-        w = b.tensor(f"{n.name}.weight", qw.shape, np.float32)
-        b.op(OP.DEQUANTIZE, [wq], [w], version=2)
+        w = b.const(f"{n.name}.weight", fc.weight.detach().numpy().astype(np.float32))
         bias = b.const(f"{n.name}.bias", fc.bias.detach().numpy().astype(np.float32))
         b.op(OP.FULLY_CONNECTED, [self.idx[n.inputs[0]], w, bias], [self.out(n.outputs[0])],
              fb.BuiltinOptions.FullyConnectedOptions, options(fb.FullyConnectedOptionsT))
