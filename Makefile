@@ -24,7 +24,7 @@ lint: $(BIN)/care-q
 
 demo: $(BIN)/care-q
 	$(BIN)/care-q ptq --model care_s0 --weights $(SHARED)/models/care_s0_cifar10_64.pth \
-	    --calib cifar10_train --num-calib 256 --fallback-synthetic --out $(OUT)/demo
+	    --calib cifar10_train --num-calib 1000 --latency-runs 0 --fallback-synthetic --out $(OUT)/demo
 
 bench: $(BIN)/care-q
 	$(BIN)/python -m care_q.bench.suite --suite eval/suite.yaml --shared $(SHARED) --out $(OUT)/bench \
