@@ -332,7 +332,7 @@ def run_latency(cfg: dict, Lc: dict, A: dict, root: Path, steps: Steps, data_roo
     from care_q.eval.baselines import calibration_images, run_baselines
     from care_q.eval.evaluate import file_digest
     from care_q.export.fp32 import export_fp32
-    from care_q.models import create_model, save_checkpoint
+    from care_q.models import create_model, randomize_like_trained, save_checkpoint
     from care_q.ptq import ptq
 
     out = {}
@@ -343,10 +343,12 @@ def run_latency(cfg: dict, Lc: dict, A: dict, root: Path, steps: Steps, data_roo
 
         def weights(model=model, wpath=wpath):
             torch.manual_seed(seed)
-            save_checkpoint(create_model(model), wpath)  # no sidecar: ImageNet preprocessing, size from img_size
+            # trained-like layer scales/BN/LN (the official init's 1e-6 layer scales push XNNPACK's int8
+            # ADDs out of range); no sidecar: ImageNet preprocessing, size from img_size
+            save_checkpoint(randomize_like_trained(create_model(model), seed), wpath)
             return {"path": str(wpath)}
 
-        steps.run(f"latency/{model}/weights", {"model": model, "seed": seed}, weights, d / "weights")
+        steps.run(f"latency/{model}/weights", {"model": model, "seed": seed, "init": "like_trained"}, weights, d / "weights")
         base = {"model": model, "weights": _stamp(wpath), "img_size": img}
 
         def fp32(model=model, wpath=wpath, d=d):

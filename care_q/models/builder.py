@@ -209,3 +209,33 @@ def save_checkpoint(model: CARE, path: str | Path, preprocess: PreprocessConfig 
     atomic_torch_save({"model": model.state_dict()}, path)
     if preprocess is not None:
         atomic_write_json(preprocess.to_json(), sidecar_path(path))
+
+
+@torch.no_grad()
+def randomize_like_trained(model: CARE, seed: int = 0) -> CARE:
+    """Random weights with trained-like statistics, for latency work where no trained weights exist.
+
+    The official init leaves every layer scale at 1e-6 and every BatchNorm at identity: an int8 graph
+    of such a model has residual ADDs whose two inputs differ in scale by ~1e6, beyond XNNPACK's
+    ADD scale-ratio limits, so those ADDs fall to TFLite's own kernels and the timing is not that of a
+    real model. Like the shared fixture, this draws the layer scales (|gamma| ~ 0.02..0.35, the range
+    of the trained proxy), BatchNorm statistics and affines, and LayerNorm affines at random.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def u(t, lo, hi):
+        return torch.rand(t.shape, generator=g) * (hi - lo) + lo
+
+    for name, p in model.named_parameters():
+        if name.endswith("gamma"):
+            p.copy_(u(p, 0.02, 0.35))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.copy_(u(m.weight, 0.5, 1.5))
+            m.bias.copy_(u(m.bias, -0.2, 0.2))
+            m.running_mean.copy_(u(m.running_mean, -0.2, 0.2))
+            m.running_var.copy_(u(m.running_var, 0.5, 2.0))
+        elif isinstance(m, torch.nn.LayerNorm) and m.elementwise_affine:
+            m.weight.copy_(u(m.weight, 0.5, 1.5))
+            m.bias.copy_(u(m.bias, -0.1, 0.1))
+    return model

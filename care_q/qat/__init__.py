@@ -1,0 +1,15 @@
+"""Quantization-aware training (QAT): fine-tuning with fake quantization in the loop.
+
+- `care_q.qat.qat(...)`: the pipeline behind `care-q qat` (see `care_q.qat.pipeline`);
+  `load_qat(OUT/last.pt)` rebuilds a run's fake-quant model;
+- `QATOps` / `QATNet`: the trained fake-quant model, int4 weights and learnable (LSQ) scales
+  (see `care_q.qat.ops`);
+- `Dist`: torchrun / DDP plumbing (see `care_q.qat.distributed`).
+"""
+
+from care_q.qat.distributed import Dist
+from care_q.qat.ops import QATNet, QATOps, bake_int4_weights, weight_bits_of
+from care_q.qat.pipeline import QATRun, build_student, distill_loss, load_qat, qat
+
+__all__ = ["Dist", "QATNet", "QATOps", "QATRun", "bake_int4_weights", "build_student", "distill_loss", "load_qat", "qat",
+           "weight_bits_of"]
