@@ -6,7 +6,6 @@ from care_q.models import create_model, list_models
 __version__ = "0.1.0"
 
 
-
 def check(path, targets=("xnnpack", "nnapi", "edgetpu"), runtime: bool = True):
     """Compatibility census of a .tflite/.onnx artifact (see `care_q.census.check`)."""
     from care_q.census import check as _check
@@ -28,7 +27,11 @@ def __getattr__(name: str):
         import care_q.ptq as module
 
         return module
+    if name == "qat":  # likewise: `care_q.qat(...)` runs care_q.qat.qat
+        import care_q.qat as module
+
+        return module
     raise AttributeError(f"module 'care_q' has no attribute '{name}'")
 
 
-__all__ = ["CareQError", "check", "create_model", "deploy", "list_models", "ptq", "__version__"]
+__all__ = ["CareQError", "check", "create_model", "deploy", "list_models", "ptq", "qat", "__version__"]

@@ -181,6 +181,28 @@ def test_suite_definition(tmp_path):
         load_suite(bad)
 
 
+def test_suite_qat_section(tmp_path):
+    from care_q.bench.suite import SUITE, _qat_targets, load_suite
+
+    s = load_suite(SUITE, shared=tmp_path)
+    assert s["qat"]["recipes"] == ["qat_int8", "qat_w4a8_mlp"] and s["qat"]["limit"] is None
+    assert load_suite(SUITE, quick=True, shared=tmp_path)["qat"]["limit"] == 640
+    text = SUITE.read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("recipes: [qat_int8, qat_w4a8_mlp]", "recipes: [qat_int8, ptq_int8]"))
+    line = bad.read_text().splitlines().index("  recipes: [qat_int8, ptq_int8]") + 1
+    with pytest.raises(CareQError, match=rf"bad.yaml:{line}: recipe 'ptq_int8' is a ptq recipe"):
+        load_suite(bad)
+    bad.write_text(text.replace("  recipes: [qat_int8, qat_w4a8_mlp]\n", ""))
+    with pytest.raises(CareQError, match=r"missing key\(s\) \['qat.recipes'\]"):
+        load_suite(bad)
+    # targets: qat_int8 within 0.1 pt; the aggressive recipe recovers half of its PTQ drop
+    qt = {"qat_int8": {"accuracy": {"fp32_top1": 75.5, "ptq_top1": 75.0, "qat_top1": 75.45}},
+          "qat_w4a8_mlp": {"accuracy": {"fp32_top1": 75.5, "ptq_top1": 71.5, "qat_top1": 73.0}}}
+    t = _qat_targets(qt, {"epochs": 1, "target_drop_pt": 0.1})
+    assert [round(c["value"], 4) for c in t] == [0.05, 0.375] and [c["ok"] for c in t] == [True, False]
+
+
 def test_steps_cache_and_resume(tmp_path):
     from care_q.bench.suite import Steps
 

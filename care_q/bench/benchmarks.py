@@ -20,7 +20,7 @@ def _fmt_target_value(v) -> str:
 
 def target_blocks(res: dict) -> list:
     rows = [[t["what"], t["target"], _fmt_target_value(t["value"]), _status(t["ok"])] for t in res["targets"]]
-    return [R.H(2, "Targets (issue 3)"), R.T(["what", "target", "measured", "status"], rows, "lrrl")]
+    return [R.H(2, "Targets (issues 3 and 5)"), R.T(["what", "target", "measured", "status"], rows, "lrrl")]
 
 
 def accuracy_blocks(res: dict) -> list:
@@ -105,6 +105,40 @@ def latency_blocks(res: dict) -> list:
     return out
 
 
+def qat_blocks(res: dict) -> list:
+    qt = res.get("qat") or {}
+    if not qt:
+        return []
+    Q = res["config"]["qat"]
+    A = res["config"]["accuracy"]
+    out = [R.H(2, f"QAT on the {A['model']} proxy (issue 5)"),
+           R.P(f"Each recipe starts from its own PTQ calibration ({A['num_calib']} images of `{A['calib']}`), "
+               f"fine-tunes {Q['epochs']:g} epoch(s) of `{Q['dataset']}`"
+               + (f" ({Q['limit']} images)" if Q.get("limit") else "")
+               + f" with distillation from FP32, and is evaluated on `{A['dataset']}`"
+               + (f" ({Q['eval_limit']} images)" if Q.get("eval_limit") else "")
+               + " in fake quantization (the graph the exporters write); the artifacts are verified in their "
+                 "runtimes against it on held-out images.")]
+    rows = []
+    for name, r in qt.items():
+        a = r.get("accuracy") or {}
+        t = r.get("train") or {}
+        per_epoch = (t["this_session_seconds"] / (t["steps"] / t["steps_per_epoch"])) if t.get("steps") and \
+            t.get("this_session_seconds") else None
+        arts = r.get("artifacts") or {}
+        def p(k, a=a):  # the QAT report holds percentages
+            return "–" if a.get(k) is None else f"{a[k]:.2f}%"
+
+        rows.append([f"`{name}`", p("fp32_top1"), p("ptq_top1"),
+                     R.pts(a["ptq_top1"] - a["fp32_top1"]) if "ptq_top1" in a else "–", p("qat_top1"),
+                     R.pts(a["qat_top1"] - a["fp32_top1"]) if "qat_top1" in a else "–",
+                     ", ".join(f"{k} {R.pct(v['agreement'], 1)}" for k, v in arts.items()) or "–",
+                     t.get("steps"), R.num(t.get("this_session_images_per_s"), ".1f"), R.num(per_epoch, ".0f")])
+    out.append(R.T(["recipe", "FP32", "PTQ", "PTQ vs FP32", "QAT", "QAT vs FP32", "artifacts vs fake-quant",
+                    "steps", "img/s", "s/epoch"], rows, "lrrrrrlrrr"))
+    return out
+
+
 def tradeoff_points(res: dict) -> list[dict]:
     lat_models = list(res.get("latency") or {})
     model = "care_s0" if "care_s0" in lat_models else (lat_models[0] if lat_models else None)
@@ -145,7 +179,7 @@ def suite_blocks(res: dict, figures: bool = True) -> list:
                + (f" ({len(res['cached_steps'])} reused from an earlier, interrupted or identical run)"
                   if res.get("cached_steps") else "") + ". "
                "Rerun `make bench` to reproduce: accuracy exactly, latency within noise. Do not edit by hand.")]
-    out += target_blocks(res) + accuracy_blocks(res)
+    out += target_blocks(res) + accuracy_blocks(res) + qat_blocks(res)
     if figures and res.get("accuracy") and res.get("latency"):
         out.append(R.tradeoff_figure(tradeoff_points(res), "Top-1 drop on the proxy vs latency relative to FP32 in the "
                                                            "same runtime (care_s0 at deployment resolution)"))

@@ -47,7 +47,10 @@ SCHEMA = {
                 "slow_models": _LIST},
     "targets": {"accuracy_drop_pt": _FLOAT, "tflite_latency_ratio": _FLOAT, "onnx_latency_ratio": _FLOAT,
                 "size_ratio": _FLOAT},
+    "qat": {"recipes": _LIST, "dataset": _STR, "epochs": _FLOAT, "limit": _OPT_INT, "eval_limit": _OPT_INT,
+            "target_drop_pt": _FLOAT},
 }
+OPTIONAL = ("targets", "qat")
 REQUIRED = ("accuracy", "latency")
 
 
@@ -94,7 +97,7 @@ def _validate(data: dict, schema: dict, lines: dict, src: str, prefix: str = "",
         else:
             _check(v, schema[k], where, src, lines.get(where))
     if not partial:
-        missing = [k for k in schema if k not in data and not (prefix == "" and k in ("targets",))]
+        missing = [k for k in schema if k not in data and not (prefix == "" and k in OPTIONAL)]
         if missing:
             at = f"{src}:{lines[prefix.rstrip('.')]}" if prefix and prefix.rstrip(".") in lines else src
             raise CareQError(f"{at}: missing key(s) {[prefix + m for m in missing]}")
@@ -129,10 +132,24 @@ def load_suite(path: str | Path = SUITE, quick: bool = False, shared: str | Path
     lines = _key_lines(node)
     quick_over = data.pop("quick", None) or {}
     _validate(data, SCHEMA, lines, str(path))
-    _validate(quick_over, {k: SCHEMA[k] for k in ("accuracy", "latency")}, lines, str(path), "quick.", partial=True)
+    _validate(quick_over, {k: SCHEMA[k] for k in ("accuracy", "latency", "qat")}, lines, str(path), "quick.", partial=True)
     if quick:
         for section, over in quick_over.items():
-            data[section] = {**data[section], **over}
+            if section in data:
+                data[section] = {**data[section], **over}
+    if "qat" in data:
+        from care_q.quant.recipe import load_recipe
+
+        for name in data["qat"]["recipes"]:
+            try:
+                rec = load_recipe(name)
+            except CareQError as e:
+                raise CareQError(f"{path}:{lines.get('qat.recipes', '?')}: {e}") from None
+            if rec.kind != "qat":
+                raise CareQError(f"{path}:{lines.get('qat.recipes', '?')}: recipe '{name}' is a {rec.kind} recipe, "
+                                 f"qat.recipes needs QAT recipes")
+        if data["qat"]["epochs"] <= 0:
+            raise CareQError(f"{path}:{lines.get('qat.epochs', '?')}: 'qat.epochs' must be positive")
     for where, names in (("accuracy.baselines", data["accuracy"]["baselines"]),
                          ("latency.baselines", data["latency"]["baselines"])):
         bad = [n for n in names if n not in BASELINES]
@@ -391,6 +408,41 @@ def run_latency(cfg: dict, Lc: dict, A: dict, root: Path, steps: Steps, data_roo
     return out
 
 
+def run_qat(cfg: dict, Q: dict, A: dict, root: Path, steps: Steps, data_root, progress) -> dict:
+    """Each QAT recipe on the accuracy proxy: PTQ of the recipe (its starting point), then fine-tuning,
+    evaluated on the accuracy section's test set, the artifacts verified in their runtimes."""
+    from care_q.qat import qat
+
+    out = {}
+    wstamp = _stamp(A["weights"])
+    for name in Q["recipes"]:
+        d = root / "qat" / name
+        from care_q.quant.recipe import load_recipe
+
+        conf = {"model": A["model"], "weights": wstamp, "recipe": name, "recipe_content": load_recipe(name).to_json(),
+                "dataset": Q["dataset"], "epochs": Q["epochs"],
+                "limit": Q["limit"], "eval": A["dataset"], "eval_limit": Q["eval_limit"], "calib": A["calib"],
+                "num_calib": A["num_calib"], "seed": cfg["seed"]}
+
+        def do_qat(name=name, d=d):
+            resume = (d / "last.pt").exists()  # a killed run continues from its last checkpoint
+            rep = qat(A["model"], A["weights"], Q["dataset"], recipe=name, epochs=Q["epochs"], out=d, resume=resume,
+                      calib=A["calib"], calib_images=A["num_calib"], data_root=data_root, seed=cfg["seed"],
+                      eval_dataset=A["dataset"], eval_limit=Q["eval_limit"], limit=Q["limit"],
+                      threads=cfg["threads"], progress=progress, log=steps.log)
+            keep = ("recipe", "accuracy", "train", "calibration", "notes", "seconds")
+            r = {k: rep.get(k) for k in keep}
+            r["recipe"] = {"name": rep["recipe"]["name"], "description": rep["recipe"].get("description")}
+            r["artifacts"] = {t: {"file": Path(a["path"]).name, "size_bytes": a["size_bytes"],
+                                  "agreement": a["verification"]["top1_agreement"],
+                                  "logit_sqnr_db": a["verification"]["logit_sqnr_db"]}
+                              for t, a in rep.get("artifacts", {}).items()}
+            return r
+
+        out[name] = steps.run(f"qat/{name}", conf, do_qat, d)
+    return out
+
+
 def _rows(acc: dict | None, lat: dict) -> list[dict]:
     """One row per method: accuracy on the proxy, latency/size per latency model."""
     rows = []
@@ -457,12 +509,33 @@ def _targets(rows: list[dict], T: dict, acc_model: str | None, lat_models: list[
     return checks
 
 
+def _qat_targets(qt: dict, Q: dict) -> list[dict]:
+    """Issue 5: the plain QAT recipe within ``target_drop_pt`` of FP32; every other (more aggressive)
+    recipe recovers at least half of its PTQ drop."""
+    checks = []
+    for name, r in qt.items():
+        a = r.get("accuracy") or {}
+        if not {"fp32_top1", "ptq_top1", "qat_top1"} <= set(a):
+            continue
+        drop = a["fp32_top1"] - a["qat_top1"]
+        if name == "qat_int8":
+            t = Q.get("target_drop_pt", 0.1)
+            checks.append({"what": f"QAT {name}: top-1 drop vs FP32 after {Q['epochs']:g} epoch(s) (pt)",
+                           "target": f"<= {t}", "value": drop, "ok": drop <= t})
+        else:
+            ptq_drop = a["fp32_top1"] - a["ptq_top1"]
+            share = (ptq_drop - drop) / ptq_drop if ptq_drop > 0 else None
+            checks.append({"what": f"QAT {name}: share of its PTQ drop ({ptq_drop:.2f} pt) recovered",
+                           "target": ">= 0.50", "value": share, "ok": None if share is None else share >= 0.5})
+    return checks
+
+
 DEFAULT_TARGETS = {"accuracy_drop_pt": 0.5, "tflite_latency_ratio": 0.45, "onnx_latency_ratio": 0.55, "size_ratio": 0.28}
 
 
 def run_suite(suite: str | Path = SUITE, *, quick: bool = False, out: str | Path | None = None,
               benchmarks: str | Path | None = None, shared=None, data_root=None, progress: bool | None = None,
-              sections=("accuracy", "latency"), log=None) -> dict:
+              sections=("accuracy", "qat", "latency"), log=None) -> dict:
     """Run the suite (see the module docstring); returns the combined result."""
     import torch
 
@@ -485,12 +558,14 @@ def run_suite(suite: str | Path = SUITE, *, quick: bool = False, out: str | Path
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     A, Lc = cfg["accuracy"], cfg["latency"]
     acc = run_accuracy(cfg, A, root, steps, data_root, progress) if "accuracy" in sections else None
+    qt = run_qat(cfg, cfg["qat"], A, root, steps, data_root, progress) if "qat" in sections and "qat" in cfg else {}
     lat = run_latency(cfg, Lc, A, root, steps, data_root, progress) if "latency" in sections else {}
     rows = _rows(acc, lat)
     res = {"command": "suite", "suite": cfg["name"], "source": cfg["source"], "quick": quick, "config": cfg,
            "started": started, "rows": rows,
-           "targets": _targets(rows, cfg.get("targets") or DEFAULT_TARGETS, A["model"] if acc else None, list(lat)),
-           "accuracy": acc, "latency": {m: v["bench"] for m, v in lat.items()},
+           "targets": _targets(rows, cfg.get("targets") or DEFAULT_TARGETS, A["model"] if acc else None, list(lat))
+           + _qat_targets(qt, cfg.get("qat") or {}),
+           "accuracy": acc, "qat": qt, "latency": {m: v["bench"] for m, v in lat.items()},
            "steps": steps.timings, "cached_steps": steps.cached, "machine": machine_info(), "seconds": round(time.time() - t0, 1)}
     from care_q.bench.benchmarks import render_benchmarks, write_suite_report
 
@@ -511,11 +586,11 @@ def main(argv: list[str] | None = None) -> int:
                                         "with --quick OUT/BENCHMARKS.md)")
     p.add_argument("--shared", help="the shared folder for ${SHARED} (default $SHARED, else ../shared)")
     p.add_argument("--data-root", help="data root (default $CARE_Q_DATA)")
-    p.add_argument("--only", choices=["accuracy", "latency"], help="run one section")
+    p.add_argument("--only", choices=["accuracy", "qat", "latency"], help="run one section")
     args = p.parse_args(argv)
     try:
         res = run_suite(args.suite, quick=args.quick, out=args.out, benchmarks=args.benchmarks, shared=args.shared,
-                        data_root=args.data_root, sections=(args.only,) if args.only else ("accuracy", "latency"))
+                        data_root=args.data_root, sections=(args.only,) if args.only else ("accuracy", "qat", "latency"))
     except CareQError as e:
         print(f"make bench: error: {e}", file=sys.stderr)
         return 2

@@ -13,3 +13,16 @@ from care_q.qat.pipeline import QATRun, build_student, distill_loss, load_qat, q
 
 __all__ = ["Dist", "QATNet", "QATOps", "QATRun", "bake_int4_weights", "build_student", "distill_loss", "load_qat", "qat",
            "weight_bits_of"]
+
+import sys  # noqa: E402
+import types  # noqa: E402
+
+
+class _CallableModule(types.ModuleType):
+    """Lets `care_q.qat(...)` call `care_q.qat.qat(...)` (the package attribute is this module)."""
+
+    def __call__(self, *args, **kwargs):
+        return qat(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
