@@ -127,11 +127,15 @@ def test_plan_roles_and_constraints(graph):
     assert s[f"{name}.phi_q"].role == Role.ATTN_PHI and s[f"{name}.phi_q"].method == Method.MSE
     assert s[f"{name}.kv"].symmetric and s[f"{name}.k_mean"].symmetric  # BATCH_MATMUL RHS
     assert s[f"{name}.v"].symmetric  # v is a slice of the block input: its whole group is symmetric
-    assert s["stages.2.blocks.0"].group if False else True
     # concat inputs share the output's parameters
     feats = "stages.2.blocks.0.feats"
     assert s["stages.2.blocks.0.dwconv1"].group == s[feats].group == s[f"{name}.merge"].group
-    assert s["head.fc"].dtype == DType.FLOAT and s["head.pool"].dtype == DType.INT8
+    # int8 head (ptq_int8's head.dtype): pool int8, GELU float, LayerNorm output and logits int8
+    assert s["head.pool"].dtype == DType.INT8 and s["head.act"].dtype == DType.FLOAT
+    assert s["head.norm"].dtype == DType.INT8 and s["head.fc"].dtype == DType.INT8
+    assert s["head.fc"].method == Method.MINMAX  # the top logit must never clip
+    float_head = build_plan(graph, parse_recipe("name: x\nhead: {dtype: float}\n", "<r>")).specs
+    assert float_head["head.norm"].dtype == DType.FLOAT and float_head["head.fc"].dtype == DType.FLOAT
     assert any("rule" in w for w in s[f"{name}.den"].why)
 
 

@@ -55,8 +55,9 @@ def test_tflite_matches_fake_quant(tmp_path, silu):
 def test_op_census_no_float_islands(tmp_path):
     _, plan, path = _build(tmp_path)
     census = tflite_op_census(path)
-    # one QUANTIZE at the input, one DEQUANTIZE before the float head, nothing else converts
-    assert census["QUANTIZE"] == 1 and census["DEQUANTIZE"] == 1
+    # QUANTIZE: the input and the LayerNorm output (int8 head); DEQUANTIZE: before the head's
+    # float GELU/LayerNorm and at the logits; nothing else converts
+    assert census["QUANTIZE"] == 2 and census["DEQUANTIZE"] == 2
     assert "EXP" not in census and "SELECT" not in census and "SELECT_V2" not in census  # ELU stays ELU
     assert census["ELU"] == 2 * 3  # two kernels in each of the 3 attention blocks of care_test
     assert census["BATCH_MATMUL"] == 3 * 3 and census["DIV"] == 3
@@ -64,12 +65,11 @@ def test_op_census_no_float_islands(tmp_path):
 
     m = fb.ModelT.InitFromPackedBuf(path.read_bytes(), 0)
     sg = m.subgraphs[0]
-    head_ops = {"DEQUANTIZE", "GELU", "MEAN", "SUB", "MUL", "ADD", "RSQRT", "FULLY_CONNECTED"}
+    head_ops = {"DEQUANTIZE", "GELU", "MEAN", "SUB", "MUL", "ADD", "RSQRT", "QUANTIZE", "FULLY_CONNECTED"}
     names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
     seen_dequant = False
     for op in sg.operators:
         code = names[m.operatorCodes[op.opcodeIndex].builtinCode]
-        types = {sg.tensors[i].type for i in list(op.inputs) + list(op.outputs) if i >= 0}
         if code == "DEQUANTIZE":
             seen_dequant = True
         if not seen_dequant and code != "QUANTIZE":
@@ -78,10 +78,14 @@ def test_op_census_no_float_islands(tmp_path):
             assert not float_t, (code, float_t)
         if seen_dequant:
             assert code in head_ops, code
+        if code == "FULLY_CONNECTED":  # the classifier: static int8, per-channel weights, int32 bias
+            assert [sg.tensors[i].type for i in op.inputs] == [fb.TensorType.INT8, fb.TensorType.INT8,
+                                                               fb.TensorType.INT32]
+            assert len(sg.tensors[op.inputs[1]].quantization.scale) == 10
+            assert sg.tensors[op.outputs[0]].type == fb.TensorType.INT8
     for t in sg.tensors:
         if t.type == fb.TensorType.INT8 and t.quantization is not None and t.buffer == 0:
             assert len(t.quantization.scale) == 1
-    assert fb.TensorType.INT8 in types or True
 
 
 def test_xnnpack_delegation(tmp_path):

@@ -34,6 +34,9 @@ from care_q.paths import EVAL_DIR, REPO_ROOT
 from care_q.utils.io import atomic_write_json, atomic_write_text
 
 SUITE = EVAL_DIR / "suite.yaml"
+# Part of the cache key of every quantization step: bump it when the exporters' or the
+# calibration's output changes for the same settings, so a cached step is not reused.
+CODE_VERSION = 2
 
 # ----------------------------------------------------------------------------- schema
 
@@ -285,6 +288,7 @@ def run_accuracy(cfg: dict, A: dict, root: Path, steps: Steps, data_root, progre
     from care_q.export.fp32 import export_fp32
     from care_q.models import create_model, load_sidecar
     from care_q.ptq import ptq
+    from care_q.quant.recipe import load_recipe
 
     d = root / A["name"]
     model, weights, seed, threads = A["model"], A["weights"], cfg["seed"], cfg["threads"]
@@ -307,7 +311,8 @@ def run_accuracy(cfg: dict, A: dict, root: Path, steps: Steps, data_root, progre
                               recipe=A["recipe"], out=d / "ptq", threads=threads, latency_runs=0, min_agreement=0.0,
                               progress=progress, seed=seed))
 
-    pq = steps.run(f"{A['name']}/ptq", {**calib_cfg, "recipe": A["recipe"]}, do_ptq, d / "ptq")
+    recipe_key = {"recipe": A["recipe"], "recipe_content": load_recipe(A["recipe"]).to_json(), "code": CODE_VERSION}
+    pq = steps.run(f"{A['name']}/ptq", {**calib_cfg, **recipe_key}, do_ptq, d / "ptq")
 
     def do_baselines():
         x = calibration_images(model, weights=weights, calib=A["calib"], num_calib=A["num_calib"], data_root=data_root,
@@ -335,7 +340,7 @@ def run_accuracy(cfg: dict, A: dict, root: Path, steps: Steps, data_root, progre
                             data_root=data_root, seed=seed, progress=progress)
         return quant_analysis(prep, num_images=A["analysis_images"], data_root=data_root, seed=seed + 1)
 
-    an = steps.run(f"{A['name']}/analysis", {**calib_cfg, "recipe": A["recipe"], "images": A["analysis_images"]},
+    an = steps.run(f"{A['name']}/analysis", {**calib_cfg, **recipe_key, "images": A["analysis_images"]},
                    do_analysis)
     return {"fp32": {k: {kk: v.get(kk) for kk in ("path", "size_bytes", "verify", "exporter")}
                      for k, v in fp["artifacts"].items()},
@@ -351,6 +356,7 @@ def run_latency(cfg: dict, Lc: dict, A: dict, root: Path, steps: Steps, data_roo
     from care_q.export.fp32 import export_fp32
     from care_q.models import create_model, randomize_like_trained, save_checkpoint
     from care_q.ptq import ptq
+    from care_q.quant.recipe import load_recipe
 
     out = {}
     seed, threads, img = cfg["seed"], cfg["threads"], Lc["img_size"]
@@ -382,7 +388,8 @@ def run_latency(cfg: dict, Lc: dict, A: dict, root: Path, steps: Steps, data_roo
                                   recipe=A["recipe"], img_size=img, out=d / "ptq", num_verify=16, threads=threads,
                                   latency_runs=0, min_agreement=0.0, progress=progress, seed=seed))
 
-        steps.run(f"latency/{model}/ptq", {**calib_cfg, "recipe": A["recipe"]}, do_ptq, d / "ptq")
+        steps.run(f"latency/{model}/ptq", {**calib_cfg, "recipe": A["recipe"], "recipe_content":
+                                           load_recipe(A["recipe"]).to_json(), "code": CODE_VERSION}, do_ptq, d / "ptq")
 
         def do_baselines(model=model, wpath=wpath, d=d, fp=fp):
             x = calibration_images(model, weights=wpath, calib=Lc["calib"], num_calib=Lc["num_calib"], img_size=img,
@@ -420,6 +427,7 @@ def run_qat(cfg: dict, Q: dict, A: dict, root: Path, steps: Steps, data_root, pr
         from care_q.quant.recipe import load_recipe
 
         conf = {"model": A["model"], "weights": wstamp, "recipe": name, "recipe_content": load_recipe(name).to_json(),
+                "code": CODE_VERSION,
                 "dataset": Q["dataset"], "epochs": Q["epochs"],
                 "limit": Q["limit"], "eval": A["dataset"], "eval_limit": Q["eval_limit"], "calib": A["calib"],
                 "num_calib": A["num_calib"], "seed": cfg["seed"]}

@@ -22,7 +22,8 @@ QDQ form (what onnxruntime's CPU EP fuses into integer kernels):
 - ops without an integer kernel in onnxruntime (Gelu, Elu, Div, ReduceMean) run float between
   their DQ and Q; GELU is com.microsoft ``Gelu`` below opset 20 and ai.onnx ``Gelu`` from 20
   (one fused kernel either way: ~0.5 ms per 128x56x56 on 2 threads, the Erf formula ~1.35 ms);
-- the head after the global pool (GELU, LayerNormalization, Gemm) is float, as in the plan.
+- the head after the global pool (GELU, LayerNormalization, Gemm) is float, as in the plan; with
+  the recipe's ``head.dtype: int8`` the Gemm is QDQ int8 (onnxruntime: QGemm).
 
 Storage types (`act_type`, `weight_type`); the represented values are the plan's either way:
 
@@ -440,19 +441,32 @@ class _Emitter:
     def op_layer_norm(self, n):
         x, o = self.val[n.inputs[0]], n.outputs[0]
         c = self.graph.shapes[n.inputs[0]][-1]
-        ones = self.init(f"{n.name}/scale", np.ones(c, np.float32))
-        zeros = self.init(f"{n.name}/bias", np.zeros(c, np.float32))
+        ones = self.init(f"{n.name}/gamma", np.ones(c, np.float32))
+        zeros = self.init(f"{n.name}/beta", np.zeros(c, np.float32))
         raw = self.node("LayerNormalization", [x, ones, zeros], [self.raw(o)], n.name, axis=-1,
                         epsilon=float(n.attrs["eps"]))[0]
         self.out(o, raw)
 
     def op_linear(self, n):
         fc, o = n.module, n.outputs[0]
-        # float classifier, as in the reference (see QuantOps.linear)
-        w = self.init(f"{n.name}.weight", fc.weight.detach().numpy().astype(np.float32))
-        inputs = [self.val[n.inputs[0]], w]
-        if fc.bias is not None:
-            inputs.append(self.init(f"{n.name}.bias", fc.bias.detach().numpy().astype(np.float32)))
+        in_qp = self._qp(n.inputs[0])
+        if self._qp(o) is None or in_qp is None:  # float classifier, as in the reference (QuantOps.linear)
+            w = self.init(f"{n.name}.weight", fc.weight.detach().numpy().astype(np.float32))
+            inputs = [self.val[n.inputs[0]], w]
+            if fc.bias is not None:
+                inputs.append(self.init(f"{n.name}.bias", fc.bias.detach().numpy().astype(np.float32)))
+            self.out(o, self.node("Gemm", inputs, [self.raw(o)], n.name, transB=1)[0])
+            return
+        # static int8 classifier (recipe head.dtype int8): DQ(int8 W per row) -> Gemm -> Q, a QGemm in onnxruntime
+        per_channel = self.plan.recipe.weight_granularity == "per_channel"
+        qmax = weight_qmax(self.plan)
+        s_w = weight_scales(fc.weight, per_channel, qmax).detach().float().numpy()
+        w = fc.weight.detach().double().numpy()
+        qw = np.clip(np.round(w / s_w.astype(np.float64).reshape(-1, 1)), -qmax, qmax)
+        wt = self.weight_dq(f"{n.name}.weight", qw, s_w, per_channel)
+        s_b = s_w.astype(np.float64) * in_qp.scale[0]
+        bias = fc.bias.detach().double().numpy() if fc.bias is not None else np.zeros(w.shape[0])
+        inputs = [self.val[n.inputs[0]], wt, self.bias_dq(f"{n.name}.bias", bias, s_b)]
         self.out(o, self.node("Gemm", inputs, [self.raw(o)], n.name, transB=1)[0])
 
 

@@ -121,7 +121,13 @@ class _Emitter:
         for n in g.nodes:
             getattr(self, f"op_{n.op}")(n)
         out = self.idx[g.output]
-        if self.io != "float":
+        if self.plan.quantized(g.output) and self.io == "float":  # int8 head: float logits out
+            f = b.tensor("logits", b.shape_of(out), np.float32)
+            b.op(OP.DEQUANTIZE, [out], [f], version=2)
+            out = f
+        elif self.plan.quantized(g.output):  # int8 head and int8 output: the logits as computed
+            pass
+        elif self.io != "float":
             qp = self.plan.output_qparams
             q = b.tensor("logits_int8", b.shape_of(out), np.int8, qp.scale[0], qp.zero_point[0])
             b.op(OP.QUANTIZE, [out], [q], version=2)
@@ -318,15 +324,35 @@ class _Emitter:
         b.op(OP.ADD, [var, eps], [ve], fb.BuiltinOptions.AddOptions, options(fb.AddOptionsT))
         r = b.tensor(f"{o}.rstd", red, np.float32)
         b.op(OP.RSQRT, [ve], [r])
-        b.op(OP.MUL, [d, r], [self.out(o)], fb.BuiltinOptions.MulOptions, options(fb.MulOptionsT))
+        if not self.plan.quantized(o):
+            b.op(OP.MUL, [d, r], [self.out(o)], fb.BuiltinOptions.MulOptions, options(fb.MulOptionsT))
+            return
+        y = b.tensor(f"{o}.float", shape, np.float32)  # int8 head: the classifier's input quantized
+        b.op(OP.MUL, [d, r], [y], fb.BuiltinOptions.MulOptions, options(fb.MulOptionsT))
+        b.op(OP.QUANTIZE, [y], [self.out(o)], version=2)
 
     def op_linear(self, n):
-        # float classifier, as in the reference (see QuantOps.linear)
         fc, b = n.module, self.b
-        w = b.const(f"{n.name}.weight", fc.weight.detach().numpy().astype(np.float32))
-        bias = b.const(f"{n.name}.bias", fc.bias.detach().numpy().astype(np.float32))
-        b.op(OP.FULLY_CONNECTED, [self.idx[n.inputs[0]], w, bias], [self.out(n.outputs[0])],
-             fb.BuiltinOptions.FullyConnectedOptions, options(fb.FullyConnectedOptionsT))
+        o, x = n.outputs[0], n.inputs[0]
+        if not (self.plan.quantized(o) and self.plan.quantized(x)):  # float classifier (QuantOps.linear)
+            w = b.const(f"{n.name}.weight", fc.weight.detach().numpy().astype(np.float32))
+            bias = b.const(f"{n.name}.bias", fc.bias.detach().numpy().astype(np.float32))
+            b.op(OP.FULLY_CONNECTED, [self.idx[x], w, bias], [self.out(o)],
+                 fb.BuiltinOptions.FullyConnectedOptions, options(fb.FullyConnectedOptionsT))
+            return
+        # static int8 FC (recipe head.dtype int8): per-output-channel weights, int32 bias at s_in * s_w
+        qmax = weight_qmax(self.plan)
+        per_channel = self.plan.recipe.weight_granularity == "per_channel"
+        s_w = weight_scales(fc.weight, per_channel, qmax).double().numpy()
+        w = fc.weight.detach().double().numpy()
+        cout = w.shape[0]
+        qw = np.clip(np.round(w / s_w.reshape(-1, 1)), -qmax, qmax).astype(np.int8)
+        wt = b.const(f"{n.name}.weight", qw, s_w, np.zeros(cout, np.int64), axis=0)
+        s_b = s_w * self.in_scale(x)
+        qb = np.clip(np.round(fc.bias.detach().double().numpy() / s_b), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
+        bt = b.const(f"{n.name}.bias", qb, s_b, np.zeros(cout, np.int64), axis=0)
+        b.op(OP.FULLY_CONNECTED, [self.idx[x], wt, bt], [self.out(o)], fb.BuiltinOptions.FullyConnectedOptions,
+             options(fb.FullyConnectedOptionsT), version=12 if per_channel else 4)
 
 
 def emit_tflite_int8(plan: QuantPlan, io: str = "float", debug_outputs: bool = False) -> bytes:

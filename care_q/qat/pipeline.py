@@ -498,7 +498,9 @@ def _finish(report, qnet, plan, bits, rec, model, out, io, targets, cal_ds, eval
     def ref_ops():  # the exporters' reference, after the write-back and the baking
         return QuantOps(plan, "quant")
 
-    if io == "int8":  # the logits range of the trained model, for the int8 output
+    if io == "int8" and plan.quantized(plan.graph.output):  # int8 head: the logits tensor's own parameters
+        plan.output_qparams = plan.qp(plan.graph.output)
+    elif io == "int8":  # the logits range of the trained model, for the int8 output
         obs = HistogramObserver("logits")
         with torch.no_grad():
             for x, _ in make_loader(cal_ds, rec.batch_size):

@@ -29,5 +29,8 @@ def calibrate(plan: QuantPlan, model, batches, total: int | None = None, progres
     plan.finalize(observers)
     lo, hi = logits.range(Method.MINMAX, DType.INT8, False)
     plan.output_qparams = qparams_from_range(lo, hi, DType.INT8, False)
+    out = plan.graph.output
+    if plan.quantized(out):  # int8 head: the int8 output is the logits tensor itself
+        plan.output_qparams = plan.qp(out)
     plan.observers = observers
     return seen

@@ -158,11 +158,25 @@ class QuantOps(Ops):
         return self._out(name, y)
 
     def linear(self, name, x, fc):
-        # The classifier stays float (weights too): XNNPACK turns DEQUANTIZE(int8 weights) +
-        # FULLY_CONNECTED into a dynamically quantized FC whose input rounding this reference
-        # cannot see (measured 8% of the logit scale), so int8 head weights wait for a static
-        # int8 head.
-        return self._out(name, F.linear(x, fc.weight, fc.bias))
+        # Float classifier unless the recipe says ``head.dtype: int8``: then (plan) the input and
+        # the logits are int8 and this is a static int8 FC, weights per output channel, int32 bias
+        # (the same arithmetic as a 1x1 conv). Int8 weights with a float input are never emitted:
+        # XNNPACK turns DEQUANTIZE + FULLY_CONNECTED into a dynamically quantized FC whose input
+        # rounding this reference cannot see (measured 8% of the logit scale).
+        in_name = self.plan.graph_inputs[name][0]
+        if self.mode != "quant" or not (self.plan.quantized(name) and self.plan.quantized(in_name)):
+            return self._out(name, F.linear(x, fc.weight, fc.bias))
+        q = self.w_qmax
+        w, b = fc.weight, fc.bias
+        s_w = weight_scales(w, self.per_channel, q)
+        s_in = self.plan.qp(in_name).scale[0]
+        if self.exact:
+            s_w = s_w.float()
+            w_int = torch.clamp(torch.round(w.detach().double() / s_w.double().reshape(-1, 1)), -q, q)
+            b_int = torch.round(b.detach().double() / (s_w.double() * torch.tensor(s_in, dtype=torch.float32).double()))
+            acc = F.linear(self._ints(x, in_name), w_int, b_int)
+            return self._out(name, self._requant(name, acc, torch.tensor(s_in, dtype=torch.float32) * s_w, 1))
+        return self._out(name, F.linear(x, quantize_weight(w, s_w, q), quantize_bias(b, s_w * s_in)))
 
     def add(self, name, a, b):
         return self._out(name, a + b)

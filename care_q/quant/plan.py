@@ -9,7 +9,8 @@ defaults and rules, then applies what the kernels need:
 - right-hand sides of int8 BATCH_MATMUL (v, kv, mean(k)) are symmetric (XNNPACK needs zero
   point 0 there);
 - the sigmoid inside SiLU has TFLite's fixed output parameters (1/256, -128);
-- the classifier head after the global pool stays float on every target.
+- the classifier head after the global pool stays float, except with the recipe's ``head.dtype:
+  int8``: then the LayerNorm output and the logits (minmax) are int8 and the FC static int8.
 
 Each tensor's `why` lists the decisions in order, so the report can say why it got its
 settings. A rule that matches no tensor is an error.
@@ -26,6 +27,7 @@ from care_q.quant.recipe import Recipe
 
 SHARED_OPS = ("split", "cat", "to_heads", "from_heads")
 FLOAT_ROLES = (Role.HEAD,)
+INT8_HEAD_OPS = ("layer_norm", "linear")  # with recipe head.dtype int8: LN output and logits int8
 
 
 @dataclass
@@ -165,7 +167,13 @@ def build_plan(graph: Graph, recipe: Recipe) -> QuantPlan:
                     if v is not None:
                         setattr(spec, attr, v)
                 spec.why.append(rule.describe())
-        if role in FLOAT_ROLES:
+        if role in FLOAT_ROLES and recipe.head == "int8" and op in INT8_HEAD_OPS:
+            spec.dtype = DType.INT8
+            if op == "linear":  # the logits: clipping the largest would change the top-1 class
+                spec.method = Method.MINMAX
+            spec.why.append(f"head: int8 {'logits (minmax)' if op == 'linear' else 'input of the classifier'} "
+                            f"(recipe head.dtype: int8: a static int8 FULLY_CONNECTED)")
+        elif role in FLOAT_ROLES:
             spec.dtype = DType.FLOAT
             spec.why.append("head after the global pool: float on every target")
         specs[name] = spec

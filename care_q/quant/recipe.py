@@ -92,6 +92,7 @@ class Recipe:
     rules: tuple[Rule, ...] = ()
     qat: QATSettings | None = None
     source: str = "<built-in>"
+    head: str = "float"  # int8: the classifier's LayerNorm output, weights and logits int8 (static int8 FC)
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "source": self.source, "targets": list(self.targets),
@@ -111,6 +112,8 @@ class Recipe:
                                     "rules": {r.describe(): r.weight_bits for r in self.rules if r.weight_bits}}
         if self.qat is not None:
             extra["qat"] = dict(self.qat.__dict__)
+        if self.head != "float":
+            extra["head"] = {"dtype": self.head}
         return extra
 
 
@@ -124,6 +127,7 @@ SCHEMA = {
     "calibration": {"batch_size": int},
     "transforms": {"deploy": bool, "cross_layer_equalization": bool, "bias_correction": bool},
     "substitutions": {"gelu": ("exact", "sigmoid")},
+    "head": {"dtype": ("float", "int8")},
     "rules": "rules",
     "qat": {"epochs": float, "lr": float, "weight_decay": float, "batch_size": int,
             "distill_weight": float, "temperature": float, "learn_scales": bool, "freeze_bn": bool,
@@ -253,7 +257,7 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         gelu=data.get("substitutions", {}).get("gelu", "exact"),
         cross_layer_equalization=data.get("transforms", {}).get("cross_layer_equalization", False),
         bias_correction=data.get("transforms", {}).get("bias_correction", False),
-        rules=tuple(rules), qat=qat, source=source)
+        rules=tuple(rules), qat=qat, source=source, head=data.get("head", {}).get("dtype", "float"))
 
 
 def list_recipes() -> list[Path]:
