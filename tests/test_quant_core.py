@@ -149,3 +149,27 @@ def test_int16_rule(graph):
     plan = build_plan(graph, load_recipe("ptq_a16w8_attention"))
     assert plan.specs["stages.2.blocks.0.attn.num"].dtype == DType.INT16
     assert plan.specs["stages.2.blocks.0.attn.num"].symmetric
+
+
+def test_int8_logits_range_starts_at_the_top5_floor():
+    """int8 head: the logits' scale covers [lowest 5th-largest logit, highest logit], not the minimum."""
+    from care_q.quant.calibrate import calibrate
+
+    torch.manual_seed(0)
+    model = deploy(create_model("care_test", num_classes=10))
+    with torch.no_grad():  # make the logits spread out, so the floor is well below the top
+        model.fc.weight.mul_(200.0)
+    plan = build_plan(trace(model, torch.zeros(1, 3, 32, 32)), load_recipe("ptq_int8"))
+    x = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    calibrate(plan, model, [x[:12], x[12:]], progress=False)
+    with torch.no_grad():
+        y = model(x)
+    floor, hi = float(y.topk(5, dim=1).values[:, -1].min()), float(y.max())
+    assert float(y.min()) < floor < 0 < hi
+    qp = plan.qp("head.fc")
+    assert qp.scale[0] == pytest.approx((hi - floor) / 255, rel=1e-6)
+    assert plan.output_qparams == qp
+    # the float-head recipe keeps the plain minmax output range
+    plan2 = build_plan(trace(model, torch.zeros(1, 3, 32, 32)), parse_recipe("name: x\n", "<r>"))
+    calibrate(plan2, model, [x[:12], x[12:]], progress=False)
+    assert plan2.output_qparams.scale[0] == pytest.approx((hi - float(y.min())) / 255, rel=1e-6)

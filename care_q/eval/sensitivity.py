@@ -92,7 +92,7 @@ def float_except(plan, keep: set[str]):
              for n, s in plan.specs.items()}
     new = dataclasses.replace(plan, specs=specs, consts=dict(getattr(plan, "consts", {})))
     new.float_weights = frozenset(n for n in plan.specs if n not in keep)
-    for attr in ("observers", "output_qparams"):
+    for attr in ("observers", "output_qparams", "logit_floor"):
         if hasattr(plan, attr):
             setattr(new, attr, getattr(plan, attr))
     return new

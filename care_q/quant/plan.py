@@ -126,6 +126,9 @@ class QuantPlan:
             if obs is None:
                 raise CareQError(f"tensor group '{root}' saw no calibration data")
             lo, hi = obs.range(spec.method, spec.dtype, spec.symmetric, spec.percentile)
+            floor = getattr(self, "logit_floor", None)
+            if floor is not None and root == self.specs[self.graph.output].group and not spec.symmetric:
+                lo = max(lo, min(floor, hi))  # int8 logits: only the top classes need resolution
             self.ranges[root] = (float(obs.min), float(obs.max))
             self.qparams[root] = qparams_from_range(lo, hi, spec.dtype, spec.symmetric)
         self.consts = {}
