@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+from care_q.commands.common import add_data_root, add_model_args, add_threads
+
 
 def add_parser(sub):
     p = sub.add_parser("eval", help="top-1/top-5, agreement with FP32 and accuracy drop of every artifact",
                        description=__doc__)
-    p.add_argument("--model", required=True, help="care_s0 | care_s1 | care_s2")
-    p.add_argument("--weights", help="official-format checkpoint (sidecar JSON used if present)")
+    add_model_args(p)
     p.add_argument("--artifacts", required=True, help="folder of .tflite / .onnx files (or one file)")
     p.add_argument("--dataset", required=True, help="labelled dataset name (care-q datasets) or ImageFolder path")
-    p.add_argument("--data-root", help="data root (default: $CARE_Q_DATA)")
+    add_data_root(p)
     p.add_argument("--limit", type=int, help="a stratified, seeded subset of N images (default: all)")
-    p.add_argument("--img-size", type=int, help="input resolution (default: sidecar, else 224)")
-    p.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
+    add_threads(p, what="runtime threads")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch where the runtime allows")
     p.add_argument("--seed", type=int, default=0, help="subset seed (default 0)")
     p.add_argument("--tflite-delegate", default="xnnpack", choices=["xnnpack", "builtin", "reference"])

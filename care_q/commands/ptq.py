@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+from care_q.commands.common import add_data_root, add_model_args, add_recipe, add_threads
+
 
 def add_parser(sub):
     p = sub.add_parser("ptq", help="quantize a CARE model to int8 .tflite and QDQ .onnx",
                        description=__doc__)
-    p.add_argument("--model", required=True, help="care_s0 | care_s1 | care_s2")
-    p.add_argument("--weights", help="official-format checkpoint (sidecar JSON used if present)")
+    add_model_args(p)
     p.add_argument("--calib", default="imagenet_1k_subset", help="calibration set name or ImageFolder path")
-    p.add_argument("--data-root", help="data root (default: $CARE_Q_DATA)")
+    add_data_root(p)
     p.add_argument("--num-calib", type=int, help="calibration images (default: the whole set)")
-    p.add_argument("--recipe", default="ptq_int8", help="recipe name (care-q recipes) or YAML path")
+    add_recipe(p, "ptq_int8")
     p.add_argument("--target", default=None, help="comma list: tflite,onnx (default: the recipe's)")
-    p.add_argument("--img-size", type=int, help="input resolution (default: sidecar, else 224)")
     p.add_argument("--io", choices=["float", "int8"], help="artifact input/output type (default: recipe)")
     p.add_argument("--num-verify", type=int, default=200, help="held-out images for runtime verification")
     p.add_argument("--latency-runs", type=int, default=20,
                    help="timed runs per artifact vs FP32 (0: skip latency)")
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p)
     p.add_argument("--min-agreement", type=float, default=0.99,
                    help="fail when an artifact's top-1 agreement with the fake-quant reference is lower")
     p.add_argument("--fallback-synthetic", action="store_true",

@@ -6,14 +6,15 @@ Starts from the PTQ calibration of the same recipe; resumable (--resume); data-p
 
 from __future__ import annotations
 
+from care_q.commands.common import add_data_root, add_model_args, add_recipe, add_threads
+
 
 def add_parser(sub):
     p = sub.add_parser("qat", help="quantization-aware training from a checkpoint, then int8 export",
                        description=__doc__)
-    p.add_argument("--model", required=True, help="care_s0 | care_s1 | care_s2")
-    p.add_argument("--weights", required=True, help="official-format checkpoint (sidecar JSON used if present)")
+    add_model_args(p, weights_required=True)
     p.add_argument("--dataset", required=True, help="labelled training set: name or ImageFolder path")
-    p.add_argument("--recipe", default="qat_int8", help="QAT recipe name (care-q recipes) or YAML path")
+    add_recipe(p, "qat_int8")
     p.add_argument("--epochs", type=float, help="epochs, may be fractional (default: the recipe's qat.epochs)")
     p.add_argument("--max-steps", type=int,
                    help="stop after N steps in all without changing the schedule; continue with --resume")
@@ -28,13 +29,12 @@ def add_parser(sub):
     p.add_argument("--num-verify", type=int, default=200, help="held-out images for runtime verification")
     p.add_argument("--target", help="comma list: tflite,onnx (default: the recipe's; none: no export)")
     p.add_argument("--io", choices=["float", "int8"], help="artifact input/output type (default: recipe)")
-    p.add_argument("--img-size", type=int, help="input resolution (default: sidecar, else 224)")
     p.add_argument("--limit", type=int, help="train on a stratified subset of N images")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes per rank")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-root", help="data root (default: $CARE_Q_DATA)")
+    add_data_root(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
+    add_threads(p, None, "torch CPU threads per process")
     p.add_argument("--min-agreement", type=float, default=0.99,
                    help="fail when an artifact's top-1 agreement with the fake-quant model is lower")
     p.add_argument("--out", required=True, help="output folder")

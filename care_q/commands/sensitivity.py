@@ -3,23 +3,23 @@ time (or all but one), ranked: what to keep in higher precision."""
 
 from __future__ import annotations
 
+from care_q.commands.common import add_data_root, add_model_args, add_recipe, add_threads
+
 
 def add_parser(sub):
     p = sub.add_parser("sensitivity", help="rank layers by the damage their int8 quantization does",
                        description=__doc__)
-    p.add_argument("--model", required=True, help="care_s0 | care_s1 | care_s2")
-    p.add_argument("--weights", help="official-format checkpoint (sidecar JSON used if present)")
+    add_model_args(p)
     p.add_argument("--calib", default="imagenet_1k_subset", help="calibration set name or ImageFolder path")
-    p.add_argument("--data-root", help="data root (default: $CARE_Q_DATA)")
-    p.add_argument("--recipe", default="ptq_int8", help="recipe name (care-q recipes) or YAML path")
+    add_data_root(p)
+    add_recipe(p, "ptq_int8")
     p.add_argument("--num-calib", type=int, help="calibration images (default: the whole set)")
     p.add_argument("--num-eval", type=int, default=256, help="held-out images to score on (default 256)")
     p.add_argument("--eval-set", help="labelled set to score on (default: held-out images of --calib)")
-    p.add_argument("--img-size", type=int, help="input resolution (default: sidecar, else 224)")
     p.add_argument("--by", default="block", choices=["block", "stage", "role"],
                    help="layer groups: blocks, stages, or tensor roles (as recipes name them)")
     p.add_argument("--modes", default="only,all_but", help="comma list of only, all_but (default both)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    add_threads(p, what="torch threads")
     p.add_argument("--top", type=int, default=15, help="rows to print (all are in the report)")
     p.add_argument("--out", default="out/sensitivity", help="output folder (default out/sensitivity)")
     return p

@@ -10,7 +10,6 @@ from care_q.quant.observers import HistogramObserver
 from care_q.quant.plan import QuantPlan
 from care_q.quant.qtypes import DType, Method, qparams_from_range
 
-
 TOPK = 5
 
 
