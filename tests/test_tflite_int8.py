@@ -105,3 +105,41 @@ def test_int8_io(tmp_path):
         ref = model(x, QuantOps(plan, "quant", exact=True)).numpy()
     got = runner(x.numpy())
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.75
+
+
+@pytest.mark.parametrize("scales,naive_differs", [((0.05, 0.031, 0.06), True), ((0.011, 0.2, 0.17), True),
+                                                  ((0.1, 0.1, 0.1), False), ((0.003, 0.0045, 0.0021), False)])
+def test_xnnpack_int8_add_emulation(tmp_path, scales, naive_differs):
+    """One int8 ADD run by XNNPACK equals `xnnpack_add_codes` on every input pair; the float
+    rounding (round half to even of the exact sum) does not."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from care_q.export.tflite_builder import TFLiteBuilder, options
+    from care_q.quant.fakequant import xnnpack_add_codes
+
+    s_a, s_b, s_o = scales
+    za, zb, zo = 3, -7, -2
+    b = TFLiteBuilder()
+    a_t = b.tensor("a", (1, 256, 256), np.int8, s_a, za)
+    b_t = b.tensor("b", (1, 256, 256), np.int8, s_b, zb)
+    o_t = b.tensor("o", (1, 256, 256), np.int8, s_o, zo)
+    b.op(fb.BuiltinOperator.ADD, [a_t, b_t], [o_t], fb.BuiltinOptions.AddOptions, options(fb.AddOptionsT), version=2)
+    b.inputs, b.outputs = [a_t, b_t], [o_t]
+    path = tmp_path / "add.tflite"
+    path.write_bytes(b.to_bytes())
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path), num_threads=1)
+    it.allocate_tensors()
+    grid = np.arange(-128, 128, dtype=np.int8)
+    qa, qb = np.meshgrid(grid, grid, indexing="ij")  # every pair of int8 codes
+    ins = it.get_input_details()
+    it.set_tensor(ins[0]["index"], qa[None])
+    it.set_tensor(ins[1]["index"], qb[None])
+    it.invoke()
+    got = it.get_tensor(it.get_output_details()[0]["index"])[0].astype(np.int64)
+    ia, ib = torch.from_numpy(qa.astype(np.int64) - za), torch.from_numpy(qb.astype(np.int64) - zb)
+    emu = xnnpack_add_codes(ia, ib, s_a, s_b, s_o, -128 - zo, 127 - zo).numpy().astype(np.int64) + zo
+    assert (emu == got).all(), int((emu != got).sum())
+    naive = np.clip(np.round((ia.numpy() * np.float32(s_a) + ib.numpy() * np.float32(s_b)) / np.float32(s_o)) + zo, -128, 127)
+    assert (naive != got).any() == naive_differs  # float rounding misses XNNPACK's on some pairs

@@ -36,7 +36,8 @@ from care_q.utils.io import atomic_write_json, atomic_write_text
 SUITE = EVAL_DIR / "suite.yaml"
 # Part of the cache key of every quantization step: bump it when the exporters' or the
 # calibration's output changes for the same settings, so a cached step is not reused.
-CODE_VERSION = 2
+CODE_VERSION = 3  # 3: TFLite verification against XNNPACK's int8 ADD arithmetic
+QAT_CODE_VERSION = 2
 
 # ----------------------------------------------------------------------------- schema
 
@@ -427,7 +428,7 @@ def run_qat(cfg: dict, Q: dict, A: dict, root: Path, steps: Steps, data_root, pr
         from care_q.quant.recipe import load_recipe
 
         conf = {"model": A["model"], "weights": wstamp, "recipe": name, "recipe_content": load_recipe(name).to_json(),
-                "code": CODE_VERSION,
+                "code": QAT_CODE_VERSION,
                 "dataset": Q["dataset"], "epochs": Q["epochs"],
                 "limit": Q["limit"], "eval": A["dataset"], "eval_limit": Q["eval_limit"], "calib": A["calib"],
                 "num_calib": A["num_calib"], "seed": cfg["seed"]}

@@ -13,12 +13,15 @@ integer runtimes do: exact integer accumulation (float64), then float32 requanti
 ``round_half_even(float32(acc) * (s_in * s_w / s_out))`` as XNNPACK and onnxruntime's MLAS
 compute it. This is the verification reference: float32 accumulation alone differs from the
 runtimes by one step on ~1e-5 of the outputs, which a low-SNR network amplifies.
+``exact="xnnpack"`` also computes int8 ADDs as XNNPACK does (fixed-point multipliers, rounding
+half up; onnxruntime's QLinearAdd rounds in float, as ``exact=True``): the TFLite reference.
 
 Gradients pass straight through the rounding (STE), so QAT trains this same module.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -56,6 +59,24 @@ def quantize_weight(w: torch.Tensor, scales: torch.Tensor, qmax: int = 127) -> t
     return torch.fake_quantize_per_channel_affine(w, scales.float(), zp, 0, -qmax, qmax)
 
 
+def xnnpack_add_codes(ia: torch.Tensor, ib: torch.Tensor, s_a: float, s_b: float, s_out: float, lo: int,
+                      hi: int) -> torch.Tensor | None:
+    """XNNPACK's int8 ADD on integer codes minus zero points (``ia``, ``ib``; result likewise,
+    clamped to [lo, hi]): 21-bit fixed-point multipliers of float32(s_a / s_out) and
+    float32(s_b / s_out) sharing one shift, rounding half up,
+    ``(m_a * ia + m_b * ib + 2^(shift-1)) >> shift`` (XNNPACK's qs8 add parameters, as its
+    TFLite delegate sets them up). None where the delegate would not take the ADD (a scale ratio
+    outside [2^-10, 2^8): TFLite's own kernel runs it)."""
+    so = np.float32(s_out)
+    ratios = [np.float32(np.float32(s) / so) for s in (s_a, s_b)]
+    if not all(2.0 ** -10 <= r < 2.0 ** 8 for r in ratios):
+        return None
+    shift = 20 - (int(np.frexp(max(ratios))[1]) - 1)
+    m_a, m_b = (float(np.rint(np.float32(r * np.float32(2.0 ** shift)))) for r in ratios)
+    acc = m_a * ia.double() + m_b * ib.double() + 2.0 ** (shift - 1)
+    return torch.clamp(torch.floor(acc / 2.0 ** shift), lo, hi)
+
+
 def unit_weight_and_bias(value: float, in_scale: float) -> tuple[float, float]:
     """Dequantized weight (127 at scale 1/127) and int32-rounded bias of `x * 1 + value`."""
     s_w = torch.tensor(1.0 / 127.0, dtype=torch.float32)
@@ -72,10 +93,11 @@ def quantize_bias(b: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 class QuantOps(Ops):
     def __init__(self, plan: QuantPlan, mode: str = "quant", record: bool = False,
-                 observers: dict[str, HistogramObserver] | None = None, exact: bool = False):
+                 observers: dict[str, HistogramObserver] | None = None, exact: bool | str = False):
         if mode not in ("observe", "quant", "float"):
             raise ValueError(mode)
-        self.exact = exact and mode == "quant"
+        self.exact = bool(exact) and mode == "quant"
+        self.xnnpack_add = exact == "xnnpack" and mode == "quant"
         self.plan = plan
         self.mode = mode
         self.observers = observers if observers is not None else {}
@@ -179,7 +201,18 @@ class QuantOps(Ops):
         return self._out(name, F.linear(x, quantize_weight(w, s_w, q), quantize_bias(b, s_w * s_in)))
 
     def add(self, name, a, b):
+        ins = self.plan.graph_inputs[name]
+        if self.xnnpack_add and len(ins) == 2 and self._exact_ok(name, ins):
+            y = self._xnnpack_add(name, a, b, ins)
+            if y is not None:
+                return self._out(name, y)
         return self._out(name, a + b)
+
+    def _xnnpack_add(self, name, a, b, ins) -> torch.Tensor | None:
+        qa, qb, qo = (self.plan.qp(t) for t in (*ins, name))
+        q = xnnpack_add_codes(self._ints(a, ins[0]), self._ints(b, ins[1]), qa.scale[0], qb.scale[0], qo.scale[0],
+                              qo.qmin - qo.zero_point[0], qo.qmax - qo.zero_point[0])
+        return None if q is None else (q * float(np.float32(qo.scale[0]))).to(a.dtype)
 
     def mul(self, name, a, b):
         return self._out(name, a * b)
