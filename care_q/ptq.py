@@ -39,11 +39,11 @@ def _artifact_names(name: str) -> dict[str, str]:
     return {"tflite": f"{name}_int8.tflite", "onnx": f"{name}_int8_qdq.onnx"}
 
 
-def _emit(target: str, plan, io: str, path: Path) -> None:
+def _emit(target: str, plan, io: str, path: Path, preprocess=None, model_name: str = "care") -> None:
     if target == "tflite":
         from care_q.export.tflite_int8 import emit_tflite_int8
 
-        data = emit_tflite_int8(plan, io=io)
+        data = emit_tflite_int8(plan, io=io, preprocess=preprocess, model_name=model_name)
         with atomic_path(path) as tmp:
             tmp.write_bytes(data)
     else:
@@ -189,7 +189,7 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
     names = _artifact_names(model)
     for t in targets:
         path = out / names[t]
-        _emit(t, plan, io, path)
+        _emit(t, plan, io, path, preprocess=pre, model_name=model)
         v = _verify(path, dmodel, plan, xv.numpy(), threads)
         artifacts[t] = {"path": str(path), "size_bytes": path.stat().st_size, "verification": v,
                         "census": _census(path)}

@@ -143,3 +143,25 @@ def test_xnnpack_int8_add_emulation(tmp_path, scales, naive_differs):
     assert (emu == got).all(), int((emu != got).sum())
     naive = np.clip(np.round((ia.numpy() * np.float32(s_a) + ib.numpy() * np.float32(s_b)) / np.float32(s_o)) + zo, -128, 127)
     assert (naive != got).any() == naive_differs  # float rounding misses XNNPACK's on some pairs
+
+
+def test_app_metadata_normalisation_and_labels(tmp_path):
+    """TFLite Support metadata: mean/std in pixel units, labels.txt packed; the model runs unchanged."""
+    from care_q.export.tflite_metadata import read_metadata
+    from care_q.models import PreprocessConfig
+
+    model, plan, path = _build(tmp_path)
+    names = [f"class {i}" for i in range(10)]
+    pre = PreprocessConfig(input_size=(3, SIZE, SIZE), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), label_names=names)
+    with_meta = tmp_path / "meta.tflite"
+    with_meta.write_bytes(emit_tflite_int8(plan, preprocess=pre, model_name="care_test"))
+    md = read_metadata(with_meta.read_bytes())
+    assert md["name"] == "care_test" and md["min_parser_version"] == "1.0.0"
+    assert md["input"]["name"] == "input_float" and md["input"]["normalization_type"] == 1
+    assert md["input"]["mean"] == pytest.approx([127.5, 102.0, 76.5])
+    assert md["input"]["std"] == pytest.approx([51.0, 63.75, 127.5])
+    assert md["output"]["files"] == [{"name": "labels.txt", "type": 2}]  # TENSOR_AXIS_LABELS
+    assert md["packed_files"]["labels.txt"].decode().splitlines() == names
+    assert read_metadata(path.read_bytes()) == {}
+    x = np.random.RandomState(0).randn(3, 3, SIZE, SIZE).astype(np.float32)
+    assert np.array_equal(load_runner(path, threads=1)(x), load_runner(with_meta, threads=1)(x))

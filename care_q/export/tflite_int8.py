@@ -355,10 +355,21 @@ class _Emitter:
              options(fb.FullyConnectedOptionsT), version=12 if per_channel else 4)
 
 
-def emit_tflite_int8(plan: QuantPlan, io: str = "float", debug_outputs: bool = False) -> bytes:
+def emit_tflite_int8(plan: QuantPlan, io: str = "float", debug_outputs: bool = False, preprocess=None,
+                     model_name: str = "care") -> bytes:
     """The int8 TFLite flatbuffer for a calibrated plan.
 
     ``debug_outputs`` makes every graph tensor a model output, so a runtime's intermediate
-    values can be compared op by op with the fake-quant reference.
+    values can be compared op by op with the fake-quant reference. ``preprocess`` (a
+    `PreprocessConfig`): embed its normalisation and label map as TFLite Support metadata
+    (`care_q.export.tflite_metadata`), which Android's ImageClassifier reads.
     """
-    return _Emitter(plan, io, debug_outputs).emit()
+    e = _Emitter(plan, io, debug_outputs)
+    if preprocess is None:
+        return e.emit()
+    from care_q.export.tflite_metadata import app_metadata, append_associated_files
+
+    meta, files = app_metadata(preprocess, model_name, f"{model_name} int8 (care-q, recipe {plan.recipe.name})",
+                               "input_float" if io == "float" else plan.graph.input, "logits")
+    e.b.metadata.append(("TFLITE_METADATA", meta))
+    return append_associated_files(e.emit(), files)

@@ -536,7 +536,7 @@ def _finish(report, qnet, plan, bits, rec, model, out, io, targets, cal_ds, eval
     names = _artifact_names(model, rec)
     for t in targets:
         path = out / names[t]
-        _emit(t, plan, io, path)
+        _emit(t, plan, io, path, preprocess=pre, model_name=model)
         v = _verify(path, student, plan, xv.numpy(), threads)
         artifacts[t] = {"path": str(path), "size_bytes": path.stat().st_size, "verification": v}
         log(f"{t}: {path} ({path.stat().st_size / 1e6:.2f} MB), top-1 agreement with the fake-quant model "
