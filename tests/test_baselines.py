@@ -76,16 +76,18 @@ def test_tool_errors_are_recorded(fp32, tmp_path):
         run_baselines(junk, None, np.zeros((0, 3, SIZE, SIZE), np.float32), tmp_path / "o")
 
 
-def test_nncf_result_or_recorded_failure(fp32):
-    """NNCF 3.4 fails on CARE's concat/split scale groups (InternalError); either way it is a result."""
+def test_nncf_quantizes_care(fp32):
+    """NNCF 3.4's transformer default (mixed preset) stops on CARE's concat scale groups; the
+    runner falls back to the performance preset and says so: a loadable QDQ model either way."""
     from care_q.eval.baselines import run_baselines
 
     r = run_baselines(fp32["onnx"], None, fp32["x"][:4], fp32["root"] / "nncf", names=["nncf"], prefix="t")["nncf"]
-    if r["ok"]:
-        assert r["census"]["quantize"] > 0 and r["settings"]["model_type"] == "TRANSFORMER"
+    assert r["ok"], r.get("failure")
+    assert r["census"]["quantize"] > 0 and r["settings"]["model_type"] == "TRANSFORMER"
+    if r["settings"]["preset"] == "performance":
+        assert "unified scale group" in r["settings"]["note"]
     else:
-        f = r["failure"]
-        assert f["stage"] in ("quantize", "load") and f["exception"] and len(f["message"]) > len(f["exception"])
+        assert r["settings"]["preset"] == "default (mixed)"
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@ SUITE = EVAL_DIR / "suite.yaml"
 # calibration's output changes for the same settings, so a cached step is not reused.
 CODE_VERSION = 3  # 3: TFLite verification against XNNPACK's int8 ADD arithmetic
 QAT_CODE_VERSION = 2
+BASELINE_RECORDS = 2  # care_q.eval.baselines.RECORD_VERSION when the baselines last changed
 
 # ----------------------------------------------------------------------------- schema
 
@@ -321,7 +322,8 @@ def run_accuracy(cfg: dict, A: dict, root: Path, steps: Steps, data_root, progre
         return run_baselines(fp["artifacts"]["onnx"]["path"], fp["artifacts"]["tflite"]["path"], x, d / "baselines",
                              A["baselines"], prefix=model, threads=threads, cache=True, say=steps.log)
 
-    bl = steps.run(f"{A['name']}/baselines", {**calib_cfg, "baselines": A["baselines"]}, do_baselines, d / "baselines")
+    bl = steps.run(f"{A['name']}/baselines", {**calib_cfg, "baselines": A["baselines"], "version": BASELINE_RECORDS},
+                   do_baselines, d / "baselines")
     methods = _method_paths(model, d / "fp32", d / "ptq", bl)
     arts = {m["file"]: {"path": m["path"], "source": m["source"]} for m in methods.values() if "failure" not in m}
 
@@ -398,7 +400,8 @@ def run_latency(cfg: dict, Lc: dict, A: dict, root: Path, steps: Steps, data_roo
             return run_baselines(fp["onnx"]["path"], fp["tflite"]["path"], x, d / "baselines", Lc["baselines"],
                                  prefix=model, threads=threads, cache=True, say=steps.log)
 
-        bl = steps.run(f"latency/{model}/baselines", {**calib_cfg, "baselines": Lc["baselines"]}, do_baselines,
+        bl = steps.run(f"latency/{model}/baselines", {**calib_cfg, "baselines": Lc["baselines"],
+                                                               "version": BASELINE_RECORDS}, do_baselines,
                        d / "baselines")
         methods = _method_paths(model, d / "fp32", d / "ptq", bl)
         arts = {m["file"]: {"path": m["path"], "source": m["source"]} for m in methods.values() if "failure" not in m}

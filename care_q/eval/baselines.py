@@ -8,6 +8,7 @@
   per-channel weights, MinMax calibration, int8 activations and weights (its defaults otherwise);
 - ``nncf``: ``nncf.quantize`` on the FP32 ONNX model with the transformer preset
   (``model_type=nncf.ModelType.TRANSFORMER``), every calibration image used (``subset_size``);
+  where its default (mixed) preset stops on CARE's unified-scale groups, the performance preset;
 - ``ai_edge_quantizer``: ai-edge-quantizer's static int8 recipe (``static_wi8_ai8``: int8
   weights and activations, min/max) on the FP32 .tflite, calibrated through its calibration API
   (a dict of signature inputs per image).
@@ -117,9 +118,23 @@ def nncf_quantize(fp32_onnx: Path, x: np.ndarray, path: Path) -> dict:
     model = onnx.load(str(fp32_onnx))
     input_name = model.graph.input[0].name
     data = nncf.Dataset([x[i:i + 1] for i in range(len(x))], lambda item: {input_name: item})
-    settings = {"model_type": "TRANSFORMER", "subset_size": int(len(x)), "preset": "default (performance)"}
-    with _quiet():
-        q = nncf.quantize(model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(x))
+    settings = {"model_type": "TRANSFORMER", "subset_size": int(len(x)), "preset": "default (mixed)"}
+    try:
+        with _quiet():
+            q = nncf.quantize(model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(x))
+    except nncf.InternalError as e:
+        # On CARE the transformer model type's default (mixed: asymmetric activations where NNCF
+        # prefers them) puts an asymmetric and a symmetric Add into one unified-scale group (a
+        # Concat's inputs) and stops with "QConfigs for unified scale group ... are not equal";
+        # the performance preset (symmetric activations) is the documented alternative.
+        if "unified scale group" not in str(e):
+            raise
+        settings["preset"] = "performance"
+        settings["note"] = ("the transformer default (mixed preset) fails on CARE: QConfigs for a unified scale "
+                            "group (asymmetric and symmetric Add into one Concat) are not equal")
+        with _quiet():
+            q = nncf.quantize(model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(x),
+                              preset=nncf.QuantizationPreset.PERFORMANCE)
     with atomic_path(path) as tmp:
         onnx.save(q, str(tmp))
     return settings
@@ -200,6 +215,9 @@ def run_baseline(name: str, fp32: Path, x: np.ndarray, path: Path, threads: int 
     return res
 
 
+RECORD_VERSION = 2  # cached baseline records of another version are redone (2: NNCF performance-preset fallback)
+
+
 def run_baselines(fp32_onnx, fp32_tflite, x: np.ndarray, out_dir, names=BASELINES, prefix: str = "model",
                   threads: int = 2, cache: bool = False, say: Callable[[str], None] | None = None) -> dict:
     """Run each baseline in ``names`` on the FP32 artifacts with calibration images ``x``
@@ -224,8 +242,10 @@ def run_baselines(fp32_onnx, fp32_tflite, x: np.ndarray, out_dir, names=BASELINE
         if cache and record.exists():
             import json
 
-            res[name] = json.loads(record.read_text())
-            continue
+            cached = json.loads(record.read_text())
+            if cached.get("record_version") == RECORD_VERSION:
+                res[name] = cached
+                continue
         if say:
             say(f"baseline {name}: quantizing {fp32.name if fp32 else '?'} on {len(x)} images")
         if fp32 is None or not fp32.exists():
@@ -235,5 +255,5 @@ def run_baselines(fp32_onnx, fp32_tflite, x: np.ndarray, out_dir, names=BASELINE
         else:
             res[name] = run_baseline(name, fp32, x, path, threads=threads)
         if cache:
-            atomic_write_json(res[name], record)
+            atomic_write_json({**res[name], "record_version": RECORD_VERSION}, record)
     return res
