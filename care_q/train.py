@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from care_q.errors import CareQError
-from care_q.utils.io import atomic_torch_save
+from care_q.utils.io import atomic_torch_save, load_resume_state
 
 # Settings that must match for --resume to continue a run (the others may change).
 RESUME_KEYS = ("model", "dataset", "dataset_path", "img_size", "epochs", "batch_size", "lr",
@@ -181,18 +181,7 @@ def train(model: str = "care_s0", dataset: str = "cifar10_train", img_size: int 
     log_path = out / "train_log.txt"
 
     if resume:
-        if not last_path.exists():
-            raise CareQError(f"--resume: no {last_path} to resume from")
-        try:
-            state = torch.load(last_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CareQError(f"--resume: {last_path} could not be read ({str(e).splitlines()[0]})") from None
-        saved = state.get("config", {})
-        diff = [f"{k}: {saved.get(k)!r} in {last_path.name}, {config[k]!r} now" for k in RESUME_KEYS
-                if saved.get(k) != config[k]]
-        if diff:
-            raise CareQError(f"--resume: the run in {out} was started with other settings ("
-                             + "; ".join(diff) + ")")
+        state = load_resume_state(last_path, config, RESUME_KEYS, out)
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

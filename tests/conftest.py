@@ -38,3 +38,15 @@ def proxy_ckpt() -> Path:
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     return _need(DATA_ROOT)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests: on a loaded 2-core machine two threads are up to 8x
+    slower (measured while training the proxy)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

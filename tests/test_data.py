@@ -31,12 +31,7 @@ CIFAR_PP = PreprocessConfig(input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0
                             interpolation="bilinear", crop_pct=1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _img(path: Path, color=(200, 30, 30), size=32, mode="RGB", fmt=None):

@@ -41,12 +41,7 @@ qat: {lr: 0.001, batch_size: 8, learn_scales: true, checkpoint_every: 2, warmup_
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_toy(root: Path, classes=tuple(COLORS), n: int = 16) -> Path:

@@ -23,3 +23,16 @@ def add_recipe(p, default: str) -> None:
 def add_threads(p, default: int | None = 2, what: str = "runtime and torch threads") -> None:
     p.add_argument("--threads", type=int, default=default,
                    help=f"{what} (default {default if default is not None else 'torch' + chr(39) + 's choice'})")
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads`` to torch (None: leave torch's default)."""
+    if threads is None:
+        return
+    import torch
+
+    from care_q.errors import CareQError
+
+    if threads < 1:
+        raise CareQError(f"--threads must be positive, got {threads}")
+    torch.set_num_threads(threads)

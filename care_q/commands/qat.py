@@ -42,15 +42,10 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    import torch
-
-    from care_q.errors import CareQError
+    from care_q.commands.common import set_threads
     from care_q.qat import qat
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CareQError(f"--threads must be positive, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     targets = None
     if args.target is not None:
         targets = [] if args.target == "none" else [t for t in args.target.split(",") if t]

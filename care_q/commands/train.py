@@ -37,15 +37,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    import torch
-
-    from care_q.errors import CareQError
+    from care_q.commands.common import set_threads
     from care_q.train import train
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CareQError(f"--threads must be positive, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     res = train(model=args.model, dataset=args.dataset, img_size=args.img_size, epochs=args.epochs,
                 out=args.out, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,

@@ -63,3 +63,24 @@ def _json_default(o):
     if isinstance(o, tuple):
         return list(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def load_resume_state(path: str | Path, config: dict, keys, out: str | Path) -> dict:
+    """The checkpoint ``path`` of a run in ``out`` that ``--resume`` continues, checked: it exists,
+    loads (weights only), and was started with the same ``config`` values for ``keys``."""
+    import torch
+
+    from care_q.errors import CareQError
+
+    path = Path(path)
+    if not path.exists():
+        raise CareQError(f"--resume: no {path} to resume from")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CareQError(f"--resume: {path} could not be read ({str(e).splitlines()[0]})") from None
+    saved = state.get("config", {})
+    diff = [f"{k}: {saved.get(k)!r} in {path.name}, {config[k]!r} now" for k in keys if saved.get(k) != config[k]]
+    if diff:
+        raise CareQError(f"--resume: the run in {out} was started with other settings (" + "; ".join(diff) + ")")
+    return state
