@@ -95,11 +95,12 @@ def evaluate_top1(model: nn.Module, loader, progress: bool | None = None,
     return 100.0 * correct / max(total, 1)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """The random state a resumable run checkpoints (torch and Python's)."""
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     if "torch" in state:
         torch.set_rng_state(state["torch"])
     if "python" in state:
@@ -187,7 +188,7 @@ def train(model: str = "care_s0", dataset: str = "cifar10_train", img_size: int 
         sched.load_state_dict(state["scheduler"])
         epoch, step_in_epoch, step = state["epoch"], state["step_in_epoch"], state["step"]
         history = list(state.get("history", []))
-        _set_rng_state(state.get("rng", {}))
+        set_rng_state(state.get("rng", {}))
         log(f"resuming {out} at epoch {epoch + 1}, step {step}/{total_steps}")
     else:
         if last_path.exists():
@@ -198,7 +199,7 @@ def train(model: str = "care_s0", dataset: str = "cifar10_train", img_size: int 
     def save_last():
         atomic_torch_save({"model": net.state_dict(), "optimizer": opt.state_dict(),
                            "scheduler": sched.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                           "step": step, "rng": _rng_state(), "config": config, "history": history},
+                           "step": step, "rng": rng_state(), "config": config, "history": history},
                           last_path)
 
     def append_log(line: str):

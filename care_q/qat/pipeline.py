@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import platform
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +55,11 @@ from care_q.quant.calibrate import calibrate
 from care_q.quant.fakequant import QuantOps
 from care_q.quant.plan import build_plan
 from care_q.quant.recipe import Recipe, load_recipe
+from care_q.train import rng_state as _rng_state
+from care_q.train import set_rng_state as _set_rng_state
 from care_q.transforms import deploy
 from care_q.transforms.substitute import gelu_to_silu
-from care_q.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from care_q.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_resume_state
 
 MIN_AGREEMENT = 0.99
 TARGET_AGREEMENT = 0.995  # the issue's target, reported next to the measured agreement
@@ -109,18 +110,6 @@ def top1(forward, loader, device, description: str = "eval", progress: bool | No
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Percent of images where two models predict the same class."""
     return 100.0 * float((a == b).double().mean())
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "python" in state:
-        v, internal, gauss = state["python"]
-        random.setstate((v, tuple(internal), gauss))
 
 
 def _recipe_key(rec: Recipe) -> dict:
@@ -295,17 +284,7 @@ def _run(dist: Dist, *, model, weights, dataset, rec, epochs, max_steps, lr, bat
     ckpt_path = out / "last.pt"
     state = None
     if resume:
-        if not ckpt_path.exists():
-            raise CareQError(f"--resume: no {ckpt_path} to resume from")
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CareQError(f"--resume: {ckpt_path} could not be read ({str(e).splitlines()[0]})") from None
-        saved = state.get("config", {})
-        diff = [f"{k}: {saved.get(k)!r} in {ckpt_path.name}, {config[k]!r} now" for k in RESUME_KEYS
-                if saved.get(k) != config[k]]
-        if diff:
-            raise CareQError(f"--resume: the run in {out} was started with other settings (" + "; ".join(diff) + ")")
+        state = load_resume_state(ckpt_path, config, RESUME_KEYS, out)
     elif ckpt_path.exists():
         raise CareQError(f"{out} already holds a QAT run ({ckpt_path.name}); pass --resume to continue it, "
                          f"or choose another --out")
