@@ -91,8 +91,11 @@ def test_op_census_no_float_islands(tmp_path):
 def test_xnnpack_delegation(tmp_path):
     _, _, path = _build(tmp_path, silu=True)
     info = load_runner(path, threads=1).delegate_info
-    # with SiLU only the DIVs (one per attention block) stay outside XNNPACK
+    # with SiLU only the DIVs (one per attention block) stay outside XNNPACK; every int8 ADD is
+    # taken although this random-init model's residual branches are ~1e-4 of their skip paths
+    # (the plan floors ADD input scales at 2^-10 of the output's)
     assert info["undelegated_ops"].get("DIV") == 3
+    assert "ADD" not in info["undelegated_ops"]
     assert "GELU" not in info["undelegated_ops"] or info["undelegated_ops"]["GELU"] <= 1  # float head GELU
 
 

@@ -36,7 +36,7 @@ from care_q.utils.io import atomic_write_json, atomic_write_text
 SUITE = EVAL_DIR / "suite.yaml"
 # Part of the cache key of every quantization step: bump it when the exporters' or the
 # calibration's output changes for the same settings, so a cached step is not reused.
-CODE_VERSION = 3  # 3: TFLite verification against XNNPACK's int8 ADD arithmetic
+CODE_VERSION = 4  # 3: TFLite verification with XNNPACK ADD arithmetic; 4: ADD input-scale floor
 QAT_CODE_VERSION = 2
 BASELINE_RECORDS = 2  # care_q.eval.baselines.RECORD_VERSION when the baselines last changed
 

@@ -27,6 +27,7 @@ from care_q.quant.recipe import Recipe
 
 SHARED_OPS = ("split", "cat", "to_heads", "from_heads")
 FLOAT_ROLES = (Role.HEAD,)
+ADD_MIN_SCALE_RATIO = 2.0 ** -10 * 1.001  # XNNPACK's lower input/output scale ratio for int8 ADD, with margin
 INT8_HEAD_OPS = ("layer_norm", "linear")  # with recipe head.dtype int8: LN output and logits int8
 
 
@@ -131,12 +132,35 @@ class QuantPlan:
                 lo = max(lo, min(floor, hi))  # int8 logits: only the top classes need resolution
             self.ranges[root] = (float(obs.min), float(obs.max))
             self.qparams[root] = qparams_from_range(lo, hi, spec.dtype, spec.symmetric)
+        self._floor_add_input_scales()
         self.consts = {}
         for n in self.graph.nodes:
             if n.op == "add_const" and n.name.endswith(".den_eps") and self.quantized(n.outputs[0]):
                 # divisor guard: one LSB (x >= 0, so x + guard never rounds to the zero point;
                 # a whole LSB also avoids the rounding ties that 1.5 LSB would create)
                 self.consts[n.name] = max(float(n.attrs["value"]), self.qp(n.outputs[0]).scale[0])
+
+    def _floor_add_input_scales(self) -> None:
+        """XNNPACK takes an int8 ADD only when each input's scale is at least 2^-10 of the output's
+        (else TFLite's own kernel runs it, splitting the graph). A residual branch that is tiny
+        next to its skip path (layer scales near 0, as in a freshly initialised model) falls below
+        that; its grid is coarsened to out_scale / 1024: its values are then still resolved to
+        1/1024 of an output step, below what the ADD's output can show."""
+        for _ in range(3):  # a coarsened group can feed another ADD
+            changed = False
+            for n in self.graph.nodes:
+                if n.op != "add" or len(n.inputs) != 2 or not all(self.quantized(t) for t in (*n.inputs, n.outputs[0])):
+                    continue
+                floor = self.qp(n.outputs[0]).scale[0] * ADD_MIN_SCALE_RATIO
+                for t in n.inputs:
+                    qp = self.qp(t)
+                    if qp.scale[0] < floor:
+                        self.qparams[self.specs[t].group] = QParams((floor,), qp.zero_point, qp.dtype, qp.axis)
+                        self.specs[t].why.append(f"scale raised to 2^-10 of {n.name}'s output scale (XNNPACK's "
+                                                 f"int8 ADD scale-ratio limit)")
+                        changed = True
+            if not changed:
+                return
 
     def to_json(self) -> dict:
         out = {}
