@@ -3,8 +3,9 @@
 One TFLite op (or a short fixed sequence) per graph node, with exactly the parameters of the
 plan, so the file computes what the PyTorch fake-quant reference computes. Layout: images
 NHWC, attention tokens (1, heads, N, D). The backbone is int8 from the first QUANTIZE (float
-I/O) to the global pool; the head (GELU, LayerNorm, Linear on one 1024-vector) runs float
-after one DEQUANTIZE.
+I/O) to the global pool; the head's GELU and LayerNorm run float on one 1024-vector after one
+DEQUANTIZE; the classifier is a static int8 FULLY_CONNECTED (recipe ``head.dtype: int8``) or
+float.
 
 Kernel choices (XNNPACK is the CPU engine of TFLite):
 - conv / depthwise conv: per-channel int8 weights, int32 bias;
@@ -302,7 +303,7 @@ class _Emitter:
         o = n.outputs[0]
         pooled = self.out(o)
         self._mean(self.idx[n.inputs[0]], pooled, [1, 2], False, n.name)
-        if self.plan.quantized(o):  # the head runs float: one DEQUANTIZE
+        if self.plan.quantized(o):  # the head's GELU/LayerNorm run float: one DEQUANTIZE
             f = self.b.tensor(f"{o}.float", self.b.shape_of(pooled), np.float32)
             self.b.op(OP.DEQUANTIZE, [pooled], [f], version=2)
             self.idx[o] = f
