@@ -4,6 +4,7 @@ memory probe's crash check, and the suite definition / step cache of `make bench
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
 
@@ -228,3 +229,31 @@ def test_steps_cache_and_resume(tmp_path):
     (tmp_path / "f" / "partial.txt").write_text("x")
     steps.run("s", {"n": 2}, work("d"), tmp_path / "f")
     assert (tmp_path / "f" / "partial.txt").exists()
+
+
+def test_other_load_counts_other_processes_only():
+    """Our own busy threads are not 'other load'; a separate spinning process is."""
+    import subprocess
+    import sys
+    import time
+
+    from care_q.bench.host import OtherLoad, busy_warning
+
+    probe = OtherLoad()
+    t = time.monotonic()
+    while time.monotonic() - t < 0.6:  # this process spinning
+        pass
+    assert probe.share() < 0.15
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<3: pass"])
+    try:
+        time.sleep(0.3)
+        probe = OtherLoad()
+        time.sleep(1.2)
+        other = probe.share()
+    finally:
+        spin.kill()
+        spin.wait()
+    cores = len(os.sched_getaffinity(0))
+    assert other > 0.6 / cores  # one spinning process of `cores`
+    assert "other processes used" in busy_warning({"other_cpu_share": other})
+    assert busy_warning({"other_cpu_share": 0.02, "load_avg": {"start": 9.0}}) is None

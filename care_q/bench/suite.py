@@ -407,7 +407,7 @@ def run_latency(cfg: dict, Lc: dict, A: dict, root: Path, steps: Steps, data_roo
         arts = {m["file"]: {"path": m["path"], "source": m["source"]} for m in methods.values() if "failure" not in m}
         delegates = list(Lc["tflite_delegates"]) + [x for x in Lc["slow_delegates"] if model in Lc["slow_models"]
                                                     and x not in Lc["tflite_delegates"]]
-        bench_cfg = {"threads": threads, "runs": Lc["runs"], "warmup": Lc["warmup"], "delegates": delegates,
+        bench_cfg = {"harness": 2, "threads": threads, "runs": Lc["runs"], "warmup": Lc["warmup"], "delegates": delegates,
                      "slow_runs": Lc["slow_runs"], "artifacts": {n: file_digest(Path(a["path"])) for n, a in arts.items()}}
 
         def do_bench(arts=arts, delegates=delegates):
