@@ -197,6 +197,16 @@ class _Emitter:
         z = self.init(f"{name}/zero_point", np.array(zero, dtype))
         return self.node("DequantizeLinear", [w, s, z], [name], f"{name}/Dequantize")[0]
 
+    def _weight_dq(self, name: str, weight) -> tuple[str, np.ndarray]:
+        """The plan's int8 weights of a conv/linear module (symmetric, per output channel) + DQ,
+        and their float32 scales."""
+        per_channel = self.plan.recipe.weight_granularity == "per_channel"
+        qmax = weight_qmax(self.plan)
+        s_w = weight_scales(weight, per_channel, qmax).detach().float().numpy()
+        w = weight.detach().double().numpy()
+        qw = np.clip(np.round(w / s_w.astype(np.float64).reshape((-1,) + (1,) * (w.ndim - 1))), -qmax, qmax)
+        return self.weight_dq(name, qw, s_w, per_channel), s_w
+
     def bias_dq(self, name: str, bias: np.ndarray, scales: np.ndarray) -> str:
         """int32 bias at per-channel scales s_in * s_w, + DQ (axis 0)."""
         qb = np.clip(np.round(bias / scales), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
@@ -284,14 +294,9 @@ class _Emitter:
     def op_conv(self, n):
         conv = n.module
         x = self.val[n.inputs[0]]
-        per_channel = self.plan.recipe.weight_granularity == "per_channel"
-        qmax = weight_qmax(self.plan)
-        s_w = weight_scales(conv.weight, per_channel, qmax).detach().float().numpy()
-        w = conv.weight.detach().double().numpy()
-        qw = np.clip(np.round(w / s_w.astype(np.float64).reshape(-1, 1, 1, 1)), -qmax, qmax)
-        wt = self.weight_dq(f"{n.name}.weight", qw, s_w, per_channel)
+        wt, s_w = self._weight_dq(f"{n.name}.weight", conv.weight)
         inputs = [x, wt]
-        cout = w.shape[0]
+        cout = conv.weight.shape[0]
         bias = conv.bias.detach().double().numpy() if conv.bias is not None else None
         in_qp = self._qp(n.inputs[0])
         if in_qp is not None:
@@ -458,14 +463,9 @@ class _Emitter:
             self.out(o, self.node("Gemm", inputs, [self.raw(o)], n.name, transB=1)[0])
             return
         # static int8 classifier (recipe head.dtype int8): DQ(int8 W per row) -> Gemm -> Q, a QGemm in onnxruntime
-        per_channel = self.plan.recipe.weight_granularity == "per_channel"
-        qmax = weight_qmax(self.plan)
-        s_w = weight_scales(fc.weight, per_channel, qmax).detach().float().numpy()
-        w = fc.weight.detach().double().numpy()
-        qw = np.clip(np.round(w / s_w.astype(np.float64).reshape(-1, 1)), -qmax, qmax)
-        wt = self.weight_dq(f"{n.name}.weight", qw, s_w, per_channel)
+        wt, s_w = self._weight_dq(f"{n.name}.weight", fc.weight)
         s_b = s_w.astype(np.float64) * in_qp.scale[0]
-        bias = fc.bias.detach().double().numpy() if fc.bias is not None else np.zeros(w.shape[0])
+        bias = fc.bias.detach().double().numpy() if fc.bias is not None else np.zeros(fc.weight.shape[0])
         inputs = [self.val[n.inputs[0]], wt, self.bias_dq(f"{n.name}.bias", bias, s_b)]
         self.out(o, self.node("Gemm", inputs, [self.raw(o)], n.name, transB=1)[0])
 

@@ -138,29 +138,32 @@ class _Emitter:
             b.outputs.extend(i for n, i in self.idx.items() if i != out and n != g.input)
         return b.to_bytes()
 
+    def _int8_weights(self, name: str, weight, bias, in_tensor: str):
+        """(int8 weight codes in the module's layout, their per-output-channel scales, the int32
+        bias constant at s_in * s_w): the arithmetic QuantOps' exact reference uses."""
+        qmax = weight_qmax(self.plan)
+        per_channel = self.plan.recipe.weight_granularity == "per_channel"
+        s_w = weight_scales(weight, per_channel, qmax).double().numpy()
+        w = weight.detach().double().numpy()
+        qw = np.clip(np.round(w / s_w.reshape((-1,) + (1,) * (w.ndim - 1))), -qmax, qmax).astype(np.int8)
+        s_b = s_w * self.in_scale(in_tensor)
+        b0 = bias.detach().double().numpy() if bias is not None else np.zeros(w.shape[0])
+        qb = np.clip(np.round(b0 / s_b), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
+        bt = self.b.const(f"{name}.bias", qb, s_b, np.zeros(w.shape[0], np.int64), axis=0)
+        return qw, s_w, bt
+
     def op_conv(self, n):
         conv, b = n.module, self.b
         x = self.idx[n.inputs[0]]
-        w = conv.weight.detach().double().numpy()
-        qmax = weight_qmax(self.plan)
-        per_channel = self.plan.recipe.weight_granularity == "per_channel"
-        s_w = weight_scales(conv.weight, per_channel, qmax).double().numpy()
-        s_in = self.in_scale(n.inputs[0])
-        cout = w.shape[0]
+        cout = conv.weight.shape[0]
         depthwise = conv.groups > 1
         if depthwise and not (conv.groups == conv.in_channels == cout):
             raise CareQError(f"{n.name}: grouped conv with groups={conv.groups} has no TFLite form")
-        qw = np.clip(np.round(w / s_w.reshape(-1, 1, 1, 1)), -qmax, qmax).astype(np.int8)
+        qw, s_w, bt = self._int8_weights(n.name, conv.weight, conv.bias, n.inputs[0])
         if depthwise:
-            qw = qw.transpose(1, 2, 3, 0)  # (1, kh, kw, C)
-            wt = b.const(f"{n.name}.weight", qw, s_w, np.zeros(cout, np.int64), axis=3)
+            wt = b.const(f"{n.name}.weight", qw.transpose(1, 2, 3, 0), s_w, np.zeros(cout, np.int64), axis=3)  # (1,kh,kw,C)
         else:
-            qw = qw.transpose(0, 2, 3, 1)  # (O, kh, kw, I)
-            wt = b.const(f"{n.name}.weight", qw, s_w, np.zeros(cout, np.int64), axis=0)
-        bias = conv.bias.detach().double().numpy() if conv.bias is not None else np.zeros(cout)
-        s_b = s_w * s_in
-        qb = np.clip(np.round(bias / s_b), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
-        bt = b.const(f"{n.name}.bias", qb, s_b, np.zeros(cout, np.int64), axis=0)
+            wt = b.const(f"{n.name}.weight", qw.transpose(0, 2, 3, 1), s_w, np.zeros(cout, np.int64), axis=0)  # (O,kh,kw,I)
         y = self.out(n.outputs[0])
         pad = _padding(conv)
         sh, sw = conv.stride
@@ -342,16 +345,9 @@ class _Emitter:
                  fb.BuiltinOptions.FullyConnectedOptions, options(fb.FullyConnectedOptionsT))
             return
         # static int8 FC (recipe head.dtype int8): per-output-channel weights, int32 bias at s_in * s_w
-        qmax = weight_qmax(self.plan)
+        qw, s_w, bt = self._int8_weights(n.name, fc.weight, fc.bias, x)
+        wt = b.const(f"{n.name}.weight", qw, s_w, np.zeros(qw.shape[0], np.int64), axis=0)
         per_channel = self.plan.recipe.weight_granularity == "per_channel"
-        s_w = weight_scales(fc.weight, per_channel, qmax).double().numpy()
-        w = fc.weight.detach().double().numpy()
-        cout = w.shape[0]
-        qw = np.clip(np.round(w / s_w.reshape(-1, 1)), -qmax, qmax).astype(np.int8)
-        wt = b.const(f"{n.name}.weight", qw, s_w, np.zeros(cout, np.int64), axis=0)
-        s_b = s_w * self.in_scale(x)
-        qb = np.clip(np.round(fc.bias.detach().double().numpy() / s_b), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
-        bt = b.const(f"{n.name}.bias", qb, s_b, np.zeros(cout, np.int64), axis=0)
         b.op(OP.FULLY_CONNECTED, [self.idx[x], wt, bt], [self.out(o)], fb.BuiltinOptions.FullyConnectedOptions,
              options(fb.FullyConnectedOptionsT), version=12 if per_channel else 4)
 

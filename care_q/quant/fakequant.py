@@ -148,6 +148,16 @@ class QuantOps(Ops):
         y = torch.clamp(y, qp.qmin - qp.zero_point[0], qp.qmax - qp.zero_point[0])
         return y * s_out
 
+    def _int_weights(self, w: torch.Tensor, b: torch.Tensor | None, in_name: str):
+        """(integer weight codes, float32 per-channel scales, int32-rounded bias at s_in * s_w), as
+        float64 tensors: what the exporters write for a conv or linear module."""
+        q = self.w_qmax
+        s_w = weight_scales(w, self.per_channel, q).float()
+        w_int = torch.clamp(torch.round(w.detach().double() / s_w.double().reshape((-1,) + (1,) * (w.dim() - 1))), -q, q)
+        s_b = s_w.double() * torch.tensor(self.plan.qp(in_name).scale[0], dtype=torch.float32).double()
+        b0 = b.detach().double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        return w_int, s_w, torch.round(b0 / s_b)
+
     def _exact_conv(self, name, x, in_name, w_int, s_w, b_int, conv_args) -> torch.Tensor:
         s_in = torch.tensor(self.plan.qp(in_name).scale[0], dtype=torch.float32)
         acc = F.conv2d(self._ints(x, in_name), w_int.double(), b_int.double(), *conv_args)
@@ -161,12 +171,7 @@ class QuantOps(Ops):
         w, b = conv.weight, conv.bias
         in_name = self.plan.graph_inputs[name][0]
         if self._exact_ok(name, [in_name]):
-            q = self.w_qmax
-            s_w = weight_scales(w, self.per_channel, q).float()
-            w_int = torch.clamp(torch.round(w.detach().double() / s_w.double().reshape(-1, 1, 1, 1)), -q, q)
-            s_b = s_w.double() * torch.tensor(self.plan.qp(in_name).scale[0], dtype=torch.float32).double()
-            b0 = b.detach().double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-            b_int = torch.round(b0 / s_b)
+            w_int, s_w, b_int = self._int_weights(w, b, in_name)
             y = self._exact_conv(name, x, in_name, w_int, s_w, b_int,
                                  (conv.stride, conv.padding, conv.dilation, conv.groups))
             return self._out(name, y)
@@ -188,16 +193,14 @@ class QuantOps(Ops):
         in_name = self.plan.graph_inputs[name][0]
         if self.mode != "quant" or not (self.plan.quantized(name) and self.plan.quantized(in_name)):
             return self._out(name, F.linear(x, fc.weight, fc.bias))
-        q = self.w_qmax
         w, b = fc.weight, fc.bias
-        s_w = weight_scales(w, self.per_channel, q)
         s_in = self.plan.qp(in_name).scale[0]
         if self.exact:
-            s_w = s_w.float()
-            w_int = torch.clamp(torch.round(w.detach().double() / s_w.double().reshape(-1, 1)), -q, q)
-            b_int = torch.round(b.detach().double() / (s_w.double() * torch.tensor(s_in, dtype=torch.float32).double()))
+            w_int, s_w, b_int = self._int_weights(w, b, in_name)
             acc = F.linear(self._ints(x, in_name), w_int, b_int)
             return self._out(name, self._requant(name, acc, torch.tensor(s_in, dtype=torch.float32) * s_w, 1))
+        q = self.w_qmax
+        s_w = weight_scales(w, self.per_channel, q)
         return self._out(name, F.linear(x, quantize_weight(w, s_w, q), quantize_bias(b, s_w * s_in)))
 
     def add(self, name, a, b):
