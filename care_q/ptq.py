@@ -27,7 +27,7 @@ from care_q.quant.plan import build_plan
 from care_q.quant.qtypes import Method, Role, sqnr_db
 from care_q.quant.recipe import load_recipe
 from care_q.transforms import deploy
-from care_q.transforms.substitute import gelu_to_silu
+from care_q.transforms.substitute import apply_substitutions
 from care_q.utils.io import atomic_path, atomic_write_json, atomic_write_text
 
 MIN_AGREEMENT = 0.99
@@ -72,6 +72,9 @@ def tensor_sqnr(model, plan, x: torch.Tensor) -> dict[str, float]:
     return out
 
 
+VERIFY_CHUNK = 25
+
+
 def _verify(path: Path, model, plan, x: np.ndarray, threads: int) -> dict:
     from care_q.runtime import load_runner
 
@@ -79,7 +82,9 @@ def _verify(path: Path, model, plan, x: np.ndarray, threads: int) -> dict:
     with torch.no_grad():
         # the integer arithmetic of the artifact's runtime: XNNPACK's fixed-point int8 ADD for .tflite
         exact = "xnnpack" if Path(path).suffix == ".tflite" else True
-        ref = model(torch.from_numpy(x), QuantOps(plan, "quant", exact=exact)).numpy()
+        ops = QuantOps(plan, "quant", exact=exact)
+        xt = torch.from_numpy(x)  # in chunks: at 224 whole-batch float64 intermediates thrash the cache
+        ref = np.concatenate([model(xt[i:i + VERIFY_CHUNK], ops).numpy() for i in range(0, len(xt), VERIFY_CHUNK)])
     got = runner(x)
     agree = float((got.argmax(1) == ref.argmax(1)).mean())
     res = {"images": int(x.shape[0]), "top1_agreement": agree, "logit_sqnr_db": sqnr_db(ref, got),
@@ -103,7 +108,7 @@ def _census(path: Path) -> list[str]:
 def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet_1k_subset",
         data_root: str | Path | None = None, num_calib: int | None = None, recipe: str | Path = "ptq_int8",
         targets: list[str] | None = None, img_size: int | None = None, io: str | None = None,
-        out: str | Path = "out", num_verify: int = 200, threads: int = 2, latency_runs: int = 0,
+        out: str | Path = "out", num_verify: int = 128, threads: int = 2, latency_runs: int = 0,
         fallback_synthetic: bool = False, progress: bool | None = None, seed: int = 0,
         min_agreement: float = MIN_AGREEMENT) -> dict:
     """Quantize a CARE model to int8 artifacts and write a report. Returns the report dict.
@@ -135,12 +140,6 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
     pre = load_sidecar(weights).with_size(img_size)
     size = pre.input_size[1]
     dmodel = deploy(net)
-    if rec.gelu == "sigmoid":
-        dmodel = gelu_to_silu(dmodel)
-        notes.append("GELU substituted by x*sigmoid(1.702x) (SiLU with folded scales): approximate; "
-                     "fine-tune (QAT) to recover the difference")
-    graph = trace(dmodel, torch.zeros(1, 3, size, size))
-    plan = build_plan(graph, rec)
 
     # --- calibration data
     from care_q.data import get_dataset
@@ -162,6 +161,11 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
         notes.append(f"asked for {num_calib} calibration images, '{calib_used}' has {len(ds)}; "
                      f"calibrating on {len(ds)}")
         warnings.warn(notes[-1], stacklevel=2)
+    first = next(iter(_batches(ds, rec.batch_size)))[0]
+    dmodel, sub_notes = apply_substitutions(dmodel, rec, first)
+    notes += sub_notes
+    graph = trace(dmodel, torch.zeros(1, 3, size, size))
+    plan = build_plan(graph, rec)
     t0 = time.time()
     n_cal = calibrate(plan, dmodel, _batches(ds, rec.batch_size), total=None, progress=progress)
     t_cal = time.time() - t0
@@ -177,7 +181,7 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
     # --- per-tensor SQNR: this recipe vs one global min/max (what generic tools do)
     naive = build_plan(graph, dataclasses.replace(rec, rules=(), method=Method.MINMAX))
     naive.finalize(plan.observers)
-    xs = xv[:16]
+    xs = xv[:8]
     sq_recipe, sq_naive = tensor_sqnr(dmodel, plan, xs), tensor_sqnr(dmodel, naive, xs)
     with torch.no_grad():
         fl = dmodel(xs).numpy()
@@ -235,7 +239,10 @@ def _latency(net, out: Path, name: str, size: int, artifacts: dict, threads: int
     for t, a in artifacts.items():
         fp = out / f"{name}_fp32.{t}"
         if not fp.exists():
-            (export_onnx if t == "onnx" else export_tflite)(net, fp, size)
+            if t == "onnx":
+                export_onnx(net, fp, size, fast=True)  # a latency reference: the quick TorchScript export
+            else:
+                export_tflite(net, fp, size)
         m = measure({"fp32": load_runner(fp, threads=threads), "int8": load_runner(a["path"], threads=threads)},
                     x, runs=runs)
         res[t] = {**m, "ratio": m["int8"]["median_ms"] / m["fp32"]["median_ms"],

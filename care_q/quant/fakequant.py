@@ -37,7 +37,16 @@ SIGMOID_QPARAMS = {DType.INT8: QParams((1 / 256,), (-128,), DType.INT8),
 def fake_quant(x: torch.Tensor, qp: QParams | None) -> torch.Tensor:
     if qp is None:
         return x
-    return torch.fake_quantize_per_tensor_affine(x, qp.scale[0], qp.zero_point[0], qp.qmin, qp.qmax)
+    if x.requires_grad or x.dtype != torch.float32:
+        return torch.fake_quantize_per_tensor_affine(x, qp.scale[0], qp.zero_point[0], qp.qmin, qp.qmax)
+    # Inference: the same arithmetic as PyTorch's fake-quant kernel (float32 x * (1f / scale),
+    # round half to even, + zero point, clamp, - zero point, * scale), in place, about 2x faster
+    # on CPU (verification runs a 224 model over hundreds of images).
+    sc = np.float32(qp.scale[0])
+    zp = float(qp.zero_point[0])
+    inv = float(np.float32(1.0) / sc)
+    y = torch.mul(x, inv).round_()
+    return y.add_(zp).clamp_(qp.qmin, qp.qmax).sub_(zp).mul_(float(sc))
 
 
 def weight_qmax(plan) -> int:
@@ -75,6 +84,30 @@ def xnnpack_add_codes(ia: torch.Tensor, ib: torch.Tensor, s_a: float, s_b: float
     m_a, m_b = (float(np.rint(np.float32(r * np.float32(2.0 ** shift)))) for r in ratios)
     acc = m_a * ia.double() + m_b * ib.double() + 2.0 ** (shift - 1)
     return torch.clamp(torch.floor(acc / 2.0 ** shift), lo, hi)
+
+
+_F32_EXACT = 2.0 ** 24  # every integer of magnitude below this is a float32
+
+
+def integer_product(op, x_int: torch.Tensor, w_int: torch.Tensor, w_bound: torch.Tensor | float) -> torch.Tensor:
+    """``op(x_int, w_int)`` of integer-valued tensors (a conv or matmul: a sum of products),
+    computed exactly and returned as float64.
+
+    ``w_bound`` bounds ``sum_k |w_k|`` over any one output's terms. Where
+    ``max|x| * w_bound < 2^24`` every partial sum is an integer that float32 holds exactly, so
+    the fast float32 kernel gives the exact result in any summation order. Otherwise x is split
+    into 16 * hi + lo (|hi|, |lo| <= max|x| / 16 + 1) and the two float32 products are combined
+    in float64, if each is provably exact; float64 (slow, exact) is the last resort."""
+    w_bound = float(w_bound)
+    x_max = float(x_int.abs().max()) if x_int.numel() else 0.0
+    if x_max * w_bound < _F32_EXACT:
+        return op(x_int.float(), w_int.float()).double()
+    hi = torch.floor(x_int / 16.0)
+    lo = x_int - 16.0 * hi  # in [0, 16)
+    if (x_max / 16.0 + 1.0) * w_bound < _F32_EXACT:
+        wf = w_int.float()
+        return 16.0 * op(hi.float(), wf).double() + op(lo.float(), wf).double()
+    return op(x_int.double(), w_int.double())
 
 
 def unit_weight_and_bias(value: float, in_scale: float) -> tuple[float, float]:
@@ -160,7 +193,9 @@ class QuantOps(Ops):
 
     def _exact_conv(self, name, x, in_name, w_int, s_w, b_int, conv_args) -> torch.Tensor:
         s_in = torch.tensor(self.plan.qp(in_name).scale[0], dtype=torch.float32)
-        acc = F.conv2d(self._ints(x, in_name), w_int.double(), b_int.double(), *conv_args)
+        w_abs_sum = w_int.abs().reshape(w_int.shape[0], -1).sum(1).max()
+        acc = integer_product(lambda a, b: F.conv2d(a, b, None, *conv_args), self._ints(x, in_name), w_int, w_abs_sum)
+        acc = acc + b_int.double().reshape(1, -1, 1, 1)
         return self._requant(name, acc, s_in * s_w.float(), 1)
 
     # ------------------------------------------------------------------ ops
@@ -266,6 +301,24 @@ class QuantOps(Ops):
     def elu(self, name, x):
         return self._out(name, F.elu(x))
 
+    def relu(self, name, x):
+        return self._out(name, F.relu(x))
+
+    def sigmoid(self, name, x):
+        return self._out(name, torch.sigmoid(x))
+
+    def l2_norm(self, name, x):
+        return self._out(name, super().l2_norm(name, x))
+
+    def to_tokens(self, name, x, kind):
+        return self._out(name, super().to_tokens(name, x, kind), "to_tokens")
+
+    def from_tokens(self, name, x, hw):
+        return self._out(name, super().from_tokens(name, x, hw), "from_tokens")
+
+    def mean_axis(self, name, x, axis):
+        return self._out(name, super().mean_axis(name, x, axis))
+
     def split(self, name, x, sizes, dim=1):
         outs = torch.split(x, sizes, dim=dim)
         return tuple(self._out(f"{name}:{i}", o, "split") for i, o in enumerate(outs))
@@ -282,7 +335,10 @@ class QuantOps(Ops):
     def matmul(self, name, a, b, transpose_a=False, transpose_b=False):
         ins = self.plan.graph_inputs[name]
         if self._exact_ok(name, ins):
-            acc = super().matmul(name, self._ints(a, ins[0]), self._ints(b, ins[1]), transpose_a, transpose_b)
+            bi = self._ints(b, ins[1])
+            k = a.shape[-2] if transpose_a else a.shape[-1]
+            acc = integer_product(lambda u, v: super(QuantOps, self).matmul(name, u, v, transpose_a, transpose_b),
+                                  self._ints(a, ins[0]), bi, bi.abs().max() * k)
             s_in = (torch.tensor(self.plan.qp(ins[0]).scale[0], dtype=torch.float32)
                     * torch.tensor(self.plan.qp(ins[1]).scale[0], dtype=torch.float32))
             return self._out(name, self._requant(name, acc, s_in, None))
