@@ -72,6 +72,22 @@ def test_nan_names_tensor():
     o = HistogramObserver("stages.2.blocks.0.attn.den")
     with pytest.raises(CareQError, match="stages.2.blocks.0.attn.den.*NaN"):
         o.update(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(CareQError, match="1 NaN/inf"):
+        o.update(torch.tensor([1.0, float("-inf"), 2.0]))
+
+
+def test_large_updates_are_sampled_without_bias():
+    # above max_samples values a strided sample is histogrammed (weighted back to the full count);
+    # min/max stay exact and the ranges match the analytic ones
+    o = _obs(torch.randn, n=3, size=2_000_000)
+    assert o.count == 6_000_000 and o.hist.sum() == pytest.approx(6_000_000, rel=1e-6)
+    assert o.range(Method.PERCENTILE, DType.INT8, True, percentile=99.0)[1] == pytest.approx(2.5758, rel=0.01)
+    assert o.range(Method.MSE, DType.INT8, True)[1] == pytest.approx(3.92, rel=0.04)
+    x = torch.zeros(1_000_000)
+    x[123_457] = 9.0  # not on the sampled stride: min/max still see it
+    o = HistogramObserver("t")
+    o.update(x)
+    assert o.range(Method.MINMAX, DType.INT8, False) == (0.0, 9.0)
 
 
 def test_qparams():
@@ -173,3 +189,35 @@ def test_int8_logits_range_starts_at_the_top5_floor():
     plan2 = build_plan(trace(model, torch.zeros(1, 3, 32, 32)), parse_recipe("name: x\n", "<r>"))
     calibrate(plan2, model, [x[:12], x[12:]], progress=False)
     assert plan2.output_qparams.scale[0] == pytest.approx((hi - float(y.min())) / 255, rel=1e-6)
+
+
+# ---------------------------------------------------------------------- exact integer products
+
+@pytest.mark.parametrize("x_max,k", [(127, 64), (255, 3000), (255, 9000), (255, 300_000)])
+def test_integer_product_is_exact(x_max, k):
+    """float32 where |sum| < 2^24 is provable, hi/lo split or float64 otherwise: always the exact sum."""
+    import numpy as np
+
+    from care_q.quant.fakequant import integer_product
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randint(-x_max, x_max + 1, (3, k), generator=g).double()
+    w = torch.randint(-127, 128, (k, 5), generator=g).double()
+    w[:, 0] = 127  # the worst case column
+    got = integer_product(lambda a, b: a @ b, x, w, w.abs().sum(0).max())
+    ref = (x.numpy().astype(np.int64) @ w.numpy().astype(np.int64)).astype(np.float64)
+    assert got.dtype == torch.float64 and np.array_equal(got.numpy(), ref)
+
+
+def test_fake_quant_fast_path_is_bit_identical():
+    import numpy as np
+
+    from care_q.quant.fakequant import fake_quant
+    from care_q.quant.qtypes import QParams
+
+    torch.manual_seed(0)
+    for sc, zp in [(0.0371, -5), (1 / 256, -128), (3.3e-4, 17)]:
+        x = torch.randn(100_000) * sc * 60
+        x[:200] = (torch.arange(200) - 100 + 0.5) * float(np.float32(sc))  # rounding ties
+        qp = QParams((sc,), (zp,), DType.INT8)
+        assert torch.equal(fake_quant(x, qp), torch.fake_quantize_per_tensor_affine(x, sc, zp, -128, 127))

@@ -168,3 +168,76 @@ def test_app_metadata_normalisation_and_labels(tmp_path):
     assert read_metadata(path.read_bytes()) == {}
     x = np.random.RandomState(0).randn(3, 3, SIZE, SIZE).astype(np.float32)
     assert np.array_equal(load_runner(path, threads=1)(x), load_runner(with_meta, threads=1)(x))
+
+
+# ---------------------------------------------------------------------- NPU form (recipe npu_int8)
+
+def test_npu_attention_products_are_exact_and_normaliser_is_the_direction():
+    """The NPU form's MUL + MEAN products equal the matmuls (the 1/N, 1/D cancel), and its output is
+    the exact attention output's direction per token and head, scaled by out_scale."""
+    from care_q.graph.ops import FloatOps
+    from care_q.transforms.deploy import DeployAttention
+
+    torch.manual_seed(0)
+    ops = FloatOps()
+    k, v, q = torch.rand(2, 49, 8, 1), torch.randn(2, 49, 1, 8), torch.rand(2, 49, 8, 1)
+    kv = ops.mean_axis("kv", ops.mul("p", k, v), 1)
+    ref_kv = k[..., 0].transpose(1, 2) @ v[:, :, 0, :] / 49
+    assert torch.allclose(kv[:, 0], ref_kv, atol=1e-6)
+    num = ops.mean_axis("num", ops.mul("p", q, kv), 2)
+    assert torch.allclose(num[:, :, 0], q[..., 0] @ ref_kv / 8, atol=1e-6)
+
+    class ExactKernel(FloatOps):  # the NPU graph with elu + 1 back, to isolate the rewrite
+        def relu(self, name, x):
+            return torch.nn.functional.elu(x) + 1
+
+        def mul_const(self, name, x, value):
+            return x if name.endswith("phi_exp") else super().mul_const(name, x, value)
+
+        def add(self, name, a, b):
+            return a if name.endswith(".phi") else a + b
+
+    att = DeployAttention(torch.nn.Conv2d(16, 32, 1), 16, 2)
+    x = torch.randn(2, 16, 7, 7)
+    exact = att(x, FloatOps(), "a")
+    att.phi_aff, att.phi_exp_scale = torch.nn.Conv2d(32, 32, 1, groups=32), 1.0
+    att.out_scale = torch.nn.Parameter(torch.full((16,), 2.0))
+    att.mode = "npu"
+    got = att(x, ExactKernel(), "a")
+    per_head = exact.reshape(2, 2, 8, 49)
+    direction = per_head / per_head.norm(dim=2, keepdim=True)
+    assert torch.allclose(got.reshape(2, 2, 8, 49), 2.0 * direction, atol=1e-5)
+
+
+def test_npu_int8_maps_whole_on_edgetpu_and_nnapi_fl6(tmp_path):
+    from care_q.census import check
+    from care_q.transforms.substitute import npu_attention
+
+    torch.manual_seed(0)
+    cal = torch.randn(32, 3, SIZE, SIZE)
+    model = npu_attention(_model(silu=True), cal[:8])
+    plan = build_plan(trace(model, torch.zeros(1, 3, SIZE, SIZE)), load_recipe("npu_int8"))
+    calibrate(plan, model, [cal[i:i + 16] for i in range(0, 32, 16)], progress=False)
+    assert plan.qp("stages.2.blocks.0.attn.h0.l2").scale[0] == 1 / 128  # TFLite's fixed L2 output
+    assert plan.qp("stages.2.blocks.0.attn.h0.out") == plan.qp("stages.2.blocks.0.attn.h0.l2")
+    path = tmp_path / "npu.tflite"
+    path.write_bytes(emit_tflite_int8(plan, io="int8"))
+    census = tflite_op_census(path)
+    for op in ("ELU", "DIV", "BATCH_MATMUL", "EXP", "SELECT"):
+        assert op not in census, op
+    assert census["GELU"] == 1 and census["L2_NORMALIZATION"] == 3 * 2  # head GELU; 3 blocks x 2 heads
+    rep = check(path, targets=("edgetpu", "nnapi:6"), runtime=False)
+    ops = rep.ops
+    pool = next(i for i, o in enumerate(ops) if o.output_name == "head.pool")
+    for key, t in rep.targets.items():  # every op up to the classifier head on the accelerator
+        off = [f"#{i} {ops[i].name}" for i in range(pool + 1) if i not in t.on_accelerator]
+        assert not off, (key, off)
+    assert rep.targets["edgetpu"].edgetpu.first_unmapped == pool + 1  # the head's DEQUANTIZE
+    # the runtime computes what the fake-quant reference computes (the runner quantizes the input
+    # and dequantizes the int8 logits with the model's parameters)
+    x = torch.randn(24, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x, QuantOps(plan, "quant")).numpy()
+    got = load_runner(path, threads=1)(x.numpy())
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.95
+    assert np.abs(got - ref).max() <= 8 * plan.qp(plan.graph.output).scale[0]

@@ -20,7 +20,7 @@ def _fmt_target_value(v) -> str:
 
 def target_blocks(res: dict) -> list:
     rows = [[t["what"], t["target"], _fmt_target_value(t["value"]), _status(t["ok"])] for t in res["targets"]]
-    return [R.H(2, "Targets (issues 3 and 5)"), R.T(["what", "target", "measured", "status"], rows, "lrrl")]
+    return [R.H(2, "Targets (issues 3, 5 and 7)"), R.T(["what", "target", "measured", "status"], rows, "lrrl")]
 
 
 def accuracy_blocks(res: dict) -> list:
@@ -113,7 +113,7 @@ def qat_blocks(res: dict) -> list:
     A = res["config"]["accuracy"]
     out = [R.H(2, f"QAT on the {A['model']} proxy (issue 5)"),
            R.P(f"Each recipe starts from its own PTQ calibration ({A['num_calib']} images of `{A['calib']}`), "
-               f"fine-tunes {Q['epochs']:g} epoch(s) of `{Q['dataset']}`"
+               f"fine-tunes on `{Q['dataset']}` (epochs per recipe in the table)"
                + (f" ({Q['limit']} images)" if Q.get("limit") else "")
                + f" with distillation from FP32, and is evaluated on `{A['dataset']}`"
                + (f" ({Q['eval_limit']} images)" if Q.get("eval_limit") else "")
@@ -129,13 +129,45 @@ def qat_blocks(res: dict) -> list:
         def p(k, a=a):  # the QAT report holds percentages
             return "–" if a.get(k) is None else f"{a[k]:.2f}%"
 
-        rows.append([f"`{name}`", p("fp32_top1"), p("ptq_top1"),
+        eps = (t["steps"] / t["steps_per_epoch"]) if t.get("steps") and t.get("steps_per_epoch") else None
+        rows.append([f"`{name}`", R.num(eps, ".2g"), p("fp32_top1"), p("ptq_top1"),
                      R.pts(a["ptq_top1"] - a["fp32_top1"]) if "ptq_top1" in a else "–", p("qat_top1"),
                      R.pts(a["qat_top1"] - a["fp32_top1"]) if "qat_top1" in a else "–",
                      ", ".join(f"{k} {R.pct(v['agreement'], 1)}" for k, v in arts.items()) or "–",
                      t.get("steps"), R.num(t.get("this_session_images_per_s"), ".1f"), R.num(per_epoch, ".0f")])
-    out.append(R.T(["recipe", "FP32", "PTQ", "PTQ vs FP32", "QAT", "QAT vs FP32", "artifacts vs fake-quant",
-                    "steps", "img/s", "s/epoch"], rows, "lrrrrrlrrr"))
+    out.append(R.T(["recipe", "epochs", "FP32", "PTQ", "PTQ vs FP32", "QAT", "QAT vs FP32", "artifacts vs fake-quant",
+                    "steps", "img/s", "s/epoch"], rows, "lrrrrrrlrrr"))
+    return out
+
+
+def npu_blocks(res: dict) -> list:
+    rows = res.get("npu") or {}
+    if not rows:
+        return []
+    A = res["config"]["accuracy"]
+    Q = res["config"].get("qat") or {}
+    out = [R.H(2, f"NPU coverage and accuracy on the {A['model']} proxy (issue 7)"),
+           R.P("Static census (`care-q check`, no device) of each recipe's int8 .tflite: share of MACs on the "
+               "accelerator (Edge TPU: before its single CPU cut), delegated partitions, ops left on the CPU. "
+               "Accuracy: the artifact on the proxy test set (PTQ) or the fake-quant model the artifact is "
+               "verified against (QAT); `npu_int8` is fine-tuned "
+               + f"{(Q.get('recipe_epochs') or {}).get('npu_int8', Q.get('epochs', '?'))} epoch(s). "
+               "The ops after the classifier's global pool (float GELU/LayerNorm, the FC) are the head and stay "
+               "on the CPU by design; the MAC shares below 100% are the FC's.")]
+    tbl = []
+    for name, r in rows.items():
+        c = r["coverage"]
+        drop = None if r.get("top1") is None or r.get("fp32_top1") is None else 100 * (r["top1"] - r["fp32_top1"])
+
+        def share(t, c=c):
+            return R.pct((c.get(t) or {}).get("mac_share"), 2)
+
+        cpu = ", ".join(f"{k} x{v}" for k, v in sorted(((c.get("nnapi:FL6") or {}).get("cpu_ops") or {}).items()))
+        tbl.append([f"`{name}` ({r['kind']})", R.pct(r.get("top1")), R.pts(drop) if drop is not None else "–",
+                    share("edgetpu"), (c.get("edgetpu") or {}).get("first_unmapped", "–"), share("nnapi:FL6"),
+                    cpu or "–", share("xnnpack"), (c.get("xnnpack") or {}).get("partitions", "–")])
+    out.append(R.T(["recipe", "top-1", "vs FP32", "Edge TPU MACs", "Edge TPU first unmapped op", "NNAPI FL6 MACs",
+                    "NNAPI FL6 CPU ops", "XNNPACK MACs", "XNNPACK partitions"], tbl, "lrrrlrlrr"))
     return out
 
 
@@ -179,7 +211,7 @@ def suite_blocks(res: dict, figures: bool = True) -> list:
                + (f" ({len(res['cached_steps'])} reused from an earlier, interrupted or identical run)"
                   if res.get("cached_steps") else "") + ". "
                "Rerun `make bench` to reproduce: accuracy exactly, latency within noise. Do not edit by hand.")]
-    out += target_blocks(res) + accuracy_blocks(res) + qat_blocks(res)
+    out += target_blocks(res) + accuracy_blocks(res) + qat_blocks(res) + npu_blocks(res)
     if figures and res.get("accuracy") and res.get("latency"):
         out.append(R.tradeoff_figure(tradeoff_points(res), "Top-1 drop on the proxy vs latency relative to FP32 in the "
                                                            "same runtime (care_s0 at deployment resolution)"))

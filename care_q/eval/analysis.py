@@ -60,15 +60,13 @@ def prepare_plan(model: str, *, weights: str | Path | None = None, calib: str = 
         notes.append("no weights: random initialisation, accuracy figures are meaningless")
     pre = load_sidecar(weights).with_size(img_size)
     size = pre.input_size[-1]
-    dmodel = deploy(net)
-    if rec.gelu == "sigmoid":
-        from care_q.transforms.substitute import gelu_to_silu
+    ds = get_dataset(calib, pre, data_root=data_root, limit=num_calib, seed=seed, model=net, progress=progress)
+    from care_q.transforms.substitute import apply_substitutions
 
-        dmodel = gelu_to_silu(dmodel)
-        notes.append("GELU substituted by x*sigmoid(1.702x) (recipe gelu: sigmoid)")
+    dmodel, sub_notes = apply_substitutions(deploy(net), rec, next(iter(make_loader(ds, batch_size=rec.batch_size)))[0])
+    notes += sub_notes
     graph = trace(dmodel, torch.zeros(1, 3, size, size))
     plan = build_plan(graph, rec)
-    ds = get_dataset(calib, pre, data_root=data_root, limit=num_calib, seed=seed, model=net, progress=progress)
     if num_calib is not None and len(ds) < num_calib:
         notes.append(f"asked for {num_calib} calibration images, '{calib}' has {len(ds)}")
     n = calibrate(plan, dmodel, make_loader(ds, batch_size=rec.batch_size), progress=progress)

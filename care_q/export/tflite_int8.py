@@ -14,7 +14,10 @@ Kernel choices (XNNPACK is the CPU engine of TFLite):
 - channel split: SLICE (shares parameters with its input);
 - heads: RESHAPE + TRANSPOSE; attention products: BATCH_MATMUL with a zero-point-0 RHS;
 - normaliser: DIV (TFLite's int8 kernel; the divisor carries a one-LSB guard so it never
-  equals its zero point).
+  equals its zero point);
+- the NPU attention (recipe ``substitutions.attention: npu``): RELU, LOGISTIC, broadcast MUL,
+  MEAN over axis 1 or 2 of (1, N, D, E) token tensors (RESHAPEs of the NHWC maps),
+  L2_NORMALIZATION.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ def _layouts(plan: QuantPlan) -> dict[str, str]:
     for n in g.nodes:
         if n.op == "to_heads" or n.op == "matmul":
             kind = "heads"
-        elif n.op in ("from_heads", "conv"):
+        elif n.op == "to_tokens":
+            kind = "tokens"  # (B, N, C, 1) / (B, N, 1, C): the same order in TFLite
+        elif n.op in ("from_heads", "from_tokens", "conv"):
             kind = "nchw"
         elif n.op in ("global_pool", "linear"):
             kind = "vec"
@@ -247,6 +252,26 @@ class _Emitter:
         self.b.op(OP.LOGISTIC, [x], [s], version=2)
         self.b.op(OP.MUL, [x, s], [self.out(y_name)], fb.BuiltinOptions.MulOptions, options(fb.MulOptionsT),
                   version=2)
+
+    def op_relu(self, n):
+        self._unary(n, OP.RELU, version=2)
+
+    def op_sigmoid(self, n):
+        self._unary(n, OP.LOGISTIC, version=2)
+
+    def op_l2_norm(self, n):
+        self._unary(n, OP.L2_NORMALIZATION, fb.BuiltinOptions.L2NormOptions, options(fb.L2NormOptionsT), version=2)
+
+    def op_to_tokens(self, n):
+        o = n.outputs[0]
+        self.idx[o] = self._reshape(self.idx[n.inputs[0]], o, self.plan.graph.shapes[o], like=o)
+
+    def op_from_tokens(self, n):
+        o = n.outputs[0]
+        self.idx[o] = self._reshape(self.idx[n.inputs[0]], o, _tfl_shape(self.plan.graph.shapes[o], "nchw"), like=o)
+
+    def op_mean_axis(self, n):
+        self._mean(self.idx[n.inputs[0]], self.out(n.outputs[0]), [n.attrs["axis"]], True, n.name)
 
     def op_split(self, n):
         x = self.idx[n.inputs[0]]

@@ -66,6 +66,16 @@ class Ops:
         """x * sigmoid(x): the GELU substitute (see `care_q.transforms.substitute`)."""
         return F.silu(x)
 
+    def relu(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x)
+
+    def sigmoid(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x)
+
+    def l2_norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x / ||x|| over the last dim (TFLite L2_NORMALIZATION; its epsilon 1e-6 on ||x||^2)."""
+        return x * torch.rsqrt(torch.clamp((x * x).sum(-1, keepdim=True), min=1e-6))
+
     # --- data movement (output shares the input's quantization) --------------------
     def split(self, name: str, x: torch.Tensor, sizes: list[int], dim: int = 1):
         return torch.split(x, sizes, dim=dim)
@@ -82,6 +92,22 @@ class Ops:
         """(B, heads, N, D) -> (B, C, H, W)."""
         b, nh, n, d = x.shape
         return x.transpose(-2, -1).reshape(b, nh * d, hw[0], hw[1])
+
+    def to_tokens(self, name: str, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N=H*W, C, 1) (``kind="col"``) or (B, N, 1, C) (``"row"``): the
+        NPU attention's token layout, one RESHAPE of the NHWC tensor in TFLite."""
+        b, c, h, w = x.shape
+        t = x.permute(0, 2, 3, 1)
+        return t.reshape(b, h * w, c, 1) if kind == "col" else t.reshape(b, h * w, 1, c)
+
+    def from_tokens(self, name: str, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """(B, N, 1, C) -> (B, C, H, W)."""
+        b, n, _, c = x.shape
+        return x.reshape(b, hw[0], hw[1], c).permute(0, 3, 1, 2)
+
+    def mean_axis(self, name: str, x: torch.Tensor, axis: int) -> torch.Tensor:
+        """Mean over one axis of a token tensor, kept (MEAN over an 'x/y' axis for the NPUs)."""
+        return x.mean(dim=axis, keepdim=True)
 
     # --- reductions and products ---------------------------------------------------
     def matmul(self, name: str, a: torch.Tensor, b: torch.Tensor, transpose_a: bool = False,

@@ -127,6 +127,24 @@ class TraceOps(Ops):
     def elu(self, name, x):
         return self._record("elu", name, [x], super().elu(name, x))
 
+    def relu(self, name, x):
+        return self._record("relu", name, [x], super().relu(name, x))
+
+    def sigmoid(self, name, x):
+        return self._record("sigmoid", name, [x], super().sigmoid(name, x))
+
+    def l2_norm(self, name, x):
+        return self._record("l2_norm", name, [x], super().l2_norm(name, x))
+
+    def to_tokens(self, name, x, kind):
+        return self._record("to_tokens", name, [x], super().to_tokens(name, x, kind), {"kind": kind})
+
+    def from_tokens(self, name, x, hw):
+        return self._record("from_tokens", name, [x], super().from_tokens(name, x, hw), {"hw": tuple(hw)})
+
+    def mean_axis(self, name, x, axis):
+        return self._record("mean_axis", name, [x], super().mean_axis(name, x, axis), {"axis": axis})
+
     def split(self, name, x, sizes, dim=1):
         return self._record("split", name, [x], super().split(name, x, sizes, dim),
                             {"sizes": list(sizes), "dim": dim})

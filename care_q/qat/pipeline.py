@@ -58,7 +58,7 @@ from care_q.quant.recipe import Recipe, load_recipe
 from care_q.train import rng_state as _rng_state
 from care_q.train import set_rng_state as _set_rng_state
 from care_q.transforms import deploy
-from care_q.transforms.substitute import gelu_to_silu
+from care_q.transforms.substitute import apply_substitutions
 from care_q.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_resume_state
 
 MIN_AGREEMENT = 0.99
@@ -142,13 +142,12 @@ def _check_recipe(rec: Recipe) -> None:
         raise CareQError(f"{rec.source}: qat.scale_lr must be positive, got {q.scale_lr}")
 
 
-def build_student(net, rec: Recipe, size: int):
+def build_student(net, rec: Recipe, size: int, calib: torch.Tensor | None = None):
     """(teacher, student, plan, weight bits): the FP32 deploy form, the deploy form QAT trains (with the
-    recipe's substitutions), the recipe's plan traced on the student (uncalibrated), conv -> weight bits."""
+    recipe's substitutions; ``calib`` images initialise the NPU attention's output scales), the recipe's
+    plan traced on the student (uncalibrated), conv -> weight bits."""
     teacher = deploy(net)
-    student = deploy(net)  # a second, independent deploy form (deploy() builds new modules)
-    if rec.gelu == "sigmoid":
-        student = gelu_to_silu(student)
+    student, _ = apply_substitutions(deploy(net), rec, calib)  # deploy() builds new modules: independent
     plan = build_plan(trace(student, torch.zeros(1, 3, size, size)), rec)
     return teacher.eval(), student, plan, weight_bits_of(plan)
 
@@ -290,10 +289,14 @@ def _run(dist: Dist, *, model, weights, dataset, rec, epochs, max_steps, lr, bat
                          f"or choose another --out")
 
     # --- teacher (FP32) and student (the deploy form the exporters emit), plan, PTQ calibration
-    teacher, student, plan, bits = build_student(net, rec, size)
+    first = next(iter(make_loader(cal_ds, rec.batch_size)))[0] if rec.attention == "npu" else None
+    teacher, student, plan, bits = build_student(net, rec, size, first)
     notes: list[str] = []
     if rec.gelu == "sigmoid":
         notes.append("GELU substituted by x*sigmoid(1.702x) in the student; the teacher keeps the exact GELU")
+    if rec.attention == "npu":
+        notes.append("linear attention in its NPU form in the student (relu + sigmoid kernel, MUL + MEAN products, "
+                     "L2-normalised output); the teacher keeps the exact attention")
     n_int4 = sum(1 for b in bits.values() if b == 4)
     if n_int4:
         notes.append(f"{n_int4} of {len(bits)} convs have int4 weights (15 levels per channel, simulated in fake "
@@ -465,7 +468,7 @@ def _finish(report, qnet, plan, bits, rec, model, out, io, targets, cal_ds, eval
             data_root, pre, num_verify, seed, net, threads, min_agreement, show, t_start, log) -> dict:
     """Rank 0 after training: write back scales, bake int4, evaluate, export, verify, report."""
     from care_q.data import get_dataset, make_loader
-    from care_q.ptq import _emit, _verify
+    from care_q.ptq import _census, _emit, _verify
     from care_q.quant.observers import HistogramObserver
     from care_q.quant.qtypes import DType, Method, qparams_from_range
 
@@ -517,7 +520,8 @@ def _finish(report, qnet, plan, bits, rec, model, out, io, targets, cal_ds, eval
         path = out / names[t]
         _emit(t, plan, io, path, preprocess=pre, model_name=model)
         v = _verify(path, student, plan, xv.numpy(), threads)
-        artifacts[t] = {"path": str(path), "size_bytes": path.stat().st_size, "verification": v}
+        artifacts[t] = {"path": str(path), "size_bytes": path.stat().st_size, "verification": v,
+                        "census": _census(path)}
         log(f"{t}: {path} ({path.stat().st_size / 1e6:.2f} MB), top-1 agreement with the fake-quant model "
             f"{100 * v['top1_agreement']:.1f}% on {v['images']} images")
     report.update({"artifacts": artifacts,
@@ -586,6 +590,9 @@ def render_markdown(r: dict) -> str:
             v = a["verification"]
             L.append(f"| {tg} | `{Path(a['path']).name}` | {a['size_bytes'] / 1e6:.2f} | "
                      f"{100 * v['top1_agreement']:.1f}% | {v['logit_sqnr_db']:.1f} | {v['max_abs_diff']:.3g} |")
+        L += ["", "## Where the ops run (care-q check)", ""]
+        for tg, a in r["artifacts"].items():
+            L += [f"- {tg}: " + line for line in a.get("census", [])]
     L += ["", "(every tensor's parameters: `report.json` -> `tensors`; resumable state: "
               f"`{Path(r['checkpoint']).name}`)", ""]
     return "\n".join(L)

@@ -25,7 +25,10 @@ from care_q.graph.trace import Graph
 from care_q.quant.qtypes import DType, Method, QParams, Role, qparams_from_range
 from care_q.quant.recipe import Recipe
 
-SHARED_OPS = ("split", "cat", "to_heads", "from_heads")
+SHARED_OPS = ("split", "cat", "to_heads", "from_heads", "to_tokens", "from_tokens")
+# ops whose int8 output parameters TFLite fixes: LOGISTIC (1/256, -128), L2_NORMALIZATION (1/128, 0)
+FIXED_INT8_OUTPUT = {"sigmoid": QParams((1 / 256,), (-128,), DType.INT8),
+                     "l2_norm": QParams((1 / 128,), (0,), DType.INT8)}
 FLOAT_ROLES = (Role.HEAD,)
 ADD_MIN_SCALE_RATIO = 2.0 ** -10 * 1.001  # XNNPACK's lower input/output scale ratio for int8 ADD, with margin
 INT8_HEAD_OPS = ("layer_norm", "linear")  # with recipe head.dtype int8: LN output and logits int8
@@ -62,7 +65,11 @@ def role_of(op: str, name: str) -> Role:
              "num": Role.ATTN_NUM, "out": Role.ATTN_OUT if ".attn." in name else Role.RESIDUAL,
              "inter1_res": Role.RESIDUAL, "skip": Role.RESIDUAL, "cat": Role.RESIDUAL,
              "ls_res": Role.LAYER_SCALE, "inter1_act": Role.GELU, "inter2_act": Role.GELU,
-             "merge": Role.ATTN_OUT}
+             "merge": Role.ATTN_OUT,
+             # the NPU attention (care_q.transforms.substitute.npu_attention)
+             "phi_aff": Role.ATTN_ELU, "phi_sig": Role.ATTN_ELU, "phi_exp": Role.ATTN_ELU,
+             "phi_relu": Role.ATTN_ELU, "phi": Role.ATTN_PHI, "kv_prod": Role.ATTN_KV,
+             "num_prod": Role.ATTN_NUM, "l2": Role.ATTN_OUT, "heads": Role.ATTN_OUT}
     if leaf in table:
         return table[leaf]
     return Role.CONV
@@ -203,6 +210,11 @@ def build_plan(graph: Graph, recipe: Recipe) -> QuantPlan:
         elif role in FLOAT_ROLES:
             spec.dtype = DType.FLOAT
             spec.why.append("head after the global pool: float on every target")
+        fixed = FIXED_INT8_OUTPUT.get(op)
+        if fixed is not None and spec.dtype != DType.FLOAT:
+            spec.dtype, spec.fixed = DType.INT8, fixed
+            spec.why.append(f"{op}: TFLite's fixed int8 output parameters (scale {fixed.scale[0]:g}, "
+                            f"zero point {fixed.zero_point[0]})")
         specs[name] = spec
     unused = [r for r in recipe.rules if hits[r.index] == 0]
     if unused:
@@ -227,7 +239,11 @@ def build_plan(graph: Graph, recipe: Recipe) -> QuantPlan:
     for root, members in groups.items():
         if len(members) > 1:
             sym = any(specs[m].symmetric for m in members)
+            fixed = next((specs[m].fixed for m in members if specs[m].fixed is not None), None)
             for m in members:
+                if fixed is not None and specs[m].fixed is None:
+                    specs[m].fixed = fixed
+                    specs[m].why.append(f"shares the fixed output parameters of its group '{root}'")
                 if sym and not specs[m].symmetric:
                     specs[m].why.append(f"shares parameters with group '{root}', which is symmetric")
                 specs[m].symmetric = sym

@@ -87,6 +87,7 @@ class Recipe:
     percentile: float = 99.99
     batch_size: int = 32
     gelu: str = "exact"
+    attention: str = "exact"  # npu: care_q.transforms.substitute.npu_attention (ops every NPU maps)
     cross_layer_equalization: bool = False
     bias_correction: bool = False
     rules: tuple[Rule, ...] = ()
@@ -100,7 +101,7 @@ class Recipe:
                                           "granularity": self.weight_granularity, "bits": self.weight_bits},
                 "activations": {"dtype": self.act_dtype.value, "method": self.method.value,
                                 "percentile": self.percentile},
-                "substitutions": {"gelu": self.gelu},
+                "substitutions": {"gelu": self.gelu} | ({"attention": self.attention} if self.attention != "exact" else {}),
                 "transforms": {"cross_layer_equalization": self.cross_layer_equalization,
                                "bias_correction": self.bias_correction},
                 "rules": [r.describe() for r in self.rules]} | self._extra_json()
@@ -126,7 +127,7 @@ SCHEMA = {
                     "percentile": float},
     "calibration": {"batch_size": int},
     "transforms": {"deploy": bool, "cross_layer_equalization": bool, "bias_correction": bool},
-    "substitutions": {"gelu": ("exact", "sigmoid")},
+    "substitutions": {"gelu": ("exact", "sigmoid"), "attention": ("exact", "npu")},
     "head": {"dtype": ("float", "int8")},
     "rules": "rules",
     "qat": {"epochs": float, "lr": float, "weight_decay": float, "batch_size": int,
@@ -255,6 +256,7 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         act_dtype=DType(a.get("dtype", "int8")), method=Method(a.get("method", "percentile")),
         percentile=pct, batch_size=data.get("calibration", {}).get("batch_size", 32),
         gelu=data.get("substitutions", {}).get("gelu", "exact"),
+        attention=data.get("substitutions", {}).get("attention", "exact"),
         cross_layer_equalization=data.get("transforms", {}).get("cross_layer_equalization", False),
         bias_correction=data.get("transforms", {}).get("bias_correction", False),
         rules=tuple(rules), qat=qat, source=source, head=data.get("head", {}).get("dtype", "float"))

@@ -97,7 +97,11 @@ class DeployAttention(nn.Module):
         self.num_heads = num_heads
         self.eps = eps
 
+    mode = "exact"  # "npu" after care_q.transforms.substitute.npu_attention
+
     def forward(self, att: torch.Tensor, ops: Ops, n: str) -> torch.Tensor:
+        if self.mode == "npu":
+            return self.forward_npu(att, ops, n)
         hw = (att.shape[2], att.shape[3])
         tokens = hw[0] * hw[1]
         q, k = ops.split(f"{n}.qk_split", ops.conv(f"{n}.qk", att, self.qk), [self.mem_dim] * 2)
@@ -113,6 +117,29 @@ class DeployAttention(nn.Module):
         num = ops.matmul(f"{n}.num", phi_q, kv)                          # (B, h, N, D)
         out = ops.div(f"{n}.out", num, den)
         return ops.from_heads(f"{n}.merge", out, hw)
+
+    def forward_npu(self, att: torch.Tensor, ops: Ops, n: str) -> torch.Tensor:
+        """The NPU form (see `care_q.transforms.substitute.npu_attention`): a positive kernel from
+        RELU/LOGISTIC, the products as MUL + MEAN per head, the normaliser as an L2 normalisation."""
+        hw = (att.shape[2], att.shape[3])
+        qk = ops.conv(f"{n}.qk", att, self.qk)
+        e = ops.mul_const(f"{n}.phi_exp", ops.sigmoid(f"{n}.phi_sig", ops.conv(f"{n}.phi_aff", qk, self.phi_aff)),
+                          self.phi_exp_scale)
+        phi = ops.add(f"{n}.phi", ops.relu(f"{n}.phi_relu", qk), e)
+        d = self.mem_dim // self.num_heads
+        qk_heads = ops.split(f"{n}.phi_split", phi, [d] * (2 * self.num_heads))  # q heads, then k heads
+        vs = ops.split(f"{n}.v", att, [d] * self.num_heads) if self.num_heads > 1 else (att,)
+        outs = []
+        for i in range(self.num_heads):
+            h = f"{n}.h{i}"
+            q = ops.to_tokens(f"{h}.q", qk_heads[i], "col")                 # (B, N, D, 1)
+            k = ops.to_tokens(f"{h}.k", qk_heads[self.num_heads + i], "col")
+            v = ops.to_tokens(f"{h}.v", vs[i], "row")                       # (B, N, 1, D)
+            kv = ops.mean_axis(f"{h}.kv", ops.mul(f"{h}.kv_prod", k, v), 1)   # (B, 1, D, D)
+            num = ops.mean_axis(f"{h}.num", ops.mul(f"{h}.num_prod", q, kv), 2)  # (B, N, 1, D)
+            outs.append(ops.from_tokens(f"{h}.out", ops.l2_norm(f"{h}.l2", num), hw))
+        heads = ops.cat(f"{n}.heads", outs) if len(outs) > 1 else outs[0]
+        return ops.mul_const(f"{n}.out", heads, self.out_scale)
 
 
 class DeployBlock(nn.Module):
