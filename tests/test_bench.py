@@ -249,6 +249,10 @@ def test_other_load_counts_other_processes_only():
 
     from care_q.bench.host import OtherLoad, busy_warning
 
+    quiet = OtherLoad()
+    time.sleep(0.6)
+    if quiet.share() > 0.1:  # the premise (nothing else running) does not hold: the measurement is the point
+        pytest.skip(f"other processes already use {100 * quiet.share():.0f}% of the CPUs")
     probe = OtherLoad()
     t = time.monotonic()
     while time.monotonic() - t < 0.6:  # this process spinning
