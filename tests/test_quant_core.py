@@ -209,6 +209,17 @@ def test_integer_product_is_exact(x_max, k):
     assert got.dtype == torch.float64 and np.array_equal(got.numpy(), ref)
 
 
+def test_integer_product_split_bounds_the_low_part():
+    # small codes (31 = 16 + 15) over a long sum: the split's low part (15 per term) alone
+    # exceeds 2^24 in float32 (20,000 x 127 x 15 = 38.1M): it must fall back to float64
+    from care_q.quant.fakequant import integer_product
+
+    x = torch.full((1, 20_000), 31.0, dtype=torch.float64)
+    w = torch.full((20_000, 1), 127.0, dtype=torch.float64)
+    got = integer_product(lambda a, b: a @ b, x, w, 20_000 * 127)
+    assert got.item() == 31 * 127 * 20_000
+
+
 def test_fake_quant_fast_path_is_bit_identical():
     import numpy as np
 

