@@ -161,7 +161,7 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
         notes.append(f"asked for {num_calib} calibration images, '{calib_used}' has {len(ds)}; "
                      f"calibrating on {len(ds)}")
         warnings.warn(notes[-1], stacklevel=2)
-    first = next(iter(_batches(ds, rec.batch_size)))[0]
+    first = next(iter(_batches(ds, rec.batch_size)))[0] if rec.attention == "npu" else None  # NPU output scales
     dmodel, sub_notes = apply_substitutions(dmodel, rec, first)
     notes += sub_notes
     graph = trace(dmodel, torch.zeros(1, 3, size, size))

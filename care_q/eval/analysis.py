@@ -63,7 +63,8 @@ def prepare_plan(model: str, *, weights: str | Path | None = None, calib: str = 
     ds = get_dataset(calib, pre, data_root=data_root, limit=num_calib, seed=seed, model=net, progress=progress)
     from care_q.transforms.substitute import apply_substitutions
 
-    dmodel, sub_notes = apply_substitutions(deploy(net), rec, next(iter(make_loader(ds, batch_size=rec.batch_size)))[0])
+    first = next(iter(make_loader(ds, batch_size=rec.batch_size)))[0] if rec.attention == "npu" else None
+    dmodel, sub_notes = apply_substitutions(deploy(net), rec, first)
     notes += sub_notes
     graph = trace(dmodel, torch.zeros(1, 3, size, size))
     plan = build_plan(graph, rec)
