@@ -125,6 +125,11 @@ def qat_blocks(res: dict) -> list:
         t = r.get("train") or {}
         per_epoch = (t["this_session_seconds"] / (t["steps"] / t["steps_per_epoch"])) if t.get("steps") and \
             t.get("this_session_seconds") else None
+        ips = t.get("this_session_images_per_s")
+        last = (t.get("history") or [{}])[-1]
+        if ips is None and last.get("images_per_s"):  # re-exported after a finished run: its training log
+            ips = last["images_per_s"]
+            per_epoch = last["seconds"] / (last["step"] / t["steps_per_epoch"]) if last.get("step") else None
         arts = r.get("artifacts") or {}
         def p(k, a=a):  # the QAT report holds percentages
             return "–" if a.get(k) is None else f"{a[k]:.2f}%"
@@ -134,7 +139,7 @@ def qat_blocks(res: dict) -> list:
                      R.pts(a["ptq_top1"] - a["fp32_top1"]) if "ptq_top1" in a else "–", p("qat_top1"),
                      R.pts(a["qat_top1"] - a["fp32_top1"]) if "qat_top1" in a else "–",
                      ", ".join(f"{k} {R.pct(v['agreement'], 1)}" for k, v in arts.items()) or "–",
-                     t.get("steps"), R.num(t.get("this_session_images_per_s"), ".1f"), R.num(per_epoch, ".0f")])
+                     t.get("steps"), R.num(ips, ".1f"), R.num(per_epoch, ".0f")])
     out.append(R.T(["recipe", "epochs", "FP32", "PTQ", "PTQ vs FP32", "QAT", "QAT vs FP32", "artifacts vs fake-quant",
                     "steps", "img/s", "s/epoch"], rows, "lrrrrrrlrrr"))
     return out

@@ -464,7 +464,8 @@ def run_qat(cfg: dict, Q: dict, A: dict, root: Path, steps: Steps, data_root, pr
             rep = qat(A["model"], A["weights"], Q["dataset"], recipe=name, epochs=qat_epochs(Q, name), out=d, resume=resume,
                       calib=A["calib"], calib_images=A["num_calib"], data_root=data_root, seed=cfg["seed"],
                       eval_dataset=A["dataset"], eval_limit=Q["eval_limit"], limit=Q["limit"],
-                      threads=cfg["threads"], progress=progress, log=steps.log)
+                      threads=cfg["threads"], progress=progress, log=steps.log,
+                      min_agreement=0.0)  # a benchmark records the agreement (table) instead of failing
             keep = ("recipe", "accuracy", "train", "calibration", "notes", "seconds")
             r = {k: rep.get(k) for k in keep}
             r["recipe"] = {"name": rep["recipe"]["name"], "description": rep["recipe"].get("description")}
