@@ -239,10 +239,7 @@ def _latency(net, out: Path, name: str, size: int, artifacts: dict, threads: int
     for t, a in artifacts.items():
         fp = out / f"{name}_fp32.{t}"
         if not fp.exists():
-            if t == "onnx":
-                export_onnx(net, fp, size, fast=True)  # a latency reference: the quick TorchScript export
-            else:
-                export_tflite(net, fp, size)
+            (export_onnx if t == "onnx" else export_tflite)(net, fp, size)
         m = measure({"fp32": load_runner(fp, threads=threads), "int8": load_runner(a["path"], threads=threads)},
                     x, runs=runs)
         res[t] = {**m, "ratio": m["int8"]["median_ms"] / m["fp32"]["median_ms"],

@@ -97,25 +97,17 @@ def _quiet():
 
 
 def export_onnx(model: nn.Module, path: str | Path, img_size: int, dynamic_batch: bool = True,
-                opset: int = ONNX_OPSET, fast: bool = False) -> dict:
-    """Export the deploy form to one ONNX file (atomic) and check it; returns export facts.
-
-    ``fast``: TorchScript exporter at a fixed batch of 1 (about 3 s for care_s1 instead of 45 s
-    with the dynamo exporter; after onnxruntime's graph optimisations the two run the same
-    kernels), for a latency reference only."""
+                opset: int = ONNX_OPSET) -> dict:
+    """Export the deploy form to one ONNX file (atomic) and check it; returns export facts."""
     import onnx
 
     d = _to_deploy(model)
     path = Path(path)
-    if fast:
-        dynamic_batch = False
     # torch.export specialises a batch of 1 to a constant; trace with 2 for a dynamic batch.
     sample = torch.zeros(2 if dynamic_batch else 1, 3, img_size, img_size)
     exporter = "dynamo"
     with atomic_path(path) as tmp:
         try:
-            if fast:
-                raise RuntimeError("fast export requested")
             with _quiet():
                 shapes = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
                 prog = torch.onnx.export(d, (sample,), None, input_names=["input"],
@@ -124,7 +116,7 @@ def export_onnx(model: nn.Module, path: str | Path, img_size: int, dynamic_batch
                 prog.save(str(tmp), external_data=False)
         except Exception as e:  # fall back to the TorchScript exporter at a fixed batch of 1
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            exporter = "torchscript (fast)" if fast else f"torchscript (dynamo failed: {first[:200]})"
+            exporter = f"torchscript (dynamo failed: {first[:200]})"
             dynamic_batch = False
             try:
                 with _quiet():
