@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 from care_q.graph.ops import Ops
 from care_q.quant.observers import HistogramObserver
-from care_q.quant.plan import SHARED_OPS, QuantPlan
+from care_q.quant.plan import FIXED_INT8_OUTPUT, SHARED_OPS, QuantPlan
 from care_q.quant.qtypes import DType, QParams
 
-SIGMOID_QPARAMS = {DType.INT8: QParams((1 / 256,), (-128,), DType.INT8),
+SIGMOID_QPARAMS = {DType.INT8: FIXED_INT8_OUTPUT["sigmoid"],  # TFLite's fixed LOGISTIC output
                    DType.INT16: QParams((1 / 32768,), (0,), DType.INT16)}
 
 
