@@ -187,23 +187,23 @@ def test_suite_qat_section(tmp_path):
 
     s = load_suite(SUITE, shared=tmp_path)
     assert s["qat"]["recipes"] == ["npu_int8", "qat_w4a8_mlp", "qat_int8"] and s["qat"]["limit"] is None
-    assert [qat_epochs(s["qat"], n) for n in s["qat"]["recipes"]] == [1.0, 0.25, 0.25]
+    assert [qat_epochs(s["qat"], n) for n in s["qat"]["recipes"]] == [3.0, 0.25, 2.0]
     q = load_suite(SUITE, quick=True, shared=tmp_path)["qat"]
     assert q["limit"] == 640 and [qat_epochs(q, n) for n in q["recipes"]] == [1.0, 1.0, 1.0]  # quick: one for all
     text = SUITE.read_text()
     recipes = "recipes: [npu_int8, qat_w4a8_mlp, qat_int8]"
     bad = tmp_path / "bad.yaml"
-    bad.write_text(text.replace(recipes, "recipes: [qat_int8, ptq_int8]").replace("{npu_int8: 1}", "{}"))
+    bad.write_text(text.replace(recipes, "recipes: [qat_int8, ptq_int8]").replace("{npu_int8: 3, qat_int8: 2}", "{}"))
     line = bad.read_text().splitlines().index("  recipes: [qat_int8, ptq_int8]") + 1
     with pytest.raises(CareQError, match=rf"bad.yaml:{line}: recipe 'ptq_int8' is a ptq recipe"):
         load_suite(bad)
     bad.write_text(text.replace(f"  {recipes}\n", ""))
     with pytest.raises(CareQError, match=r"missing key\(s\) \['qat.recipes'\]"):
         load_suite(bad)
-    bad.write_text(text.replace(recipes, "recipes: [qat_int8]"))
+    bad.write_text(text.replace(recipes, "recipes: [qat_int8, qat_w4a8_mlp]"))
     with pytest.raises(CareQError, match=r"'qat.recipe_epochs' names 'npu_int8', which is not in qat.recipes"):
         load_suite(bad)
-    bad.write_text(text.replace("{npu_int8: 1}", "{npu_int8: -1}"))
+    bad.write_text(text.replace("{npu_int8: 3,", "{npu_int8: -1,"))
     with pytest.raises(CareQError, match=r"'qat.recipe_epochs.npu_int8' must be positive"):
         load_suite(bad)
     # targets: qat_int8 within 0.1 pt; the aggressive recipe recovers half of its PTQ drop; npu_int8 within 1 pt

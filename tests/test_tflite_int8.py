@@ -10,7 +10,7 @@ from care_q import create_model
 from care_q.export.tflite_int8 import emit_tflite_int8
 from care_q.graph.trace import trace
 from care_q.quant.calibrate import calibrate
-from care_q.quant.fakequant import QuantOps
+from care_q.quant.fakequant import QuantOps, weight_scales
 from care_q.quant.plan import build_plan
 from care_q.quant.recipe import load_recipe
 from care_q.runtime import load_runner, tflite_op_census
@@ -241,3 +241,220 @@ def test_npu_int8_maps_whole_on_edgetpu_and_nnapi_fl6(tmp_path):
     got = load_runner(path, threads=1)(x.numpy())
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.95
     assert np.abs(got - ref).max() <= 8 * plan.qp(plan.graph.output).scale[0]
+
+
+# ---------------------------------------------------------------------- TFLite's int8 kernels, emulated
+# Each of `exact="xnnpack"`'s kernels equals one op run by ai-edge-litert's default interpreter
+# (XNNPACK where it takes the op) bit for bit, on inputs where the float reference (the op in
+# float, rounded once) does not.
+
+def _run_one_op(op, in_specs, out_spec, inputs, opt_type=0, opts=None, consts=()):
+    """Output codes of a one-op int8 TFLite model: ``in_specs`` [(shape, scale, zero point)],
+    ``out_spec`` (shape, scale, zero point), ``consts`` extra constant inputs (axes)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from care_q.export.tflite_builder import TFLiteBuilder
+
+    b = TFLiteBuilder()
+    ins = [b.tensor(f"in{i}", s, np.int8, sc, zp) for i, (s, sc, zp) in enumerate(in_specs)]
+    cs = [b.const(f"c{i}", c) for i, c in enumerate(consts)]
+    o = b.tensor("out", out_spec[0], np.int8, out_spec[1], out_spec[2])
+    b.op(op, ins + cs, [o], opt_type, opts, version=2)
+    b.inputs, b.outputs = ins, [o]
+    it = Interpreter(model_content=b.to_bytes(), num_threads=1)
+    it.allocate_tensors()
+    for d, x in zip(it.get_input_details(), inputs):
+        it.set_tensor(d["index"], x)
+    it.invoke()
+    return it.get_tensor(it.get_output_details()[0]["index"]).astype(np.int64)
+
+
+def _old_float_path(y: torch.Tensor, scale: float, zp: int) -> np.ndarray:
+    """Output codes of the float reference: the op's float result on the output grid."""
+    from care_q.quant.fakequant import fake_quant
+    from care_q.quant.qtypes import DType, QParams
+
+    y = fake_quant(y, QParams((scale,), (zp,), DType.INT8)).double().numpy()
+    return np.round(y / np.float32(scale)).astype(np.int64) + zp
+
+
+def _deq(q: np.ndarray, scale: float, zp: int) -> torch.Tensor:
+    return torch.from_numpy((q.astype(np.float32) - np.float32(zp)) * np.float32(scale))
+
+
+def test_tflite_int8_l2_normalization_emulation():
+    """L2_NORMALIZATION (TFLite's kernel: fixed-point 1/sqrt, MultiplyByQuantizedMultiplier)."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from care_q.export.tflite_builder import options
+    from care_q.graph.ops import FloatOps
+    from care_q.quant.fakequant import tflite_l2norm_codes
+
+    rng = np.random.default_rng(0)
+    zp, d = 19, 16
+    q = rng.integers(-128, 128, size=(100000, d))
+    q[:64] = zp  # all zero: the kernel's multiplier for 0 and 1
+    q[64:128, 1:] = zp
+    q[64:128, 0] = zp + np.arange(-32, 32)
+    q[128:4096] = zp + rng.integers(-3, 4, size=(3968, d))  # small norms: the shift goes negative
+    q = q.astype(np.int8)
+    shape = (1, q.shape[0], 1, d)
+    got = _run_one_op(fb.BuiltinOperator.L2_NORMALIZATION, [(shape, 5.99, zp)], (shape, 1 / 128, 0), [q.reshape(shape)],
+                      fb.BuiltinOptions.L2NormOptions, options(fb.L2NormOptionsT)).reshape(q.shape)
+    emu = tflite_l2norm_codes(torch.from_numpy(q.astype(np.int64) - zp)).numpy().astype(np.int64)
+    assert (emu == got).all(), int((emu != got).sum())
+    old = _old_float_path(FloatOps().l2_norm("", _deq(q, 5.99, zp)), 1 / 128, 0)
+    assert (old != got).any()  # the float reference misses the fixed-point 1/sqrt on some rows
+
+
+@pytest.mark.parametrize("axes,keep,scales,float_misses", [
+    ((1,), True, (0.05, -3, 0.01, 5), True), ((2,), True, (0.05, -3, 0.01, 5), True),  # mean * 5: ties
+    ((1, 2), False, (0.8, 7, 0.1, 5), True),                                         # the global pool's MEAN
+    ((1,), True, (3.7185768277037377, 30, 1.5686670639935663, 18), False),          # the NPU attention's (care_s0)
+    ((2,), True, (22.173539187921264, 20, 5.992405934651694, 19), False)])
+def test_xnnpack_int8_mean_emulation(axes, keep, scales, float_misses):
+    """MEAN (XNNPACK: int32 sum, then float32 scale with the zero point folded in before rounding)."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from care_q.export.tflite_builder import options
+    from care_q.quant.fakequant import xnnpack_mean_codes
+
+    s_in, z_in, s_out, z_out = scales
+    rng = np.random.default_rng(1)
+    hi = 12 if s_in / s_out > 2.4 else 128
+    q = rng.integers(-hi, hi, size=(32, 16, 16, 16)).astype(np.int8)
+    out_shape = tuple(1 if i in axes else n for i, n in enumerate(q.shape) if keep or i not in axes)
+    got = _run_one_op(fb.BuiltinOperator.MEAN, [(q.shape, s_in, z_in)], (out_shape, s_out, z_out), [q],
+                      fb.BuiltinOptions.ReducerOptions, options(fb.ReducerOptionsT, keepDims=keep),
+                      consts=[np.array(axes, np.int32)])
+    q_sum = torch.from_numpy(q.astype(np.int64)).sum(dim=axes, keepdim=keep)
+    n = int(np.prod([q.shape[a] for a in axes]))
+    emu = xnnpack_mean_codes(q_sum, n, s_in, z_in, s_out, z_out).numpy().astype(np.int64) + z_out
+    assert (emu == got).all(), int((emu != got).sum())
+    old = _old_float_path(_deq(q, s_in, z_in).mean(dim=axes, keepdim=keep), s_out, z_out)
+    assert (old != got).any() == float_misses  # ties: the float reference rounds before the zero point
+
+
+@pytest.mark.parametrize("s_in,z_in", [(0.00781257450580597, 0), (0.26198983607572673, 36), (0.0233, -100), (0.9, 5)])
+def test_xnnpack_int8_logistic_emulation(s_in, z_in):
+    """LOGISTIC (XNNPACK: a table of the double-precision sigmoid of every input code). At
+    x = 0.0078125745 the sigmoid is 0.501953125 (128.5 / 256, a tie) in float32 from double
+    precision, one float32 step above it from torch.sigmoid."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from care_q.quant.fakequant import xnnpack_sigmoid_table
+
+    codes = np.arange(-128, 128, dtype=np.int8).reshape(1, 256)
+    got = _run_one_op(fb.BuiltinOperator.LOGISTIC, [((1, 256), s_in, z_in)], ((1, 256), 1 / 256, -128), [codes])[0]
+    emu = xnnpack_sigmoid_table(s_in, z_in, 1 / 256, -128).numpy().astype(np.int64)
+    assert (emu == got).all(), int((emu != got).sum())
+    old = _old_float_path(torch.sigmoid(_deq(codes[0], s_in, z_in)), 1 / 256, -128)
+    assert (old != got).any() == (s_in < 0.01)
+
+
+@pytest.mark.parametrize("scales,shapes", [
+    ((0.046833597123622894, 0, 0.7787519097328186, 0, 2.6152493953704834, 0), None),  # every pair of codes
+    ((0.11333333333332636, -128, 0.08805882352940128, -6, 3.7185768277037377, 30), ((8, 16, 16, 1), (8, 16, 1, 16))),
+    ((0.5, 3, 0.25, -5, 0.25, 7), ((8, 16, 16, 1), (8, 1, 16, 16)))])
+def test_xnnpack_int8_mul_emulation(scales, shapes):
+    """(Broadcast) MUL (XNNPACK qs8 vmul: exact product, float32 scale, round half to even)."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from care_q.export.tflite_builder import options
+    from care_q.quant.fakequant import xnnpack_mul_codes
+
+    s_a, z_a, s_b, z_b, s_o, z_o = scales
+    rng = np.random.default_rng(2)
+    if shapes is None:
+        grid = np.arange(-128, 128, dtype=np.int8)
+        qa, qb = (g[None] for g in np.meshgrid(grid, grid, indexing="ij"))
+    else:
+        qa, qb = (rng.integers(-128, 128, size=s).astype(np.int8) for s in shapes)
+    out_shape = np.broadcast_shapes(qa.shape, qb.shape)
+    got = _run_one_op(fb.BuiltinOperator.MUL, [(qa.shape, s_a, z_a), (qb.shape, s_b, z_b)], (out_shape, s_o, z_o),
+                      [qa, qb], fb.BuiltinOptions.MulOptions, options(fb.MulOptionsT))
+    ia, ib = (torch.from_numpy(q.astype(np.int64) - z) for q, z in ((qa, z_a), (qb, z_b)))
+    emu = xnnpack_mul_codes(ia, ib, s_a, s_b, s_o, -128 - z_o, 127 - z_o).numpy().astype(np.int64) + z_o
+    assert (emu == got).all(), int((emu != got).sum())
+    if shapes is None:  # 4 of the 65536 products: the float reference's three roundings miss XNNPACK's one
+        old = _old_float_path(_deq(qa, s_a, z_a) * _deq(qb, s_b, z_b), s_o, z_o)
+        assert (old != got).sum() == 4
+
+
+@pytest.mark.parametrize("scales,float_misses", [
+    ((0.3, 4, 0.2, -128), True), ((0.05, -7, 0.1, 3), True),  # s_in / s_out = 1.5, 0.5: ties
+    ((0.19539215686272557, 22, 0.09581679310518154, -128), False)])  # care_s0's phi_relu
+def test_tflite_int8_relu_emulation(scales, float_misses):
+    """RELU with its own output parameters (TFLite's kernel; XNNPACK takes float RELU only)."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from care_q.quant.fakequant import tflite_relu_codes
+
+    s_in, z_in, s_out, z_out = scales
+    codes = np.arange(-128, 128, dtype=np.int8).reshape(1, 256)
+    got = _run_one_op(fb.BuiltinOperator.RELU, [((1, 256), s_in, z_in)], ((1, 256), s_out, z_out), [codes])[0]
+    emu = tflite_relu_codes(torch.from_numpy(codes[0].astype(np.int64) - z_in), s_in, s_out, z_out).numpy()
+    assert (emu.astype(np.int64) + z_out == got).all()
+    old = _old_float_path(torch.relu(_deq(codes[0], s_in, z_in)), s_out, z_out)
+    assert (old != got).any() == float_misses  # ties: TFLite rounds them away from zero, not to even
+
+
+def test_exact_reference_bias_codes_are_the_emitters(tmp_path):
+    """The exact reference's int32 conv biases are the emitted ones, also where b / (s_in * s_w)
+    is a half code for the float32 rounding of s_in and not for its float64 value."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    _, plan, _ = _build(tmp_path)
+    n = next(n for n in plan.graph.nodes if n.op == "conv" and n.module.bias is not None)
+    conv, in_name = n.module, n.inputs[0]
+    s_w = weight_scales(conv.weight).double()
+    s_in = plan.qp(in_name).scale[0]
+    s64, s32 = s_w * s_in, s_w * float(np.float32(s_in))
+    with torch.no_grad():  # between the two roundings of b / s_b: the codes differ by one if s_b does
+        conv.bias.copy_((1e6 + 0.5) * (s64 + s32) / 2)
+    m = fb.ModelT.InitFromPackedBuf(emit_tflite_int8(plan), 0)
+    t = next(t for t in m.subgraphs[0].tensors if t.name.decode() == f"{n.name}.bias")
+    emitted = np.frombuffer(bytes(m.buffers[t.buffer].data), np.int32)
+    _, _, b_int = QuantOps(plan, "quant", exact="xnnpack")._int_weights(conv.weight, conv.bias, in_name)
+    assert (s64 != s32).any() and (b_int.numpy() == emitted).all()
+
+
+def test_npu_int8_exact_reference_is_the_tflite_runtime(tmp_path, monkeypatch):
+    """`exact="xnnpack"` is the int8 TFLite model of the NPU recipe bit for bit: every op (convs,
+    ADD, LOGISTIC, MUL, MEAN, L2_NORMALIZATION, RELU, the int8 head) emulated. (This random-init
+    model has no tie the float reference would miss: the kernel tests above show those.)"""
+    from care_q.quant import fakequant
+    from care_q.transforms.substitute import npu_attention
+
+    calls = {}
+
+    def counting(name, fn):
+        def counted(*args):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args)
+        return counted
+
+    for name in ("tflite_l2norm_codes", "xnnpack_mean_codes", "xnnpack_sigmoid_table", "xnnpack_mul_codes",
+                 "tflite_relu_codes"):
+        monkeypatch.setattr(fakequant, name, counting(name, getattr(fakequant, name)))
+    torch.manual_seed(0)
+    cal = torch.randn(32, 3, SIZE, SIZE)
+    model = npu_attention(_model(silu=True), cal[:8])
+    plan = build_plan(trace(model, torch.zeros(1, 3, SIZE, SIZE)), load_recipe("npu_int8"))
+    calibrate(plan, model, [cal[i:i + 16] for i in range(0, 32, 16)], progress=False)
+    plan.output_qparams = plan.qp(plan.graph.output)
+    # as QAT does after tracing: the learned out_scale changes (its data replaced, as .to(device)
+    # does); the artifact must hold the trained values, not the ones seen at trace time
+    g = torch.Generator().manual_seed(1)
+    scales = [m.out_scale for m in model.modules() if isinstance(getattr(m, "out_scale", None), torch.nn.Parameter)]
+    assert scales
+    for p in scales:
+        p.data = p.data * (1.0 + 0.2 * torch.rand(p.shape, generator=g))
+    path = tmp_path / "npu.tflite"
+    path.write_bytes(emit_tflite_int8(plan, io="int8"))
+    x = torch.randn(48, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(x, QuantOps(plan, "quant", exact="xnnpack")).numpy()
+    got = load_runner(path, threads=1)(x.numpy())
+    assert np.array_equal(got, ref)
+    assert len(calls) == 5, calls  # each op went through its kernel's emulation

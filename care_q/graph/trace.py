@@ -112,7 +112,10 @@ class TraceOps(Ops):
         return self._record("add_const", name, [x], super().add_const(name, x, value), {"value": value})
 
     def mul_const(self, name, x, value):
-        v = value.detach().clone() if isinstance(value, torch.Tensor) else float(value)
+        if isinstance(value, torch.nn.Parameter):
+            v = value  # live: QAT trains it (the NPU attention's out_scale), the exporters read the trained values
+        else:
+            v = value.detach().clone() if isinstance(value, torch.Tensor) else float(value)
         return self._record("mul_const", name, [x], super().mul_const(name, x, value), {"value": v})
 
     def div(self, name, a, b):

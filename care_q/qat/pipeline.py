@@ -115,6 +115,7 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 def _recipe_key(rec: Recipe) -> dict:
     j = rec.to_json()
     j.get("qat", {}).pop("checkpoint_every", None)  # may change between a run and its resume
+    j.pop("source", None)  # the content decides, not where the file lies (a moved checkout resumes)
     return j
 
 
@@ -173,9 +174,11 @@ def load_qat(checkpoint: str | Path) -> QATRun:
         raise CareQError(f"QAT checkpoint not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     cfg = state["config"]
-    rec = load_recipe(cfg["recipe"]["source"])
-    if _recipe_key(rec) != cfg["recipe"]:
-        raise CareQError(f"{path}: recipe {cfg['recipe']['source']} changed since the run was started")
+    saved = {k: v for k, v in cfg["recipe"].items() if k != "source"}  # older checkpoints keep the path in it
+    source = cfg.get("recipe_source") or cfg["recipe"].get("source")
+    rec = load_recipe(source if source and Path(source).exists() else saved["name"])  # else: moved, by name
+    if _recipe_key(rec) != saved:
+        raise CareQError(f"{path}: recipe {rec.source} changed since the run was started")
     net = create_model(cfg["model"], weights=cfg["weights"])
     teacher, student, plan, bits = build_student(net, rec, cfg["img_size"])
     qparams_from_state(plan, state["plan"])
@@ -279,7 +282,8 @@ def _run(dist: Dist, *, model, weights, dataset, rec, epochs, max_steps, lr, bat
     config = {"model": model, "weights": str(weights.resolve()), "dataset": str(dataset),
               "dataset_path": str(train_ds.root), "recipe": _recipe_key(rec), "img_size": int(size),
               "epochs": epochs, "global_batch": batch_size, "lr": lr, "seed": int(seed), "limit": limit,
-              "calib": str(calib), "calib_images": calib_images, "total_steps": total_steps}
+              "calib": str(calib), "calib_images": calib_images, "total_steps": total_steps,
+              "recipe_source": str(rec.source)}  # where the recipe was read (not compared on --resume)
     ckpt_path = out / "last.pt"
     state = None
     if resume:
@@ -314,15 +318,15 @@ def _run(dist: Dist, *, model, weights, dataset, rec, epochs, max_steps, lr, bat
         p.requires_grad_(False)
     teacher.to(dev)
     qnet.to(dev)
-    if state is not None:
-        qnet.load_state_dict(state["model"])
 
     def eval_loader(ds):
         return make_loader(ds, batch_size=max(per_rank, 64), workers=workers)
 
     baseline = dict(state.get("baseline", {})) if state is not None else {}
     fp32_preds = state.get("fp32_preds") if state is not None else None
-    if eval_ds is not None and state is None and dist.main:
+    # Before the trained weights are loaded, qnet is the PTQ starting point (calibrated plan, original
+    # weights): a fresh run, or a resumed one that was started without this eval set, measures it here.
+    if eval_ds is not None and "fp32_top1" not in baseline and dist.main:
         qnet.eval()
         baseline["fp32_top1"], fp32_preds = top1(teacher, eval_loader(eval_ds), dev, "eval fp32", show)
         baseline["ptq_top1"], ptq_preds = top1(qnet, eval_loader(eval_ds), dev, "eval PTQ (fake-quant)", show)
@@ -330,6 +334,8 @@ def _run(dist: Dist, *, model, weights, dataset, rec, epochs, max_steps, lr, bat
         log(f"before QAT: FP32 top-1 {baseline['fp32_top1']:.2f}%, PTQ ({rec.name}) top-1 "
             f"{baseline['ptq_top1']:.2f}% on {len(eval_ds)} images (same class as FP32 on "
             f"{baseline['ptq_fp32_agreement']:.2f}%)")
+    if state is not None:
+        qnet.load_state_dict(state["model"])
 
     # --- optimisation
     decay = [p for p in qnet.student.parameters() if p.ndim >= 2]
@@ -343,7 +349,11 @@ def _run(dist: Dist, *, model, weights, dataset, rec, epochs, max_steps, lr, bat
     history: list[dict] = []
     ep = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "n": 0, "seconds": 0.0}  # sums over the current epoch
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            opt.load_state_dict(state["optimizer"])
+        elif state["step"] < total_steps:  # a finished run's checkpoint may be slimmed for transfer
+            raise CareQError(f"{ckpt_path} has no optimizer state, so its run (step {state['step']} of "
+                             f"{total_steps}) cannot continue; only a finished run can be resumed without it")
         sched.load_state_dict(state["scheduler"])
         epoch, step_in_epoch, step = state["epoch"], state["step_in_epoch"], state["step"]
         history = list(state.get("history", []))

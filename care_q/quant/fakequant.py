@@ -14,7 +14,10 @@ integer runtimes do: exact integer accumulation (float64), then float32 requanti
 compute it. This is the verification reference: float32 accumulation alone differs from the
 runtimes by one step on ~1e-5 of the outputs, which a low-SNR network amplifies.
 ``exact="xnnpack"`` also computes int8 ADDs as XNNPACK does (fixed-point multipliers, rounding
-half up; onnxruntime's QLinearAdd rounds in float, as ``exact=True``): the TFLite reference.
+half up; onnxruntime's QLinearAdd rounds in float, as ``exact=True``), and MUL, MEAN, LOGISTIC
+(and SiLU's LOGISTIC + MUL), L2_NORMALIZATION and RELU as ai-edge-litert's kernels do (XNNPACK's
+or TFLite's own; the functions below name their sources): the TFLite reference, bit for bit on
+the NPU recipe's graph. Those emulations run only where no gradient is wanted.
 
 Gradients pass straight through the rounding (STE), so QAT trains this same module.
 """
@@ -64,7 +67,7 @@ def weight_scales(w: torch.Tensor, per_channel: bool = True, qmax: int = 127) ->
 
 
 def quantize_weight(w: torch.Tensor, scales: torch.Tensor, qmax: int = 127) -> torch.Tensor:
-    zp = torch.zeros(w.shape[0], dtype=torch.int32)
+    zp = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
     return torch.fake_quantize_per_channel_affine(w, scales.float(), zp, 0, -qmax, qmax)
 
 
@@ -84,6 +87,134 @@ def xnnpack_add_codes(ia: torch.Tensor, ib: torch.Tensor, s_a: float, s_b: float
     m_a, m_b = (float(np.rint(np.float32(r * np.float32(2.0 ** shift)))) for r in ratios)
     acc = m_a * ia.double() + m_b * ib.double() + 2.0 ** (shift - 1)
     return torch.clamp(torch.floor(acc / 2.0 ** shift), lo, hi)
+
+
+# The int8 kernels of the NPU recipe's ops as ai-edge-litert's default interpreter runs them
+# (XNNPACK takes MUL, MEAN and LOGISTIC; L2_NORMALIZATION and int8 RELU run in TFLite's own
+# kernels). Each equals the runtime bit for bit (tests/test_tflite_int8.py); sources are files of
+# google/XNNPACK and google-ai-edge/LiteRT. Codes are integer-valued tensors minus zero points.
+_F32 = np.float32
+
+
+def xnnpack_mul_codes(ia: torch.Tensor, ib: torch.Tensor, s_a: float, s_b: float, s_out: float, lo: int,
+                      hi: int) -> torch.Tensor | None:
+    """XNNPACK's int8 MUL (qs8 vmul, fp32 requantization; scale set up by
+    xnn_init_qs8_mul_minmax_scalar_params): ``round_half_even(float32(ia * ib) * s)`` with
+    ``s = float32(float32(s_a * s_b) / s_out)``, then the output zero point, clamped to [lo, hi].
+    None where the delegate would not take the MUL (s outside [2^-16, 2^8),
+    CheckTensorsInputProductOutputScale in xnnpack_delegate.cc): TFLite's own kernel runs it."""
+    s = _F32(_F32(_F32(s_a) * _F32(s_b)) / _F32(s_out))
+    if not 2.0 ** -16 <= s < 2.0 ** 8:
+        return None
+    return torch.clamp(torch.round((ia.double() * ib.double()).float() * float(s)), lo, hi).double()
+
+
+def xnnpack_mean_codes(q_sum: torch.Tensor, n: int, s_in: float, z_in: int, s_out: float, z_out: int) -> torch.Tensor:
+    """XNNPACK's int8 MEAN of ``n`` codes from their exact sum ``q_sum`` (codes with the input zero
+    point): qs8 rsum into int32, then the int32 -> qs8 convert of src/operators/reduce-nd.c,
+    ``round_half_even(float32(q_sum) * m + z')``, ``m = float32(float32(s_in / s_out) * float32(1 / n))``,
+    ``z' = z_out - float32(n * z_in) * m`` (all float32): the zero point is folded in before the
+    rounding, so ties go to the even *code*. Returns codes minus z_out."""
+    m = _F32(_F32(_F32(s_in) / _F32(s_out)) * _F32(_F32(1) / _F32(n)))
+    z = _F32(_F32(z_out) - _F32(_F32(n * z_in) * m))
+    y = torch.round(q_sum.float() * float(m) + float(z))  # float32 tensor ops, m and z exact float32
+    return torch.clamp(y, -128, 127).double() - z_out
+
+
+def xnnpack_sigmoid_table(s_in: float, z_in: int, s_out: float, z_out: int) -> torch.Tensor:
+    """XNNPACK's int8 LOGISTIC: a 256-entry table (init_lut_op_with_config in
+    src/operators/unary-elementwise-nc.c) of the reference op on every input code: x =
+    ``(float(q) - z_in) * s_in``, ``e = exp(double(x))``, ``float(e / (1 + e))`` (SigmoidOp in
+    src/reference/unary-elementwise.cc; 0 / 1 beyond -+100), quantized as
+    ``round_half_even(y * float32(1 / s_out) + z_out)``. Indexed by code + 128; holds output codes."""
+    import math
+
+    x = (np.arange(-128, 128, dtype=_F32) - _F32(z_in)) * _F32(s_in)
+    y = np.array([1.0 if v > 100 else 0.0 if v < -100 else math.exp(v) / (1.0 + math.exp(v)) for v in x.tolist()],
+                 dtype=_F32)
+    q = np.rint(y * (_F32(1) / _F32(s_out)) + _F32(z_out))
+    return torch.from_numpy(np.clip(q, -128, 127).astype(np.float64))
+
+
+_I32_MIN, _I32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+def _srdhm(a: torch.Tensor, b: torch.Tensor | int) -> torch.Tensor:
+    """gemmlowp SaturatingRoundingDoublingHighMul of int32 values (int64 tensors)."""
+    ab = a * b
+    ab = ab + torch.where(ab >= 0, 2 ** 30, 1 - 2 ** 30)
+    hi = torch.div(ab, 2 ** 31, rounding_mode="trunc")
+    return torch.where((a == _I32_MIN) & (b == _I32_MIN), _I32_MAX, hi)
+
+
+def _rounding_divide_by_pot(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """gemmlowp RoundingDivideByPOT: x / 2^e rounded half away from zero."""
+    mask = (1 << e) - 1
+    return (x >> e) + ((x & mask) > (mask >> 1) + (x < 0)).long()
+
+
+def _sat_shift_left(x: torch.Tensor, e: int) -> torch.Tensor:
+    """gemmlowp SaturatingRoundingMultiplyByPOT<e> for e > 0 (int32 saturation)."""
+    t = (1 << (31 - e)) - 1
+    return torch.where(x > t, _I32_MAX, torch.where(x < -t, _I32_MIN, x * (1 << e)))
+
+
+def _wrap32(x: torch.Tensor) -> torch.Tensor:
+    return (x + 2 ** 31) % 2 ** 32 - 2 ** 31
+
+
+def tflite_l2norm_codes(x: torch.Tensor) -> torch.Tensor:
+    """TFLite's int8 L2_NORMALIZATION over the last dim (reference_integer_ops::L2Normalization in
+    tflite/kernels/internal/reference/integer_ops/l2normalization.h; XNNPACK does not take the op)
+    on codes minus the input zero point: acc = sum x^2 (int32), 1/sqrt(acc) as a fixed-point
+    multiplier and shift (GetInvSqrtQuantizedMultiplierExp in tflite/kernels/internal/common.h:
+    5 Newton-Raphson steps in gemmlowp Q3.28), then
+    ``MultiplyByQuantizedMultiplier(x, mult, shift + 7)`` (double rounding, the default build),
+    clamped to [-128, 127]. The output is at scale 1/128, zero point 0; the input scale is unused."""
+    x = x.long()
+    acc = (x * x).sum(-1, keepdim=True)
+    small = acc <= 1  # the kernel's special case: multiplier INT32_MAX, shift 0
+    v = torch.where(small, 4, acc)
+    shift = torch.full_like(v, 11)
+    while bool((v >= 1 << 29).any()):
+        big = v >= 1 << 29
+        v, shift = torch.where(big, v // 4, v), shift + big.long()
+    bits = sum((v >> k > 0).long() for k in range(31))  # bit length: CountLeadingZeros = 32 - bits
+    pairs = (31 - bits) // 2 - 1  # (CountLeadingZeros - 1) / 2 - 1
+    shift = shift - pairs
+    v = v << (2 * pairs)  # now in [2^27, 2^29)
+    half_v = _rounding_divide_by_pot(v >> 1, torch.ones_like(v))  # F3 input / 2
+    r = torch.full_like(v, 1 << 28)  # F3 one
+    for _ in range(5):  # x = 1.5 x - (v / 2) x^3 (Rescale<3> of the F9 / F6 products: saturating shifts)
+        x3 = _sat_shift_left(_srdhm(_srdhm(r, r), r), 6)
+        r = _sat_shift_left(_wrap32(_srdhm(torch.full_like(r, 3 << 27), r) - _srdhm(half_v, x3)), 3)
+    r = _srdhm(r, 1518500250)  # * sqrt(2) / 2 (Q0.31)
+    neg = shift < 0
+    r = torch.where(neg, _wrap32(r << torch.where(neg, -shift, 0)), r)
+    shift = torch.where(neg, 0, shift)
+    r = torch.where(small, _I32_MAX, r)
+    s = torch.where(small, 0, -shift) + 7  # kReverseShift, then the output's 7 fractional bits
+    return torch.clamp(_multiply_by_quantized_multiplier(x, r, s), -128, 127).double()
+
+
+def _multiply_by_quantized_multiplier(x: torch.Tensor, m, shift) -> torch.Tensor:
+    """TFLite's MultiplyByQuantizedMultiplier(int32 x, m, shift) (tflite/kernels/internal/common.cc,
+    double rounding: the default build): x * m * 2^shift / 2^31, rounded twice, half away from zero."""
+    shift = torch.as_tensor(shift, dtype=torch.int64)
+    return _rounding_divide_by_pot(_srdhm(_wrap32(x << shift.clamp(min=0)), m), (-shift).clamp(min=0))
+
+
+def tflite_relu_codes(x: torch.Tensor, s_in: float, s_out: float, z_out: int) -> torch.Tensor:
+    """TFLite's int8 RELU (XNNPACK takes float RELU only): on codes minus the input zero point,
+    ``z_out + MultiplyByQuantizedMultiplier(x, QuantizeMultiplier(float32(s_in / s_out)))`` clamped
+    to [max(-128, z_out), 127] (ReluPrepare / QuantizedReluX in tflite/kernels/activations.cc,
+    reference_ops::ReluX). Returns codes minus z_out."""
+    frac, shift = np.frexp(np.float64(_F32(_F32(s_in) / _F32(s_out))))  # QuantizeMultiplier
+    m = int(np.floor(frac * 2.0 ** 31 + 0.5))  # TfLiteRound: half away from zero (frac > 0)
+    if m == 2 ** 31:
+        m, shift = m // 2, shift + 1
+    y = _multiply_by_quantized_multiplier(x.long(), m, int(shift))
+    return torch.clamp(y, max(-128 - z_out, 0), 127 - z_out).double()
 
 
 _F32_EXACT = 2.0 ** 24  # every integer of magnitude below this is a float32
@@ -130,13 +261,14 @@ class QuantOps(Ops):
         if mode not in ("observe", "quant", "float"):
             raise ValueError(mode)
         self.exact = bool(exact) and mode == "quant"
-        self.xnnpack_add = exact == "xnnpack" and mode == "quant"
+        self.xnnpack = exact == "xnnpack" and mode == "quant"  # TFLite's int8 kernels (module functions above)
         self.plan = plan
         self.mode = mode
         self.observers = observers if observers is not None else {}
         self.record: dict[str, torch.Tensor] | None = {} if record else None
         self.per_channel = plan.recipe.weight_granularity == "per_channel"
         self.w_qmax = weight_qmax(plan)
+        self._tables: dict[tuple, torch.Tensor] = {}  # XNNPACK LOGISTIC tables by quantization
 
     # ------------------------------------------------------------------ helpers
     def _out(self, name: str, y: torch.Tensor, op: str = "") -> torch.Tensor:
@@ -187,7 +319,9 @@ class QuantOps(Ops):
         q = self.w_qmax
         s_w = weight_scales(w, self.per_channel, q).float()
         w_int = torch.clamp(torch.round(w.detach().double() / s_w.double().reshape((-1,) + (1,) * (w.dim() - 1))), -q, q)
-        s_b = s_w.double() * torch.tensor(self.plan.qp(in_name).scale[0], dtype=torch.float32).double()
+        # s_in as the exporters take it (the plan's float64 value, not its float32 rounding): the
+        # bias codes round(b / s_b) must be theirs, else one code in ~1e-7 differs by one.
+        s_b = s_w.double() * float(self.plan.qp(in_name).scale[0])
         b0 = b.detach().double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
         return w_int, s_w, torch.round(b0 / s_b)
 
@@ -240,7 +374,7 @@ class QuantOps(Ops):
 
     def add(self, name, a, b):
         ins = self.plan.graph_inputs[name]
-        if self.xnnpack_add and len(ins) == 2 and self._exact_ok(name, ins):
+        if self.xnnpack and len(ins) == 2 and self._exact_ok(name, ins):
             y = self._xnnpack_add(name, a, b, ins)
             if y is not None:
                 return self._out(name, y)
@@ -253,7 +387,29 @@ class QuantOps(Ops):
         return None if q is None else (q * float(np.float32(qo.scale[0]))).to(a.dtype)
 
     def mul(self, name, a, b):
+        ins = self.plan.graph_inputs[name]
+        if self._tflite_ok(name, ins, a, b):
+            y = self._xnnpack_mul(name, self._ints(a, ins[0]), self._ints(b, ins[1]), self.plan.qp(ins[0]),
+                                  self.plan.qp(ins[1]))
+            if y is not None:
+                return self._out(name, y.to(a.dtype))
         return self._out(name, a * b)
+
+    def _tflite_ok(self, name: str, inputs: list[str], *xs: torch.Tensor) -> bool:
+        """Emulate TFLite's int8 kernel: the TFLite reference, every tensor int8, no gradient
+        wanted (QAT trains the float path)."""
+        return (self.xnnpack and self._exact_ok(name, inputs) and not any(x.requires_grad for x in xs)
+                and all(self.plan.qp(t).dtype == DType.INT8 for t in [name, *inputs]))
+
+    def _dq(self, name: str, codes: torch.Tensor) -> torch.Tensor:
+        """Output codes (minus the zero point) of tensor `name` as its float32 values."""
+        return (codes * float(np.float32(self.plan.qp(name).scale[0]))).float()
+
+    def _xnnpack_mul(self, name, ia, ib, qa: QParams, qb: QParams) -> torch.Tensor | None:
+        qo = self.plan.qp(name)
+        q = xnnpack_mul_codes(ia, ib, qa.scale[0], qb.scale[0], qo.scale[0], qo.qmin - qo.zero_point[0],
+                              qo.qmax - qo.zero_point[0])
+        return None if q is None else self._dq(name, q)
 
     def add_const(self, name, x, value):
         if self.mode != "quant" or not self.plan.quantized(name):
@@ -293,6 +449,13 @@ class QuantOps(Ops):
         return self._out(name, F.gelu(x))
 
     def silu(self, name, x):
+        in_name = self.plan.graph_inputs[name][0]
+        if self._tflite_ok(name, [in_name], x):  # LOGISTIC + MUL (the emitter's op_silu), as XNNPACK runs them
+            qs = SIGMOID_QPARAMS[DType.INT8]
+            ix, s_codes = self._ints(x, in_name), self._xnnpack_sigmoid(x, in_name, qs)
+            y = self._xnnpack_mul(name, ix, s_codes - qs.zero_point[0], self.plan.qp(in_name), qs)
+            if y is not None:
+                return self._out(name, y)
         s = torch.sigmoid(x)
         if self.mode == "quant" and self.plan.quantized(name):
             s = fake_quant(s, SIGMOID_QPARAMS[self.plan.specs[name].dtype])
@@ -302,12 +465,33 @@ class QuantOps(Ops):
         return self._out(name, F.elu(x))
 
     def relu(self, name, x):
+        in_name = self.plan.graph_inputs[name][0]
+        if self._tflite_ok(name, [in_name], x):
+            qi, qo = self.plan.qp(in_name), self.plan.qp(name)
+            return self._out(name, self._dq(name, tflite_relu_codes(self._ints(x, in_name), qi.scale[0], qo.scale[0],
+                                                                    qo.zero_point[0])))
         return self._out(name, F.relu(x))
 
     def sigmoid(self, name, x):
+        in_name = self.plan.graph_inputs[name][0]
+        if self._tflite_ok(name, [in_name], x):
+            qo = self.plan.qp(name)
+            return self._out(name, self._dq(name, self._xnnpack_sigmoid(x, in_name, qo) - qo.zero_point[0]))
         return self._out(name, torch.sigmoid(x))
 
+    def _xnnpack_sigmoid(self, x, in_name: str, qo: QParams) -> torch.Tensor:
+        """Output codes (with the zero point) of XNNPACK's LOGISTIC table for `x` on its grid."""
+        qi = self.plan.qp(in_name)
+        key = (qi.scale[0], qi.zero_point[0], qo.scale[0], qo.zero_point[0])
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = xnnpack_sigmoid_table(*key)
+        return table[(self._ints(x, in_name) + qi.zero_point[0] + 128).clamp(0, 255).long()]
+
     def l2_norm(self, name, x):
+        in_name = self.plan.graph_inputs[name][0]
+        if self._tflite_ok(name, [in_name], x):  # output parameters fixed by TFLite: 1/128, zero point 0
+            return self._out(name, self._dq(name, tflite_l2norm_codes(self._ints(x, in_name))))
         return self._out(name, super().l2_norm(name, x))
 
     def to_tokens(self, name, x, kind):
@@ -317,7 +501,18 @@ class QuantOps(Ops):
         return self._out(name, super().from_tokens(name, x, hw), "from_tokens")
 
     def mean_axis(self, name, x, axis):
-        return self._out(name, super().mean_axis(name, x, axis))
+        y = self._xnnpack_mean(name, x, (axis,), True)
+        return self._out(name, y if y is not None else super().mean_axis(name, x, axis))
+
+    def _xnnpack_mean(self, name, x, dims: tuple[int, ...], keepdim: bool) -> torch.Tensor | None:
+        """An int8 MEAN over `dims` as XNNPACK computes it; None where the float path applies."""
+        in_name = self.plan.graph_inputs[name][0]
+        if not self._tflite_ok(name, [in_name], x):
+            return None
+        qi, qo = self.plan.qp(in_name), self.plan.qp(name)
+        q_sum = (self._ints(x, in_name) + qi.zero_point[0]).sum(dim=dims, keepdim=keepdim)
+        n = int(np.prod([x.shape[d] for d in dims]))
+        return self._dq(name, xnnpack_mean_codes(q_sum, n, qi.scale[0], qi.zero_point[0], qo.scale[0], qo.zero_point[0]))
 
     def split(self, name, x, sizes, dim=1):
         outs = torch.split(x, sizes, dim=dim)
@@ -345,10 +540,12 @@ class QuantOps(Ops):
         return self._out(name, super().matmul(name, a, b, transpose_a, transpose_b))
 
     def mean_tokens(self, name, x):
-        return self._out(name, x.mean(dim=-2, keepdim=True))
+        y = self._xnnpack_mean(name, x, (-2,), True)
+        return self._out(name, y if y is not None else x.mean(dim=-2, keepdim=True))
 
-    def global_pool(self, name, x):
-        return self._out(name, x.flatten(2).mean(dim=-1))
+    def global_pool(self, name, x):  # TFLite: MEAN over H and W of the NHWC map
+        y = self._xnnpack_mean(name, x, (2, 3), False)
+        return self._out(name, y if y is not None else x.flatten(2).mean(dim=-1))
 
     def layer_norm(self, name, x, eps):
         return self._out(name, F.layer_norm(x, x.shape[-1:], None, None, eps))
