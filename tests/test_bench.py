@@ -271,3 +271,20 @@ def test_other_load_counts_other_processes_only():
     assert other > 0.6 / cores  # one spinning process of `cores`
     assert "other processes used" in busy_warning({"other_cpu_share": other})
     assert busy_warning({"other_cpu_share": 0.02, "load_avg": {"start": 9.0}}) is None
+
+
+def test_content_stamp_ignores_mtime(tmp_path):
+    """The proxy's cache key survives a re-provisioned shared/ (same bytes, new mtime), not new bytes."""
+    import os
+
+    from care_q.bench.suite import _content_stamp
+
+    f = tmp_path / "w.pth"
+    f.write_bytes(b"weights")
+    a = _content_stamp(f)
+    os.utime(f, (1, 1))
+    assert _content_stamp(f) == a
+    f.write_bytes(b"weightz")
+    assert _content_stamp(f) != a and _content_stamp(None) is None
+    with pytest.raises(CareQError, match="file not found"):
+        _content_stamp(tmp_path / "missing.pth")

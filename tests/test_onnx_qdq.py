@@ -114,12 +114,18 @@ def test_structure(gelu):
     for c in convs:
         w_dq, b_dq = prod[c.input[1]], prod[c.input[2]]
         assert w_dq.op_type == b_dq.op_type == "DequantizeLinear"
-        w, w_zp = inits[w_dq.input[0]], inits[w_dq.input[2]]
-        assert w.data_type == w_zp.data_type == onnx.TensorProto.INT8
-        assert not onnx.numpy_helper.to_array(w_zp).any()
+        # conv weights (int8) and int32 biases with ONNX's default zero point 0 (no zero-point tensor)
+        assert len(w_dq.input) == len(b_dq.input) == 2
+        w = inits[w_dq.input[0]]
+        assert w.data_type == onnx.TensorProto.INT8
         assert np.abs(onnx.numpy_helper.to_array(w).astype(int)).max() <= 127
         assert {a.name: a.i for a in w_dq.attribute}["axis"] == 0
         assert inits[b_dq.input[0]].data_type == onnx.TensorProto.INT32
+    # activation zero points: one scalar initializer per distinct (type, value), shared
+    zps = [n.input[2] for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+           and len(n.input) == 3 and not inits[n.input[2]].dims]
+    distinct = {(inits[z].data_type, int(onnx.numpy_helper.to_array(inits[z]))) for z in zps}
+    assert len(set(zps)) == len(distinct) < len(zps)
     # every weight is stored as integers: the only float initializers are scales and the head
     floats = [i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
               and not i.name.endswith("/scale") and not i.name.startswith("head.")]
@@ -179,8 +185,9 @@ def test_silu_variant_fuses_sigmoid_and_mul(silu, tmp_path):
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
     sig = [k[: -len("/scale")] for k in inits if k.endswith("/sigmoid/scale")]
     assert len(sig) == n_silu
+    quant = {n.name: n for n in m.graph.node if n.op_type == "QuantizeLinear"}
     for k in sig:
-        assert inits[f"{k}/scale"] == np.float32(1 / 256) and inits[f"{k}/zero_point"] == 0
+        assert inits[f"{k}/scale"] == np.float32(1 / 256) and inits[quant[f"{k}/Quantize"].input[2]] == 0
 
 
 def test_uint8_weights_exact_without_session_option(gelu):
@@ -191,8 +198,8 @@ def test_uint8_weights_exact_without_session_option(gelu):
 
 def test_int8_act_type_is_literal(gelu):
     m = emit_onnx_qdq(gelu["plan"], act_type="int8")
-    types = {i.data_type for i in m.graph.initializer if i.name.endswith("/zero_point")}
-    assert onnx.TensorProto.UINT8 not in types
+    types = {i.data_type for i in m.graph.initializer if i.name.endswith("/zero_point") or i.name.startswith("zp/")}
+    assert onnx.TensorProto.INT8 in types and onnx.TensorProto.UINT8 not in types
     s = _session(m, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     y = s.run(None, {"input": gelu["x"]})[0]
     assert np.abs(y - gelu["ref"]).max() <= 1e-4 * np.abs(gelu["ref"]).max()

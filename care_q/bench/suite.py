@@ -39,7 +39,7 @@ SUITE = EVAL_DIR / "suite.yaml"
 CODE_VERSION = 6  # 3: TFLite verification with XNNPACK ADD arithmetic; 4: ADD input-scale floor; 5, 6: strided histograms
 # The latency models' artifacts: 8 calibration images at 224; the strided histograms (5, 6) move their
 # ranges by less than a step and cannot change the graph, so their latency steps keep version 4.
-LATENCY_CODE_VERSION = 4
+LATENCY_CODE_VERSION = 5  # 5: ONNX QDQ without default zero points, shared activation zero points (size)
 QAT_CODE_VERSION = 2
 NPU_TARGET_DROP_PT = 1.0  # issue 7's npu_int8 accuracy goal
 BASELINE_RECORDS = 2  # care_q.eval.baselines.RECORD_VERSION when the baselines last changed
@@ -250,6 +250,21 @@ def _stamp(path) -> dict | None:
     return {"path": str(p.resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
 
 
+def _content_stamp(path) -> dict | None:
+    """An input file that other hands may copy again unchanged (the shared proxy checkpoint, whose
+    mtime changes each time shared/ is provisioned): path, size and SHA-256 of its bytes."""
+    import hashlib
+
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        raise CareQError(f"file not found: {p}")
+    with open(p, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"path": str(p.resolve()), "size": p.stat().st_size, "sha256": digest}
+
+
 # ----------------------------------------------------------------------------- methods
 
 METHODS = [  # key, label, runtime, group
@@ -312,7 +327,7 @@ def run_accuracy(cfg: dict, A: dict, root: Path, steps: Steps, data_root, progre
 
     d = root / A["name"]
     model, weights, seed, threads = A["model"], A["weights"], cfg["seed"], cfg["threads"]
-    wstamp = _stamp(weights)
+    wstamp = _content_stamp(weights)
     img = load_sidecar(weights).input_size[-1]
     base = {"model": model, "weights": wstamp, "img_size": img}
 
@@ -448,7 +463,7 @@ def run_qat(cfg: dict, Q: dict, A: dict, root: Path, steps: Steps, data_root, pr
     from care_q.qat import qat
 
     out = {}
-    wstamp = _stamp(A["weights"])
+    wstamp = _content_stamp(A["weights"])
     for name in Q["recipes"]:
         d = root / "qat" / name
         from care_q.quant.recipe import load_recipe

@@ -139,13 +139,21 @@ class _Emitter:
             return DType.UINT8, qp.zero_point[0] + 128
         return qp.dtype, qp.zero_point[0]
 
+    def zero_point(self, dtype: DType, value: int) -> str:
+        """A scalar zero point, one initializer per (type, value) shared by every Q/DQ that uses it
+        (the activation zero points take few distinct values: a smaller file)."""
+        name = f"zp/{dtype.value}/{int(value)}"
+        if name not in self.names:
+            self.init(name, np.array(value, _NP[dtype]))
+        return name
+
     def qdq(self, base: str, raw: str, qp: QParams) -> str:
         """QuantizeLinear(raw) -> base/q -> DequantizeLinear -> base/dq (per tensor)."""
         if qp.axis is not None:
             raise CareQError(f"'{base}': per-channel activation parameters are not emitted")
         dtype, zero_point = self.storage(qp)
         scale = self.init(f"{base}/scale", np.array(qp.scale[0], np.float32))
-        zp = self.init(f"{base}/zero_point", np.array(zero_point, _NP[dtype]))
+        zp = self.zero_point(dtype, zero_point)
         self.node("QuantizeLinear", [raw, scale, zp], [f"{base}/q"], f"{base}/Quantize")
         self.node("DequantizeLinear", [f"{base}/q", scale, zp], [f"{base}/dq"], f"{base}/Dequantize")
         return f"{base}/dq"
@@ -182,22 +190,28 @@ class _Emitter:
         scale = abs(value) / top if value != 0 else 1.0
         c = self.init(f"{name}/q", np.full(shape, q, _NP[dtype]))
         s = self.init(f"{name}/scale", np.array(scale, np.float32))
-        z = self.init(f"{name}/zero_point", np.array(zero, _NP[dtype]))
-        return self.node("DequantizeLinear", [c, s, z], [name], f"{name}/Dequantize")[0]
+        return self.node("DequantizeLinear", [c, s, self.zero_point(dtype, zero)], [name], f"{name}/Dequantize")[0]
 
-    def weight_dq(self, name: str, qw: np.ndarray, scales: np.ndarray, per_channel: bool) -> str:
-        """Symmetric weights q in [-127, 127]: int8 (zero point 0) or uint8 (q + 128, zero point 128)."""
+    def weight_dq(self, name: str, qw: np.ndarray, scales: np.ndarray, per_channel: bool,
+                  explicit_zero: bool = False) -> str:
+        """Symmetric weights q in [-127, 127]: int8 (zero point 0) or uint8 (q + 128, zero point 128).
+
+        Per-channel int8 weights get no zero-point tensor (ONNX's default, 0) unless `explicit_zero`:
+        Gemm weights need one, as onnxruntime's x86 int8->uint8 weight rewrite then adds a scalar
+        zero point that its per-axis DequantizeLinear rejects."""
         dtype, zero = (np.uint8, 128) if self.weight_type == "uint8" else (np.int8, 0)
         w = self.init(f"{name}/q", (qw.astype(np.int64) + zero).astype(dtype))
         if per_channel:
             s = self.init(f"{name}/scale", scales.astype(np.float32))
+            if zero == 0 and not explicit_zero:
+                return self.node("DequantizeLinear", [w, s], [name], f"{name}/Dequantize", axis=0)[0]
             z = self.init(f"{name}/zero_point", np.full(len(scales), zero, dtype))
             return self.node("DequantizeLinear", [w, s, z], [name], f"{name}/Dequantize", axis=0)[0]
         s = self.init(f"{name}/scale", np.array(scales[0], np.float32))
         z = self.init(f"{name}/zero_point", np.array(zero, dtype))
         return self.node("DequantizeLinear", [w, s, z], [name], f"{name}/Dequantize")[0]
 
-    def _weight_dq(self, name: str, weight) -> tuple[str, np.ndarray]:
+    def _weight_dq(self, name: str, weight, explicit_zero: bool = False) -> tuple[str, np.ndarray]:
         """The plan's int8 weights of a conv/linear module (symmetric, per output channel) + DQ,
         and their float32 scales."""
         per_channel = self.plan.recipe.weight_granularity == "per_channel"
@@ -205,15 +219,14 @@ class _Emitter:
         s_w = weight_scales(weight, per_channel, qmax).detach().float().numpy()
         w = weight.detach().double().numpy()
         qw = np.clip(np.round(w / s_w.astype(np.float64).reshape((-1,) + (1,) * (w.ndim - 1))), -qmax, qmax)
-        return self.weight_dq(name, qw, s_w, per_channel), s_w
+        return self.weight_dq(name, qw, s_w, per_channel, explicit_zero), s_w
 
     def bias_dq(self, name: str, bias: np.ndarray, scales: np.ndarray) -> str:
         """int32 bias at per-channel scales s_in * s_w, + DQ (axis 0)."""
         qb = np.clip(np.round(bias / scales), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
         b = self.init(f"{name}/int32", qb)
-        s = self.init(f"{name}/scale", scales.astype(np.float32))
-        z = self.init(f"{name}/zero_point", np.zeros(len(scales), np.int32))
-        return self.node("DequantizeLinear", [b, s, z], [name], f"{name}/Dequantize", axis=0)[0]
+        s = self.init(f"{name}/scale", scales.astype(np.float32))  # zero point: the default 0
+        return self.node("DequantizeLinear", [b, s], [name], f"{name}/Dequantize", axis=0)[0]
 
     def i64(self, name: str, values) -> str:
         return self.init(name, np.asarray(values, dtype=np.int64))
@@ -463,7 +476,7 @@ class _Emitter:
             self.out(o, self.node("Gemm", inputs, [self.raw(o)], n.name, transB=1)[0])
             return
         # static int8 classifier (recipe head.dtype int8): DQ(int8 W per row) -> Gemm -> Q, a QGemm in onnxruntime
-        wt, s_w = self._weight_dq(f"{n.name}.weight", fc.weight)
+        wt, s_w = self._weight_dq(f"{n.name}.weight", fc.weight, explicit_zero=True)
         s_b = s_w.astype(np.float64) * in_qp.scale[0]
         bias = fc.bias.detach().double().numpy() if fc.bias is not None else np.zeros(fc.weight.shape[0])
         inputs = [self.val[n.inputs[0]], wt, self.bias_dq(f"{n.name}.bias", bias, s_b)]

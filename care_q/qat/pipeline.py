@@ -119,6 +119,11 @@ def _recipe_key(rec: Recipe) -> dict:
     return j
 
 
+def _without_source(key: str, value):
+    """Checkpoints written before the recipe key dropped its file path still resume."""
+    return {k: v for k, v in value.items() if k != "source"} if key == "recipe" and isinstance(value, dict) else value
+
+
 def _check_recipe(rec: Recipe) -> None:
     if rec.kind != "qat" or rec.qat is None:
         raise CareQError(f"recipe '{rec.name}' ({rec.source}) is a {rec.kind} recipe; care-q qat needs a QAT "
@@ -174,7 +179,7 @@ def load_qat(checkpoint: str | Path) -> QATRun:
         raise CareQError(f"QAT checkpoint not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     cfg = state["config"]
-    saved = {k: v for k, v in cfg["recipe"].items() if k != "source"}  # older checkpoints keep the path in it
+    saved = _without_source("recipe", cfg["recipe"])  # older checkpoints keep the path in it
     source = cfg.get("recipe_source") or cfg["recipe"].get("source")
     rec = load_recipe(source if source and Path(source).exists() else saved["name"])  # else: moved, by name
     if _recipe_key(rec) != saved:
@@ -287,7 +292,7 @@ def _run(dist: Dist, *, model, weights, dataset, rec, epochs, max_steps, lr, bat
     ckpt_path = out / "last.pt"
     state = None
     if resume:
-        state = load_resume_state(ckpt_path, config, RESUME_KEYS, out)
+        state = load_resume_state(ckpt_path, config, RESUME_KEYS, out, normalize=_without_source)
     elif ckpt_path.exists():
         raise CareQError(f"{out} already holds a QAT run ({ckpt_path.name}); pass --resume to continue it, "
                          f"or choose another --out")

@@ -94,9 +94,10 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def load_resume_state(path: str | Path, config: dict, keys, out: str | Path) -> dict:
+def load_resume_state(path: str | Path, config: dict, keys, out: str | Path, normalize=None) -> dict:
     """The checkpoint ``path`` of a run in ``out`` that ``--resume`` continues, checked: it exists,
-    loads (weights only), and was started with the same ``config`` values for ``keys``."""
+    loads (weights only), and was started with the same ``config`` values for ``keys``
+    (``normalize(key, value)``, when given, maps both sides first: older checkpoints' forms)."""
     import torch
 
     from care_q.errors import CareQError
@@ -109,7 +110,9 @@ def load_resume_state(path: str | Path, config: dict, keys, out: str | Path) -> 
     except Exception as e:
         raise CareQError(f"--resume: {path} could not be read ({str(e).splitlines()[0]})") from None
     saved = state.get("config", {})
-    diff = [f"{k}: {saved.get(k)!r} in {path.name}, {config[k]!r} now" for k in keys if saved.get(k) != config[k]]
+    norm = normalize or (lambda key, value: value)
+    diff = [f"{k}: {saved.get(k)!r} in {path.name}, {config[k]!r} now" for k in keys
+            if norm(k, saved.get(k)) != norm(k, config[k])]
     if diff:
         raise CareQError(f"--resume: the run in {out} was started with other settings (" + "; ".join(diff) + ")")
     return state
