@@ -288,3 +288,25 @@ def test_content_stamp_ignores_mtime(tmp_path):
     assert _content_stamp(f) != a and _content_stamp(None) is None
     with pytest.raises(CareQError, match="file not found"):
         _content_stamp(tmp_path / "missing.pth")
+
+
+def test_qat_table_reports_where_a_finished_run_was_trained():
+    """A run trained elsewhere (GPU) and finished here: epochs, throughput and device from its log."""
+    from care_q.bench.benchmarks import qat_blocks
+    from care_q.eval import report as R
+
+    hist = [{"epoch": e, "step": 781 * e, "seconds": 130.0, "images_per_s": 390.0, "device": "cuda (NVIDIA H200)"}
+            for e in (1, 2)]
+    res = {"config": {"qat": {"dataset": "cifar10_train"},
+                      "accuracy": {"model": "care_s0", "num_calib": 1000, "calib": "cifar10_train",
+                                   "dataset": "cifar10_test"}},
+           "qat": {"qat_int8": {"accuracy": {"fp32_top1": 75.59, "ptq_top1": 75.19, "qat_top1": 75.44},
+                                "train": {"steps": 1562, "steps_per_epoch": 781, "device": "cpu",
+                                          "this_session_seconds": 0.0, "this_session_images_per_s": None,
+                                          "history": hist},
+                                "artifacts": {"tflite": {"agreement": 1.0}}}}}
+    text = R.to_markdown(qat_blocks(res))
+    row = next(line for line in text.splitlines() if line.startswith("| `qat_int8`"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "2" and cells[5] == "75.44%" and cells[6] == "-0.15"
+    assert cells[-3:] == ["390.0", "130", "cuda (NVIDIA H200)"]

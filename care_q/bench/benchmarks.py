@@ -139,9 +139,10 @@ def qat_blocks(res: dict) -> list:
                      R.pts(a["ptq_top1"] - a["fp32_top1"]) if "ptq_top1" in a else "–", p("qat_top1"),
                      R.pts(a["qat_top1"] - a["fp32_top1"]) if "qat_top1" in a else "–",
                      ", ".join(f"{k} {R.pct(v['agreement'], 1)}" for k, v in arts.items()) or "–",
-                     t.get("steps"), R.num(ips, ".1f"), R.num(per_epoch, ".0f")])
+                     t.get("steps"), R.num(ips, ".1f"), R.num(per_epoch, ".0f"),
+                     last.get("device") or t.get("device") or "–"])
     out.append(R.T(["recipe", "epochs", "FP32", "PTQ", "PTQ vs FP32", "QAT", "QAT vs FP32", "artifacts vs fake-quant",
-                    "steps", "img/s", "s/epoch"], rows, "lrrrrrrlrrr"))
+                    "steps", "img/s", "s/epoch", "trained on"], rows, "lrrrrrrlrrrl"))
     return out
 
 

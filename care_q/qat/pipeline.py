@@ -119,6 +119,11 @@ def _recipe_key(rec: Recipe) -> dict:
     return j
 
 
+def _device_name(dev: torch.device) -> str:
+    """Where an epoch ran, for the training log: 'cpu', or 'cuda (GPU name)'."""
+    return f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else dev.type
+
+
 def _without_source(key: str, value):
     """Checkpoints written before the recipe key dropped its file path still resume."""
     return {k: v for k, v in value.items() if k != "source"} if key == "recipe" and isinstance(value, dict) else value
@@ -427,7 +432,7 @@ def _run(dist: Dist, *, model, weights, dataset, rec, epochs, max_steps, lr, bat
             ep["seconds"] += dt
             advance(1, loss=ep["loss"] / ep["n"], lr=sched.get_last_lr()[0])
             if step_in_epoch == epoch_steps:
-                rec_ep = {"epoch": epoch + 1, "step": step,
+                rec_ep = {"epoch": epoch + 1, "step": step, "device": _device_name(dev),
                           **{k: round(dist.mean(ep[k] / ep["n"]), 5) for k in ("loss", "ce", "kd")},
                           "seconds": round(ep["seconds"], 1),
                           "images_per_s": round(ep["n"] * batch_size / ep["seconds"], 2) if ep["seconds"] else None}
