@@ -126,10 +126,12 @@ def qat_blocks(res: dict) -> list:
         per_epoch = (t["this_session_seconds"] / (t["steps"] / t["steps_per_epoch"])) if t.get("steps") and \
             t.get("this_session_seconds") else None
         ips = t.get("this_session_images_per_s")
-        last = (t.get("history") or [{}])[-1]
+        hist = t.get("history") or [{}]
+        last = hist[-1]
         if ips is None and last.get("images_per_s"):  # re-exported after a finished run: its training log
-            ips = last["images_per_s"]
-            per_epoch = last["seconds"] / (last["step"] / t["steps_per_epoch"]) if last.get("step") else None
+            ips = last["images_per_s"]  # (each entry: one epoch's seconds and steps up to its end)
+            per_epoch = sum(h["seconds"] for h in hist) / (last["step"] / t["steps_per_epoch"]) \
+                if last.get("step") else None
         arts = r.get("artifacts") or {}
         def p(k, a=a):  # the QAT report holds percentages
             return "–" if a.get(k) is None else f"{a[k]:.2f}%"
