@@ -232,3 +232,48 @@ def test_fake_quant_fast_path_is_bit_identical():
         x[:200] = (torch.arange(200) - 100 + 0.5) * float(np.float32(sc))  # rounding ties
         qp = QParams((sc,), (zp,), DType.INT8)
         assert torch.equal(fake_quant(x, qp), torch.fake_quantize_per_tensor_affine(x, sc, zp, -128, 127))
+
+
+def test_exact_conv_float32_path_is_the_float64_path(monkeypatch):
+    """The float32 fast path of the exact reference's convs gives the float64 path's outputs bit for
+    bit (whole model, both references), and steps aside where its bounds fail."""
+    from care_q.graph.trace import trace
+    from care_q.models import create_model
+    from care_q.quant.calibrate import calibrate
+    from care_q.quant.fakequant import QuantOps
+    from care_q.quant.plan import build_plan
+    from care_q.quant.recipe import load_recipe
+    from care_q.transforms import deploy
+
+    torch.manual_seed(0)
+    model = deploy(create_model("care_test", num_classes=10))
+    plan = build_plan(trace(model, torch.zeros(1, 3, 32, 32)), load_recipe("ptq_int8"))
+    calibrate(plan, model, [torch.randn(16, 3, 32, 32)], progress=False)
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    calls = {"fast": 0, "none": 0}
+    fast = QuantOps._exact_conv_f32
+
+    def counted(self, *a):
+        y = fast(self, *a)
+        calls["fast" if y is not None else "none"] += 1
+        return y
+
+    monkeypatch.setattr(QuantOps, "_exact_conv_f32", counted)
+    with torch.no_grad():
+        got = {e: model(x, QuantOps(plan, "quant", exact=e)) for e in (True, "xnnpack")}
+    assert calls["fast"] > 20
+    monkeypatch.setattr(QuantOps, "_exact_conv_f32", lambda self, *a: None)
+    with torch.no_grad():
+        for e, y in got.items():
+            assert torch.equal(y, model(x, QuantOps(plan, "quant", exact=e)))
+    # bounds: a bias code of 2^24 cannot take the float32 path
+    ops = QuantOps(plan, "quant", exact=True)
+    n = next(n for n in plan.graph.nodes if n.op == "conv")
+    w_int, s_w, b_int = ops._int_weights(n.module.weight, n.module.bias, plan.graph_inputs[n.name][0])
+    x0 = torch.zeros(1, n.module.in_channels, 8, 8)
+    args = (n.module.stride, n.module.padding, n.module.dilation, n.module.groups)
+    s_in = torch.tensor(1.0)
+    assert fast(ops, n.name, x0, plan.graph_inputs[n.name][0], w_int, s_w, b_int, args, s_in, 1.0) is not None
+    b_big = b_int.clone()
+    b_big[0] = 2.0 ** 24
+    assert fast(ops, n.name, x0, plan.graph_inputs[n.name][0], w_int, s_w, b_big, args, s_in, 1.0) is None

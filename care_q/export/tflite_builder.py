@@ -18,6 +18,15 @@ def tfl_type(dtype) -> int:
     return _NP_TO_TFL[np.dtype(dtype)]
 
 
+
+def _byte_array(data) -> np.ndarray:
+    """A buffer's bytes as a uint8 numpy array: the generated ``BufferT.Pack`` writes those with one
+    ``CreateNumpyVector`` call, and anything else (bytes, lists) one ``PrependUint8`` call per byte
+    (measured: 19 s of care_s1's 20 s emit)."""
+    if isinstance(data, np.ndarray):
+        return np.frombuffer(np.ascontiguousarray(data).tobytes(), dtype=np.uint8)
+    return np.frombuffer(bytes(data), dtype=np.uint8)
+
 class TFLiteBuilder:
     # Op versions written for int8 kernels (a version the runtime lacks fails to load).
     max_version = {fb.BuiltinOperator.CONV_2D: 3, fb.BuiltinOperator.DEPTHWISE_CONV_2D: 3,
@@ -61,7 +70,7 @@ class TFLiteBuilder:
             if tuple(data.shape) != tuple(shape):
                 raise ValueError(f"constant '{name}': data shape {data.shape} != {tuple(shape)}")
             buf = fb.BufferT()
-            buf.data = data.tobytes()
+            buf.data = _byte_array(data)
             self.buffers.append(buf)
             t.buffer = len(self.buffers) - 1
         else:
@@ -117,7 +126,7 @@ class TFLiteBuilder:
         md = []
         for name, data in self.metadata:
             buf = fb.BufferT()
-            buf.data = data
+            buf.data = _byte_array(data)
             m.buffers.append(buf)
             meta = fb.MetadataT()
             meta.name = name
