@@ -310,3 +310,37 @@ def test_qat_table_reports_where_a_finished_run_was_trained():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "2" and cells[5] == "75.44%" and cells[6] == "-0.15"
     assert cells[-3:] == ["390.0", "130", "cuda (NVIDIA H200)"]
+
+
+def test_adopt_qat_seeds_the_step_folder(tmp_path):
+    """A run trained elsewhere becomes the step's last.pt under the step's tag (so the bench resumes
+    it instead of wiping the folder); a run of another recipe or length is refused, nothing touched."""
+    import json
+
+    import torch
+
+    from care_q.bench.suite import SUITE, adopt_qat, load_suite, main, qat_step_config
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "care_s0_cifar10_64.pth").write_bytes(b"w")
+    cfg = load_suite(SUITE, shared=tmp_path)
+    ckpt = tmp_path / "run.pt"
+    torch.save({"config": {"model": "care_s0", "epochs": 2.0, "recipe": {"name": "qat_int8"}}, "step": 1562}, ckpt)
+    root = tmp_path / "bench"
+    (root / "qat" / "qat_int8").mkdir(parents=True)
+    (root / "qat" / "qat_int8" / "stale.tflite").write_bytes(b"old")
+    dst = adopt_qat(cfg, root, "qat_int8", ckpt)
+    assert dst == root / "qat" / "qat_int8" / "last.pt" and dst.read_bytes() == ckpt.read_bytes()
+    assert sorted(p.name for p in dst.parent.iterdir()) == [".step-config.json", "last.pt"]
+    tag = json.loads((dst.parent / ".step-config.json").read_text())
+    assert tag == json.loads(json.dumps(qat_step_config(cfg, "qat_int8"), default=str)) and tag["epochs"] == 2.0
+    with pytest.raises(CareQError, match=r"is a run of .*'npu_int8'.* the suite's step is .*'qat_int8'"):
+        torch.save({"config": {"model": "care_s0", "epochs": 3.0, "recipe": {"name": "npu_int8"}}}, ckpt)
+        adopt_qat(cfg, root, "qat_int8", ckpt)
+    assert dst.exists()
+    with pytest.raises(CareQError, match="not a QAT recipe of this suite"):
+        adopt_qat(cfg, root, "ptq_int8", ckpt)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(CareQError, match="is not a care-q QAT checkpoint"):
+        adopt_qat(cfg, root, "qat_int8", ckpt)
+    assert main(["--shared", str(tmp_path), "--out", str(root), "--adopt-qat", "qat_int8"]) == 2

@@ -457,6 +457,50 @@ def qat_epochs(Q: dict, name: str) -> float:
     return float((Q.get("recipe_epochs") or {}).get(name, Q["epochs"]))
 
 
+def qat_step_config(cfg: dict, name: str, wstamp: dict | None = None) -> dict:
+    """What the QAT step of recipe ``name`` is cached on (its folder's tag)."""
+    from care_q.quant.recipe import load_recipe
+
+    Q, A = cfg["qat"], cfg["accuracy"]
+    return {"model": A["model"], "weights": wstamp or _content_stamp(A["weights"]), "recipe": name,
+            "recipe_content": load_recipe(name).to_json(), "code": QAT_CODE_VERSION,
+            "dataset": Q["dataset"], "epochs": qat_epochs(Q, name),
+            "limit": Q["limit"], "eval": A["dataset"], "eval_limit": Q["eval_limit"], "calib": A["calib"],
+            "num_calib": A["num_calib"], "seed": cfg["seed"]}
+
+
+def adopt_qat(cfg: dict, root: Path, name: str, checkpoint: str | Path) -> Path:
+    """Seed the QAT step of recipe ``name`` with a run trained elsewhere (a GPU machine, say): the
+    run's checkpoint becomes the step folder's ``last.pt``, tagged with the step's configuration,
+    so the next bench resumes it (a finished run is evaluated, exported and verified here). The
+    run's own settings are checked against the step's when it resumes (`care_q.qat`)."""
+    import torch
+
+    Q = cfg.get("qat") or {}
+    if name not in Q.get("recipes", []):
+        raise CareQError(f"--adopt-qat {name}: not a QAT recipe of this suite ({Q.get('recipes', [])})")
+    src = Path(checkpoint)
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=True)
+        run = state["config"]
+    except FileNotFoundError:
+        raise CareQError(f"--adopt-qat {name}: no checkpoint {src}") from None
+    except Exception as e:
+        raise CareQError(f"--adopt-qat {name}: {src} is not a care-q QAT checkpoint ({str(e).splitlines()[0]})") from None
+    want = {"recipe": name, "epochs": qat_epochs(Q, name), "model": cfg["accuracy"]["model"]}
+    got = {"recipe": run.get("recipe", {}).get("name"), "epochs": run.get("epochs"), "model": run.get("model")}
+    if got != want:
+        raise CareQError(f"--adopt-qat {name}: {src} is a run of {got}, the suite's step is {want}")
+    d = root / "qat" / name
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    shutil.copyfile(src, d / ".last.pt.adopting")
+    os.replace(d / ".last.pt.adopting", d / "last.pt")
+    atomic_write_json(json.loads(json.dumps(qat_step_config(cfg, name), default=str)), d / ".step-config.json")
+    return d / "last.pt"
+
+
 def run_qat(cfg: dict, Q: dict, A: dict, root: Path, steps: Steps, data_root, progress) -> dict:
     """Each QAT recipe on the accuracy proxy: PTQ of the recipe (its starting point), then fine-tuning,
     evaluated on the accuracy section's test set, the artifacts verified in their runtimes."""
@@ -466,13 +510,7 @@ def run_qat(cfg: dict, Q: dict, A: dict, root: Path, steps: Steps, data_root, pr
     wstamp = _content_stamp(A["weights"])
     for name in Q["recipes"]:
         d = root / "qat" / name
-        from care_q.quant.recipe import load_recipe
-
-        conf = {"model": A["model"], "weights": wstamp, "recipe": name, "recipe_content": load_recipe(name).to_json(),
-                "code": QAT_CODE_VERSION,
-                "dataset": Q["dataset"], "epochs": qat_epochs(Q, name),
-                "limit": Q["limit"], "eval": A["dataset"], "eval_limit": Q["eval_limit"], "calib": A["calib"],
-                "num_calib": A["num_calib"], "seed": cfg["seed"]}
+        conf = qat_step_config(cfg, name, wstamp)
 
         def do_qat(name=name, d=d):
             resume = (d / "last.pt").exists()  # a killed run continues from its last checkpoint
@@ -686,7 +724,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shared", help="the shared folder for ${SHARED} (default $SHARED, else ../shared)")
     p.add_argument("--data-root", help="data root (default $CARE_Q_DATA)")
     p.add_argument("--only", choices=["accuracy", "qat", "latency"], help="run one section")
+    p.add_argument("--adopt-qat", action="append", default=[], metavar="RECIPE=CHECKPOINT",
+                   help="seed the QAT step of RECIPE with a run trained elsewhere (e.g. on a GPU) and exit; "
+                        "the next bench evaluates, exports and verifies it")
     args = p.parse_args(argv)
+    if args.adopt_qat:
+        try:
+            cfg = load_suite(args.suite, quick=args.quick, shared=args.shared)
+            root = Path(args.out or REPO_ROOT / "out" / ("bench-quick" if args.quick else "bench"))
+            for item in args.adopt_qat:
+                name, sep, ckpt = item.partition("=")
+                if not sep:
+                    raise CareQError(f"--adopt-qat {item!r}: expected RECIPE=CHECKPOINT")
+                print(f"{name}: {adopt_qat(cfg, root, name, ckpt)}")
+        except CareQError as e:
+            print(f"make bench: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         res = run_suite(args.suite, quick=args.quick, out=args.out, benchmarks=args.benchmarks, shared=args.shared,
                         data_root=args.data_root, sections=(args.only,) if args.only else ("accuracy", "qat", "latency"))
