@@ -18,7 +18,6 @@ def tfl_type(dtype) -> int:
     return _NP_TO_TFL[np.dtype(dtype)]
 
 
-
 def _byte_array(data) -> np.ndarray:
     """A buffer's bytes as a uint8 numpy array: the generated ``BufferT.Pack`` writes those with one
     ``CreateNumpyVector`` call, and anything else (bytes, lists) one ``PrependUint8`` call per byte
@@ -26,6 +25,7 @@ def _byte_array(data) -> np.ndarray:
     if isinstance(data, np.ndarray):
         return np.frombuffer(np.ascontiguousarray(data).tobytes(), dtype=np.uint8)
     return np.frombuffer(bytes(data), dtype=np.uint8)
+
 
 class TFLiteBuilder:
     # Op versions written for int8 kernels (a version the runtime lacks fails to load).

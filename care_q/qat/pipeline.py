@@ -113,9 +113,8 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _recipe_key(rec: Recipe) -> dict:
-    j = rec.to_json()
+    j = _without_source("recipe", rec.to_json())  # the content decides, not where the file lies
     j.get("qat", {}).pop("checkpoint_every", None)  # may change between a run and its resume
-    j.pop("source", None)  # the content decides, not where the file lies (a moved checkout resumes)
     return j
 
 
@@ -125,7 +124,8 @@ def _device_name(dev: torch.device) -> str:
 
 
 def _without_source(key: str, value):
-    """Checkpoints written before the recipe key dropped its file path still resume."""
+    """A recipe's key without its file path (a moved checkout resumes; so do checkpoints written
+    while the key still held the path)."""
     return {k: v for k, v in value.items() if k != "source"} if key == "recipe" and isinstance(value, dict) else value
 
 

@@ -309,9 +309,9 @@ class QuantOps(Ops):
             shape = [1] * acc.dim()
             shape[channel_dim] = -1
             scale = scale.reshape(shape)
-        y = torch.round(acc.float() * scale)
-        y = torch.clamp(y, qp.qmin - qp.zero_point[0], qp.qmax - qp.zero_point[0])
-        return y * s_out
+        y = acc.float()  # in place from here: a float32 acc is the caller's temporary
+        y.mul_(scale).round_().clamp_(qp.qmin - qp.zero_point[0], qp.qmax - qp.zero_point[0])
+        return y.mul_(s_out)
 
     def _int_weights(self, w: torch.Tensor, b: torch.Tensor | None, in_name: str):
         """(integer weight codes, float32 per-channel scales, int32-rounded bias at s_in * s_w), as
@@ -350,11 +350,7 @@ class QuantOps(Ops):
             return None
         acc = F.conv2d(x_int, w_int.float(), None, *conv_args)
         acc.add_(b_int.float().reshape(1, -1, 1, 1))
-        qo = self.plan.qp(name)
-        s_out = torch.tensor(qo.scale[0], dtype=torch.float32)
-        scale = ((s_in * s_w.float()) / s_out).reshape(1, -1, 1, 1)
-        acc.mul_(scale).round_().clamp_(qo.qmin - qo.zero_point[0], qo.qmax - qo.zero_point[0])
-        return acc.mul_(s_out)
+        return self._requant(name, acc, s_in * s_w.float(), 1)
 
     # ------------------------------------------------------------------ ops
     def input(self, name, x):
