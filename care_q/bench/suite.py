@@ -36,7 +36,7 @@ from care_q.utils.io import atomic_write_json, atomic_write_text
 SUITE = EVAL_DIR / "suite.yaml"
 # Part of the cache key of every quantization step: bump it when the exporters' or the
 # calibration's output changes for the same settings, so a cached step is not reused.
-CODE_VERSION = 6  # 3: TFLite verification with XNNPACK ADD arithmetic; 4: ADD input-scale floor; 5, 6: strided histograms
+CODE_VERSION = 7  # 3: TFLite verification with XNNPACK ADD arithmetic; 4: ADD input-scale floor; 5, 6: strided histograms; 7: ONNX QDQ without default zero points
 # The latency models' artifacts: 8 calibration images at 224; the strided histograms (5, 6) move their
 # ranges by less than a step and cannot change the graph, so their latency steps keep version 4.
 LATENCY_CODE_VERSION = 5  # 5: ONNX QDQ without default zero points, shared activation zero points (size)
