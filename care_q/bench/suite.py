@@ -31,12 +31,14 @@ import yaml
 
 from care_q.errors import CareQError
 from care_q.paths import EVAL_DIR, REPO_ROOT
-from care_q.utils.io import atomic_write_json, atomic_write_text
+from care_q.utils.io import atomic_path, atomic_write_json, atomic_write_text
 
 SUITE = EVAL_DIR / "suite.yaml"
 # Part of the cache key of every quantization step: bump it when the exporters' or the
 # calibration's output changes for the same settings, so a cached step is not reused.
-CODE_VERSION = 7  # 3: TFLite verification with XNNPACK ADD arithmetic; 4: ADD input-scale floor; 5, 6: strided histograms; 7: ONNX QDQ without default zero points
+# 3: TFLite verification with XNNPACK ADD arithmetic; 4: ADD input-scale floor; 5, 6: strided
+# histograms; 7: ONNX QDQ without default zero points
+CODE_VERSION = 7
 # The latency models' artifacts: 8 calibration images at 224; the strided histograms (5, 6) move their
 # ranges by less than a step and cannot change the graph, so their latency steps keep version 4.
 LATENCY_CODE_VERSION = 5  # 5: ONNX QDQ without default zero points, shared activation zero points (size)
@@ -210,6 +212,17 @@ class Steps:
         self.timings: dict[str, float] = {}   # step -> seconds it took when it ran
         self.cached: list[str] = []           # steps reused from an earlier invocation
 
+    @staticmethod
+    def prepare(folder: Path, config: dict, clear: bool = False) -> None:
+        """Tag ``folder`` with a step's configuration; a folder tagged otherwise (or ``clear``)
+        starts empty, so a changed step never resumes another configuration's partial work."""
+        cfg = json.loads(json.dumps(config, default=str))
+        tag = folder / ".step-config.json"
+        if folder.exists() and (clear or not tag.exists() or json.loads(tag.read_text() or "{}") != cfg):
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cfg, tag)
+
     def run(self, key: str, config: dict, fn, folder: Path | None = None):
         marker = self.root / f"{key}.step.json"
         cfg = json.loads(json.dumps(config, default=str))
@@ -224,11 +237,7 @@ class Steps:
                 self.cached.append(key)
                 return saved["result"]
         if folder is not None:
-            tag = folder / ".step-config.json"
-            if folder.exists() and (not tag.exists() or json.loads(tag.read_text() or "{}") != cfg):
-                shutil.rmtree(folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(cfg, tag)
+            self.prepare(folder, cfg)
         self.log(f"{key}: running")
         t0 = time.time()
         result = fn()
@@ -255,14 +264,12 @@ def _content_stamp(path) -> dict | None:
     mtime changes each time shared/ is provisioned): path, size and SHA-256 of its bytes."""
     import hashlib
 
-    if path is None:
+    st = _stamp(path)
+    if st is None:
         return None
-    p = Path(path)
-    if not p.exists():
-        raise CareQError(f"file not found: {p}")
-    with open(p, "rb") as f:
+    with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"path": str(p.resolve()), "size": p.stat().st_size, "sha256": digest}
+    return {"path": st["path"], "size": st["size"], "sha256": digest}
 
 
 # ----------------------------------------------------------------------------- methods
@@ -492,12 +499,9 @@ def adopt_qat(cfg: dict, root: Path, name: str, checkpoint: str | Path) -> Path:
     if got != want:
         raise CareQError(f"--adopt-qat {name}: {src} is a run of {got}, the suite's step is {want}")
     d = root / "qat" / name
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True)
-    shutil.copyfile(src, d / ".last.pt.adopting")
-    os.replace(d / ".last.pt.adopting", d / "last.pt")
-    atomic_write_json(json.loads(json.dumps(qat_step_config(cfg, name), default=str)), d / ".step-config.json")
+    Steps.prepare(d, qat_step_config(cfg, name), clear=True)
+    with atomic_path(d / "last.pt") as tmp:
+        shutil.copyfile(src, tmp)
     return d / "last.pt"
 
 
