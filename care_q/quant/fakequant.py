@@ -404,7 +404,7 @@ class QuantOps(Ops):
         qa, qb, qo = (self.plan.qp(t) for t in (*ins, name))
         q = xnnpack_add_codes(self._ints(a, ins[0]), self._ints(b, ins[1]), qa.scale[0], qb.scale[0], qo.scale[0],
                               qo.qmin - qo.zero_point[0], qo.qmax - qo.zero_point[0])
-        return None if q is None else (q * float(np.float32(qo.scale[0]))).to(a.dtype)
+        return None if q is None else self._dq(name, q)
 
     def mul(self, name, a, b):
         ins = self.plan.graph_inputs[name]
