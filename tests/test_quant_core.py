@@ -245,10 +245,12 @@ def test_exact_conv_float32_path_is_the_float64_path(monkeypatch):
     from care_q.quant.recipe import load_recipe
     from care_q.transforms import deploy
 
-    torch.manual_seed(0)
-    model = deploy(create_model("care_test", num_classes=10))
+    with torch.random.fork_rng():  # leave the global RNG as it was for the tests after this one
+        torch.manual_seed(0)
+        model = deploy(create_model("care_test", num_classes=10))
+        calib = torch.randn(16, 3, 32, 32)
     plan = build_plan(trace(model, torch.zeros(1, 3, 32, 32)), load_recipe("ptq_int8"))
-    calibrate(plan, model, [torch.randn(16, 3, 32, 32)], progress=False)
+    calibrate(plan, model, [calib], progress=False)
     x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     calls = {"fast": 0, "none": 0}
     fast = QuantOps._exact_conv_f32
