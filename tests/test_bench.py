@@ -212,6 +212,16 @@ def test_suite_qat_section(tmp_path):
           "npu_int8": {"accuracy": {"fp32_top1": 75.5, "ptq_top1": 70.0, "qat_top1": 74.0}}}
     t = _qat_targets(qt, {"epochs": 1, "target_drop_pt": 0.1})
     assert [round(c["value"], 4) for c in t] == [0.05, 0.375, 1.5] and [c["ok"] for c in t] == [True, False, False]
+    # issue 5: every recipe's artifacts agree with its fake-quant model on >= 99.5%; the worst one is the check
+    assert s["qat"]["num_verify"] == 1000
+    qt["qat_int8"]["artifacts"] = {"tflite": {"agreement": 1.0}, "onnx": {"agreement": 0.994}}
+    qt["npu_int8"]["artifacts"] = {"tflite": {"agreement": 0.995}}
+    t = _qat_targets(qt, {"epochs": 1, "target_drop_pt": 0.1, "num_verify": 1000})
+    agree = [(c["what"], c["value"], c["ok"]) for c in t if "agreement" in c["what"]]
+    assert agree == [("QAT qat_int8: lowest artifact top-1 agreement with the fake-quant model (onnx, 1000 images)",
+                      0.994, False),
+                     ("QAT npu_int8: lowest artifact top-1 agreement with the fake-quant model (tflite, 1000 images)",
+                      0.995, True)]
 
 
 def test_steps_cache_and_resume(tmp_path):
@@ -239,6 +249,11 @@ def test_steps_cache_and_resume(tmp_path):
     (tmp_path / "f" / "partial.txt").write_text("x")
     steps.run("s", {"n": 2}, work("d"), tmp_path / "f")
     assert (tmp_path / "f" / "partial.txt").exists()
+    # a config change outside the folder's tag re-runs the step on the folder's work (QAT: re-verify a run)
+    assert steps.run("s", {"n": 2, "verify": 5}, work("e"), tmp_path / "f", tag={"n": 2}) == {"tag": "e"}
+    assert (tmp_path / "f" / "partial.txt").exists() and calls[-1] == "e"
+    assert steps.run("s", {"n": 3, "verify": 5}, work("g"), tmp_path / "f", tag={"n": 3}) == {"tag": "g"}
+    assert not (tmp_path / "f" / "partial.txt").exists()                         # the tag changed: wiped
 
 
 def test_other_load_counts_other_processes_only():

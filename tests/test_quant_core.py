@@ -106,6 +106,9 @@ def test_shipped_recipes_parse():
     names = {load_recipe(p).name for p in list_recipes()}
     assert {"ptq_int8", "ptq_a16w8_attention", "ptq_int8_full"} <= names
     assert load_recipe("ptq_int8_full").io == "int8"
+    # tflite.large_dwconv: in the recipe's content (and a QAT run's key) only where not the default
+    assert load_recipe("ptq_int8").to_json()["tflite"] == {"large_dwconv": "builtin"}
+    assert "tflite" not in load_recipe("ptq_int8_full").to_json()
 
 
 @pytest.mark.parametrize("text,match", [
@@ -117,6 +120,9 @@ def test_shipped_recipes_parse():
     ("name: x\nqat: {epochs: 1}\n", "a 'qat' section needs kind: qat"),
     ("name: [unclosed\n", "not valid YAML"),
     ("kind: ptq\n", "missing required field 'name'"),
+    ("name: x\ntflite: {large_dwconv: ruy}\n", r"<t>:2: 'tflite.large_dwconv' is 'ruy'"),
+    ("name: x\nkind: qat\nsubstitutions: {attention: npu}\ntflite:\n  large_dwconv: builtin\n",
+     r"<t>:5: tflite.large_dwconv: builtin .* NPU delegates do not take"),
 ])
 def test_recipe_errors(text, match):
     with pytest.raises(CareQError, match=match):

@@ -458,3 +458,72 @@ def test_npu_int8_exact_reference_is_the_tflite_runtime(tmp_path, monkeypatch):
     got = load_runner(path, threads=1)(x.numpy())
     assert np.array_equal(got, ref)
     assert len(calls) == 5, calls  # each op went through its kernel's emulation
+
+
+def test_tflite_int8_large_depthwise_runs_in_tflite_and_is_emulated(tmp_path):
+    """A 7x7 int8 depthwise conv whose bias is made at run time (RESHAPE of the constant, as the
+    emitter writes it under ``tflite.large_dwconv: builtin``) stays out of XNNPACK and runs in
+    TFLite's optimized kernel, whose requantization `tflite_conv_requant_codes` is bit for bit; the
+    reference kernel's rounding (half away from zero) misses some codes."""
+    import torch.nn.functional as F
+    from ai_edge_litert import schema_py_generated as fb
+    from ai_edge_litert.interpreter import Interpreter
+
+    from care_q.export.tflite_builder import TFLiteBuilder, options
+    from care_q.quant.fakequant import _multiply_by_quantized_multiplier, tflite_conv_requant_codes, tflite_quantize_multiplier
+
+    rng = np.random.default_rng(0)
+    c, s_in, z_in, s_out, z_out = 16, 0.05, 7, 0.11, -3
+    w = rng.integers(-127, 128, size=(1, 7, 7, c)).astype(np.int8)
+    s_w = rng.uniform(0.002, 0.02, c)
+    bias = rng.integers(-4000, 4000, size=c).astype(np.int32)
+    b = TFLiteBuilder()
+    x_t = b.tensor("x", (1, 64, 64, c), np.int8, s_in, z_in)
+    w_t = b.const("w", w, s_w, np.zeros(c, np.int64), axis=3)
+    bc = b.const("b.const", bias, s_w * s_in, np.zeros(c, np.int64), axis=0)
+    b_t = b.tensor("b", (c,), np.int32, s_w * s_in, np.zeros(c, np.int64), axis=0)
+    b.op(fb.BuiltinOperator.RESHAPE, [bc, b.const("shape", np.array([c], np.int32))], [b_t],
+         fb.BuiltinOptions.ReshapeOptions, options(fb.ReshapeOptionsT, newShape=[c]))
+    y_t = b.tensor("y", (1, 64, 64, c), np.int8, s_out, z_out)
+    b.op(fb.BuiltinOperator.DEPTHWISE_CONV_2D, [x_t, w_t, b_t], [y_t], fb.BuiltinOptions.DepthwiseConv2DOptions,
+         options(fb.DepthwiseConv2DOptionsT, padding=fb.Padding.SAME, strideW=1, strideH=1, depthMultiplier=1,
+                 dilationWFactor=1, dilationHFactor=1), version=3)
+    b.inputs, b.outputs = [x_t], [y_t]
+    path = tmp_path / "dw.tflite"
+    path.write_bytes(b.to_bytes())
+    assert load_runner(path, threads=1).delegate_info["undelegated_ops"] == {"RESHAPE": 1, "DEPTHWISE_CONV_2D": 1}
+    x = rng.integers(-128, 128, size=(1, 64, 64, c)).astype(np.int8)
+    it = Interpreter(model_path=str(path), num_threads=2)
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], x)
+    it.invoke()
+    got = it.get_tensor(it.get_output_details()[0]["index"]).astype(np.int64)
+    xi = torch.from_numpy(x.astype(np.float64) - z_in).permute(0, 3, 1, 2)
+    acc = F.conv2d(xi, torch.from_numpy(w.astype(np.float64)).permute(3, 0, 1, 2), None, 1, 3, 1, c)
+    acc = acc + torch.from_numpy(bias.astype(np.float64)).reshape(1, -1, 1, 1)
+    emu = (tflite_conv_requant_codes(acc, s_in, s_w, s_out) + z_out).clamp(-128, 127).permute(0, 2, 3, 1).numpy()
+    assert (emu == got).all(), int((emu != got).sum())
+    qs = [tflite_quantize_multiplier(float(np.float32(s_in)) * float(np.float32(s)) / float(np.float32(s_out)))
+          for s in s_w]
+    m = torch.tensor([q for q, _ in qs]).reshape(1, -1, 1, 1)
+    e = torch.tensor([k for _, k in qs]).reshape(1, -1, 1, 1)
+    ref_kernel = (_multiply_by_quantized_multiplier(acc.long(), m, e) + z_out).clamp(-128, 127).permute(0, 2, 3, 1)
+    assert (ref_kernel.numpy() != got).sum() > 10
+
+
+def test_ptq_int8_exact_reference_is_the_tflite_runtime(tmp_path):
+    """ptq_int8 (7x7 depthwise convs in TFLite's kernel): `exact="xnnpack"` gives the logits of
+    the .tflite bit for bit; with ``tflite.large_dwconv: xnnpack`` XNNPACK takes those convs."""
+    model, plan, path = _build(tmp_path)
+    n7 = sum(1 for n in plan.graph.nodes if n.op == "conv" and tuple(n.module.kernel_size) == (7, 7))
+    assert n7 > 0 and plan.recipe.tflite_large_dwconv == "builtin"
+    runner = load_runner(path, threads=2)
+    und = runner.delegate_info["undelegated_ops"]
+    assert und.get("DEPTHWISE_CONV_2D") == n7 and und.get("RESHAPE") == n7
+    x = torch.randn(24, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(x, QuantOps(plan, "quant", exact="xnnpack")).numpy()
+    assert np.array_equal(runner(x.numpy()), ref)
+    (tmp_path / "x").mkdir()
+    _, _, path_x = _build(tmp_path / "x", recipe="ptq_int8_full", io="int8")  # no tflite section: XNNPACK's
+    assert "DEPTHWISE_CONV_2D" not in load_runner(path_x, threads=1).delegate_info["undelegated_ops"]

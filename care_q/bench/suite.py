@@ -44,6 +44,7 @@ CODE_VERSION = 7
 LATENCY_CODE_VERSION = 5  # 5: ONNX QDQ without default zero points, shared activation zero points (size)
 QAT_CODE_VERSION = 2
 NPU_TARGET_DROP_PT = 1.0  # issue 7's npu_int8 accuracy goal
+QAT_NUM_VERIFY = 200      # held-out images each QAT artifact is verified on, unless qat.num_verify says
 BASELINE_RECORDS = 2  # care_q.eval.baselines.RECORD_VERSION when the baselines last changed
 
 # ----------------------------------------------------------------------------- schema
@@ -60,7 +61,7 @@ SCHEMA = {
     "targets": {"accuracy_drop_pt": _FLOAT, "tflite_latency_ratio": _FLOAT, "onnx_latency_ratio": _FLOAT,
                 "size_ratio": _FLOAT},
     "qat": {"recipes": _LIST, "dataset": _STR, "epochs": _FLOAT, "recipe_epochs": _FLOAT_MAP, "limit": _OPT_INT,
-            "eval_limit": _OPT_INT, "target_drop_pt": _FLOAT},
+            "eval_limit": _OPT_INT, "target_drop_pt": _FLOAT, "num_verify": _INT},
 }
 OPTIONAL = ("targets", "qat")
 REQUIRED = ("accuracy", "latency")
@@ -223,7 +224,9 @@ class Steps:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cfg, tag)
 
-    def run(self, key: str, config: dict, fn, folder: Path | None = None):
+    def run(self, key: str, config: dict, fn, folder: Path | None = None, tag: dict | None = None):
+        """``tag`` (default ``config``) is what ``folder`` is tagged with: a config change outside
+        the tag re-runs ``fn`` on the folder's work instead of wiping it."""
         marker = self.root / f"{key}.step.json"
         cfg = json.loads(json.dumps(config, default=str))
         if marker.exists():
@@ -237,7 +240,7 @@ class Steps:
                 self.cached.append(key)
                 return saved["result"]
         if folder is not None:
-            self.prepare(folder, cfg)
+            self.prepare(folder, cfg if tag is None else tag)
         self.log(f"{key}: running")
         t0 = time.time()
         result = fn()
@@ -514,7 +517,9 @@ def run_qat(cfg: dict, Q: dict, A: dict, root: Path, steps: Steps, data_root, pr
     wstamp = _content_stamp(A["weights"])
     for name in Q["recipes"]:
         d = root / "qat" / name
-        conf = qat_step_config(cfg, name, wstamp)
+        tag = qat_step_config(cfg, name, wstamp)
+        # the verification count is not in the folder's tag: changing it re-verifies the finished run
+        conf = {**tag, "num_verify": Q.get("num_verify", QAT_NUM_VERIFY)}
 
         def do_qat(name=name, d=d):
             resume = (d / "last.pt").exists()  # a killed run continues from its last checkpoint
@@ -522,6 +527,7 @@ def run_qat(cfg: dict, Q: dict, A: dict, root: Path, steps: Steps, data_root, pr
                       calib=A["calib"], calib_images=A["num_calib"], data_root=data_root, seed=cfg["seed"],
                       eval_dataset=A["dataset"], eval_limit=Q["eval_limit"], limit=Q["limit"],
                       threads=cfg["threads"], progress=progress, log=steps.log,
+                      num_verify=Q.get("num_verify", QAT_NUM_VERIFY),
                       min_agreement=0.0)  # a benchmark records the agreement (table) instead of failing
             keep = ("recipe", "accuracy", "train", "calibration", "notes", "seconds")
             r = {k: rep.get(k) for k in keep}
@@ -532,7 +538,7 @@ def run_qat(cfg: dict, Q: dict, A: dict, root: Path, steps: Steps, data_root, pr
                               for t, a in rep.get("artifacts", {}).items()}
             return r
 
-        out[name] = steps.run(f"qat/{name}", conf, do_qat, d)
+        out[name] = steps.run(f"qat/{name}", conf, do_qat, d, tag=tag)
     return out
 
 
@@ -649,9 +655,19 @@ def _targets(rows: list[dict], T: dict, acc_model: str | None, lat_models: list[
 
 def _qat_targets(qt: dict, Q: dict) -> list[dict]:
     """Issue 5: the plain QAT recipe within ``target_drop_pt`` of FP32; every other (more aggressive)
-    recipe recovers at least half of its PTQ drop."""
+    recipe recovers at least half of its PTQ drop; every recipe's artifacts agree with its fake-quant
+    model on ``TARGET_AGREEMENT`` of the verification images."""
+    from care_q.qat.pipeline import TARGET_AGREEMENT
+
     checks = []
     for name, r in qt.items():
+        arts = r.get("artifacts") or {}
+        if arts:
+            worst = min(arts, key=lambda t: arts[t]["agreement"])
+            v = arts[worst]["agreement"]
+            checks.append({"what": f"QAT {name}: lowest artifact top-1 agreement with the fake-quant model "
+                                   f"({worst}, {Q.get('num_verify', QAT_NUM_VERIFY)} images)",
+                           "target": f">= {TARGET_AGREEMENT}", "value": v, "ok": v >= TARGET_AGREEMENT})
         a = r.get("accuracy") or {}
         if not {"fp32_top1", "ptq_top1", "qat_top1"} <= set(a):
             continue

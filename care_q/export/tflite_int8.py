@@ -27,7 +27,7 @@ from ai_edge_litert import schema_py_generated as fb
 
 from care_q.errors import CareQError
 from care_q.export.tflite_builder import TFLiteBuilder, options
-from care_q.quant.fakequant import SIGMOID_QPARAMS, weight_qmax, weight_scales
+from care_q.quant.fakequant import SIGMOID_QPARAMS, tflite_builtin_dwconv, weight_qmax, weight_scales
 from care_q.quant.plan import QuantPlan
 from care_q.quant.qtypes import DType
 
@@ -165,6 +165,8 @@ class _Emitter:
         if depthwise and not (conv.groups == conv.in_channels == cout):
             raise CareQError(f"{n.name}: grouped conv with groups={conv.groups} has no TFLite form")
         qw, s_w, bt = self._int8_weights(n.name, conv.weight, conv.bias, n.inputs[0])
+        if tflite_builtin_dwconv(self.plan, n.name, conv):
+            bt = self._runtime_made(bt)
         if depthwise:
             wt = b.const(f"{n.name}.weight", qw.transpose(1, 2, 3, 0), s_w, np.zeros(cout, np.int64), axis=3)  # (1,kh,kw,C)
         else:
@@ -289,6 +291,20 @@ class _Emitter:
             raise CareQError(f"{n.name}: only channel concatenation is emitted")
         self.b.op(OP.CONCATENATION, [self.idx[i] for i in n.inputs], [self.out(n.outputs[0])],
                   fb.BuiltinOptions.ConcatenationOptions, options(fb.ConcatenationOptionsT, axis=3), version=2)
+
+    def _runtime_made(self, const: int) -> int:
+        """The constant ``const`` passed through a RESHAPE to its own shape: the same values, made at
+        run time, so XNNPACK leaves the op that reads it to TFLite (``tflite_builtin_dwconv``)."""
+        b, t = self.b, self.b.tensors[const]
+        name = t.name
+        t.name = f"{name}.const"
+        b.names[t.name] = b.names.pop(name)
+        shape = b.shape_of(const)
+        q = t.quantization
+        y = b.tensor(name, shape, np.int32, q.scale, q.zeroPoint, axis=q.quantizedDimension)
+        b.op(OP.RESHAPE, [const, self.i32(f"{name}.shape", shape)], [y], fb.BuiltinOptions.ReshapeOptions,
+             options(fb.ReshapeOptionsT, newShape=list(shape)))
+        return y
 
     def _reshape(self, x: int, name: str, shape, like: str) -> int:
         y = self.act(name, shape, like=like)

@@ -94,6 +94,9 @@ class Recipe:
     qat: QATSettings | None = None
     source: str = "<built-in>"
     head: str = "float"  # int8: the classifier's LayerNorm output, weights and logits int8 (static int8 FC)
+    # builtin: depthwise convs of more than 25 taps (CARE's 7x7) run in TFLite's own int8 kernel, not
+    # XNNPACK's (a runtime-made bias keeps XNNPACK off them); see care_q.quant.fakequant.tflite_builtin_dwconv
+    tflite_large_dwconv: str = "xnnpack"
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "source": self.source, "targets": list(self.targets),
@@ -115,6 +118,8 @@ class Recipe:
             extra["qat"] = dict(self.qat.__dict__)
         if self.head != "float":
             extra["head"] = {"dtype": self.head}
+        if self.tflite_large_dwconv != "xnnpack":
+            extra["tflite"] = {"large_dwconv": self.tflite_large_dwconv}
         return extra
 
 
@@ -129,6 +134,7 @@ SCHEMA = {
     "transforms": {"deploy": bool, "cross_layer_equalization": bool, "bias_correction": bool},
     "substitutions": {"gelu": ("exact", "sigmoid"), "attention": ("exact", "npu")},
     "head": {"dtype": ("float", "int8")},
+    "tflite": {"large_dwconv": ("xnnpack", "builtin")},
     "rules": "rules",
     "qat": {"epochs": float, "lr": float, "weight_decay": float, "batch_size": int,
             "distill_weight": float, "temperature": float, "learn_scales": bool, "freeze_bn": bool,
@@ -246,6 +252,11 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         line = w["__lines__"]["dtype"] if weight_bits == 4 else int4[0].line
         raise CareQError(f"{source}:{line}: int4 weights are simulated in fake quantization and need training: "
                          f"they are allowed in QAT recipes only (kind: qat)")
+    large_dw = data.get("tflite", {}).get("large_dwconv", "xnnpack")
+    if large_dw == "builtin" and data.get("substitutions", {}).get("attention") == "npu":
+        raise CareQError(f"{source}:{data['tflite']['__lines__']['large_dwconv']}: tflite.large_dwconv: builtin "
+                         f"gives those convs a runtime-made bias, which NPU delegates do not take; an NPU recipe "
+                         f"(substitutions.attention: npu) needs xnnpack")
     pct = float(a.get("percentile", 99.99))
     if not 50 < pct <= 100:
         raise CareQError(f"{source}: activations.percentile must be in (50, 100], got {pct}")
@@ -259,7 +270,8 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         attention=data.get("substitutions", {}).get("attention", "exact"),
         cross_layer_equalization=data.get("transforms", {}).get("cross_layer_equalization", False),
         bias_correction=data.get("transforms", {}).get("bias_correction", False),
-        rules=tuple(rules), qat=qat, source=source, head=data.get("head", {}).get("dtype", "float"))
+        rules=tuple(rules), qat=qat, source=source, head=data.get("head", {}).get("dtype", "float"),
+        tflite_large_dwconv=large_dw)
 
 
 def list_recipes() -> list[Path]:
