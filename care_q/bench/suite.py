@@ -469,11 +469,12 @@ def qat_epochs(Q: dict, name: str) -> float:
 
 def qat_step_config(cfg: dict, name: str, wstamp: dict | None = None) -> dict:
     """What the QAT step of recipe ``name`` is cached on (its folder's tag)."""
+    from care_q.qat.pipeline import training_content
     from care_q.quant.recipe import load_recipe
 
     Q, A = cfg["qat"], cfg["accuracy"]
     return {"model": A["model"], "weights": wstamp or _content_stamp(A["weights"]), "recipe": name,
-            "recipe_content": load_recipe(name).to_json(), "code": QAT_CODE_VERSION,
+            "recipe_content": training_content(load_recipe(name)), "code": QAT_CODE_VERSION,
             "dataset": Q["dataset"], "epochs": qat_epochs(Q, name),
             "limit": Q["limit"], "eval": A["dataset"], "eval_limit": Q["eval_limit"], "calib": A["calib"],
             "num_calib": A["num_calib"], "seed": cfg["seed"]}
@@ -512,14 +513,17 @@ def run_qat(cfg: dict, Q: dict, A: dict, root: Path, steps: Steps, data_root, pr
     """Each QAT recipe on the accuracy proxy: PTQ of the recipe (its starting point), then fine-tuning,
     evaluated on the accuracy section's test set, the artifacts verified in their runtimes."""
     from care_q.qat import qat
+    from care_q.quant.recipe import load_recipe
 
     out = {}
     wstamp = _content_stamp(A["weights"])
     for name in Q["recipes"]:
         d = root / "qat" / name
         tag = qat_step_config(cfg, name, wstamp)
-        # the verification count is not in the folder's tag: changing it re-verifies the finished run
-        conf = {**tag, "num_verify": Q.get("num_verify", QAT_NUM_VERIFY)}
+        # the verification count and the export-only recipe settings are not in the folder's tag:
+        # changing them exports and verifies the finished run again, without training it again
+        export = load_recipe(name).to_json().get("tflite")
+        conf = {**tag, "num_verify": Q.get("num_verify", QAT_NUM_VERIFY)} | ({"tflite": export} if export else {})
 
         def do_qat(name=name, d=d):
             resume = (d / "last.pt").exists()  # a killed run continues from its last checkpoint

@@ -113,8 +113,18 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _recipe_key(rec: Recipe) -> dict:
-    j = _without_source("recipe", rec.to_json())  # the content decides, not where the file lies
+    """What a run was trained under: the recipe's content without its path, checkpoint interval
+    and export-only settings (``tflite``: which TFLite kernel runs a conv; a finished run can be
+    exported again under a changed one)."""
+    j = _without_source("recipe", training_content(rec))  # the content decides, not where the file lies
     j.get("qat", {}).pop("checkpoint_every", None)  # may change between a run and its resume
+    return j
+
+
+def training_content(rec: Recipe) -> dict:
+    """``rec.to_json()`` without the export-only settings."""
+    j = rec.to_json()
+    j.pop("tflite", None)
     return j
 
 
