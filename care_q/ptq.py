@@ -132,7 +132,9 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
     out = Path(out)
     notes: list[str] = []
 
-    net = create_model(model, weights=weights)
+    with torch.random.fork_rng():  # random weights (no --weights) from `seed`: the same model every run
+        torch.manual_seed(seed)
+        net = create_model(model, weights=weights)
     if weights is None:
         notes.append("no --weights: the weights are random, so accuracy figures are meaningless "
                      "(latency, size and runtime agreement are still valid)")

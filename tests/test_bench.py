@@ -218,10 +218,10 @@ def test_suite_qat_section(tmp_path):
     qt["npu_int8"]["artifacts"] = {"tflite": {"agreement": 0.995}}
     t = _qat_targets(qt, {"epochs": 1, "target_drop_pt": 0.1, "num_verify": 1000})
     agree = [(c["what"], c["value"], c["ok"]) for c in t if "agreement" in c["what"]]
-    assert agree == [("QAT qat_int8: lowest artifact top-1 agreement with the fake-quant model (onnx, 1000 images)",
-                      0.994, False),
-                     ("QAT npu_int8: lowest artifact top-1 agreement with the fake-quant model (tflite, 1000 images)",
-                      0.995, True)]
+    assert agree == [("QAT qat_int8: lowest artifact top-1 agreement with the fake-quant model, % (onnx, 1000 images)",
+                      pytest.approx(99.4), False),
+                     ("QAT npu_int8: lowest artifact top-1 agreement with the fake-quant model, % (tflite, 1000 images)",
+                      pytest.approx(99.5), True)]
 
 
 def test_steps_cache_and_resume(tmp_path):

@@ -75,3 +75,16 @@ def test_interrupted_export_leaves_no_artifact(tmp_path, data_root, monkeypatch)
                    targets=["tflite"], out=tmp_path, num_verify=8, progress=False)
     assert not (tmp_path / "care_test_int8.tflite").exists()
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_random_weights_come_from_the_seed(tmp_path, data_root):
+    """Without --weights the model is drawn from `seed`, not from the global RNG: the same file
+    whatever ran before (a test that reseeded torch changed the model once)."""
+    files = []
+    for i, global_seed in enumerate((1, 2)):
+        torch.manual_seed(global_seed)
+        with pytest.warns(UserWarning, match="weights are random"):
+            care_q.ptq("care_test", calib="cifar10_test", data_root=data_root, num_calib=8, img_size=32,
+                       out=tmp_path / str(i), targets=["tflite"], num_verify=8, latency_runs=0, progress=False)
+        files.append((tmp_path / str(i) / "care_test_int8.tflite").read_bytes())
+    assert files[0] == files[1]

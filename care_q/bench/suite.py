@@ -668,10 +668,10 @@ def _qat_targets(qt: dict, Q: dict) -> list[dict]:
         arts = r.get("artifacts") or {}
         if arts:
             worst = min(arts, key=lambda t: arts[t]["agreement"])
-            v = arts[worst]["agreement"]
-            checks.append({"what": f"QAT {name}: lowest artifact top-1 agreement with the fake-quant model "
+            v = 100 * arts[worst]["agreement"]
+            checks.append({"what": f"QAT {name}: lowest artifact top-1 agreement with the fake-quant model, % "
                                    f"({worst}, {Q.get('num_verify', QAT_NUM_VERIFY)} images)",
-                           "target": f">= {TARGET_AGREEMENT}", "value": v, "ok": v >= TARGET_AGREEMENT})
+                           "target": f">= {100 * TARGET_AGREEMENT:g}", "value": v, "ok": v >= 100 * TARGET_AGREEMENT})
         a = r.get("accuracy") or {}
         if not {"fp32_top1", "ptq_top1", "qat_top1"} <= set(a):
             continue
