@@ -209,11 +209,8 @@ def tflite_relu_codes(x: torch.Tensor, s_in: float, s_out: float, z_out: int) ->
     ``z_out + MultiplyByQuantizedMultiplier(x, QuantizeMultiplier(float32(s_in / s_out)))`` clamped
     to [max(-128, z_out), 127] (ReluPrepare / QuantizedReluX in tflite/kernels/activations.cc,
     reference_ops::ReluX). Returns codes minus z_out."""
-    frac, shift = np.frexp(np.float64(_F32(_F32(s_in) / _F32(s_out))))  # QuantizeMultiplier
-    m = int(np.floor(frac * 2.0 ** 31 + 0.5))  # TfLiteRound: half away from zero (frac > 0)
-    if m == 2 ** 31:
-        m, shift = m // 2, shift + 1
-    y = _multiply_by_quantized_multiplier(x.long(), m, int(shift))
+    m, shift = tflite_quantize_multiplier(float(_F32(_F32(s_in) / _F32(s_out))))
+    y = _multiply_by_quantized_multiplier(x.long(), m, shift)
     return torch.clamp(y, max(-128 - z_out, 0), 127 - z_out).double()
 
 
@@ -373,22 +370,29 @@ class QuantOps(Ops):
         b0 = b.detach().double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
         return w_int, s_w, torch.round(b0 / s_b)
 
+    @staticmethod
+    def _w_abs_sum(w_int: torch.Tensor) -> float:
+        """max over output channels of sum |w|: `integer_product`'s bound."""
+        return float(w_int.abs().reshape(w_int.shape[0], -1).sum(1).max())
+
+    def _conv_acc(self, x, in_name, w_int, b_int, conv_args, w_abs_sum: float) -> torch.Tensor:
+        """Exact int32 accumulators (bias added) of a conv over the integer codes of x, as float64."""
+        acc = integer_product(lambda a, b: F.conv2d(a, b, None, *conv_args), self._ints(x, in_name), w_int, w_abs_sum)
+        return acc + b_int.double().reshape(1, -1, 1, 1)
+
     def _exact_conv(self, name, x, in_name, w_int, s_w, b_int, conv_args) -> torch.Tensor:
         s_in = torch.tensor(self.plan.qp(in_name).scale[0], dtype=torch.float32)
-        w_abs_sum = float(w_int.abs().reshape(w_int.shape[0], -1).sum(1).max())
+        w_abs_sum = self._w_abs_sum(w_int)
         fast = self._exact_conv_f32(name, x, in_name, w_int, s_w, b_int, conv_args, s_in, w_abs_sum)
         if fast is not None:
             return fast
-        acc = integer_product(lambda a, b: F.conv2d(a, b, None, *conv_args), self._ints(x, in_name), w_int, w_abs_sum)
-        acc = acc + b_int.double().reshape(1, -1, 1, 1)
+        acc = self._conv_acc(x, in_name, w_int, b_int, conv_args, w_abs_sum)
         return self._requant(name, acc, s_in * s_w.float(), 1)
 
     def _tflite_conv(self, name, x, in_name, w_int, s_w, b_int, conv_args) -> torch.Tensor:
         """A conv in TFLite's own int8 kernel (`tflite_builtin_dwconv`): exact int32 accumulation,
         TFLite's fixed-point requantization (`tflite_conv_requant_codes`)."""
-        w_abs_sum = float(w_int.abs().reshape(w_int.shape[0], -1).sum(1).max())
-        acc = integer_product(lambda a, b: F.conv2d(a, b, None, *conv_args), self._ints(x, in_name), w_int, w_abs_sum)
-        acc = acc + b_int.double().reshape(1, -1, 1, 1)
+        acc = self._conv_acc(x, in_name, w_int, b_int, conv_args, self._w_abs_sum(w_int))
         qp = self.plan.qp(name)
         codes = tflite_conv_requant_codes(acc, self.plan.qp(in_name).scale[0], s_w, qp.scale[0])
         codes = codes.clamp(qp.qmin - qp.zero_point[0], qp.qmax - qp.zero_point[0])
