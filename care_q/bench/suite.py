@@ -513,6 +513,7 @@ def run_qat(cfg: dict, Q: dict, A: dict, root: Path, steps: Steps, data_root, pr
     """Each QAT recipe on the accuracy proxy: PTQ of the recipe (its starting point), then fine-tuning,
     evaluated on the accuracy section's test set, the artifacts verified in their runtimes."""
     from care_q.qat import qat
+    from care_q.qat.pipeline import export_content
     from care_q.quant.recipe import load_recipe
 
     out = {}
@@ -522,8 +523,7 @@ def run_qat(cfg: dict, Q: dict, A: dict, root: Path, steps: Steps, data_root, pr
         tag = qat_step_config(cfg, name, wstamp)
         # the verification count and the export-only recipe settings are not in the folder's tag:
         # changing them exports and verifies the finished run again, without training it again
-        export = load_recipe(name).to_json().get("tflite")
-        conf = {**tag, "num_verify": Q.get("num_verify", QAT_NUM_VERIFY)} | ({"tflite": export} if export else {})
+        conf = {**tag, "num_verify": Q.get("num_verify", QAT_NUM_VERIFY)} | export_content(load_recipe(name))
 
         def do_qat(name=name, d=d):
             resume = (d / "last.pt").exists()  # a killed run continues from its last checkpoint

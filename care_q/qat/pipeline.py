@@ -121,11 +121,17 @@ def _recipe_key(rec: Recipe) -> dict:
     return j
 
 
+EXPORT_ONLY = ("tflite",)  # recipe sections that change what is exported, not what is trained
+
+
 def training_content(rec: Recipe) -> dict:
     """``rec.to_json()`` without the export-only settings."""
-    j = rec.to_json()
-    j.pop("tflite", None)
-    return j
+    return {k: v for k, v in rec.to_json().items() if k not in EXPORT_ONLY}
+
+
+def export_content(rec: Recipe) -> dict:
+    """The export-only settings of ``rec.to_json()`` (what `training_content` leaves out)."""
+    return {k: v for k, v in rec.to_json().items() if k in EXPORT_ONLY}
 
 
 def _device_name(dev: torch.device) -> str:
