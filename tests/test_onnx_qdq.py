@@ -259,3 +259,57 @@ def test_save_onnx_round_trips(gelu, tmp_path):
     path = save_onnx(m, tmp_path / "sub" / "care_test_int8.onnx")
     assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["care_test_int8.onnx"]
     assert onnx.load(str(path)).SerializeToString() == m.SerializeToString()
+
+
+def _qadd_model(qa, qb, qo, elem):
+    """DQ(a) + DQ(b) -> Q: onnxruntime fuses it into one QLinearAdd."""
+    h, nh, TP = onnx.helper, onnx.numpy_helper, onnx.TensorProto
+    np_t = np.uint8 if elem == TP.UINT8 else np.int8
+    init = []
+    for n, q in (("a", qa), ("b", qb), ("o", qo)):
+        init += [nh.from_array(np.array(q[0], np.float32), f"s{n}"), nh.from_array(np.array(q[1], np_t), f"z{n}")]
+    nodes = [h.make_node("DequantizeLinear", ["a", "sa", "za"], ["ad"]),
+             h.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bd"]),
+             h.make_node("Add", ["ad", "bd"], ["s"]), h.make_node("QuantizeLinear", ["s", "so", "zo"], ["o"])]
+    io = [h.make_tensor_value_info(n, elem, [256, 256]) for n in ("a", "b", "o")]
+    g = h.make_graph(nodes, "qadd", io[:2], io[2:], init)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("offset", [128, 0])
+def test_onnxruntime_add_codes_bit_exact(offset):
+    """`onnxruntime_add_codes` equals onnxruntime's fused QLinearAdd on every pair of 8-bit codes
+    (int8 grids stored as uint8, offset 128, or as int8); rounding the float sum (a + b) to the
+    output grid, the plain reference, misses some of the uint8 ones."""
+    from care_q.quant.fakequant import fake_quant, onnxruntime_add_codes
+    from care_q.quant.qtypes import QParams
+
+    rng = np.random.default_rng(0)
+    a, b = np.meshgrid(np.arange(-128, 128), np.arange(-128, 128), indexing="ij")
+    misses_exact = misses_plain = 0
+    for _ in range(16):
+        sa, sb, so = (float(np.float32(v)) for v in rng.uniform(0.01, 0.2, 3))
+        qa, qb, qo = (QParams((s,), (int(z),), DType.INT8) for s, z in zip((sa, sb, so), rng.integers(-100, 100, 3)))
+        m = _qadd_model(*[(q.scale[0], q.zero_point[0] + offset) for q in (qa, qb, qo)],
+                        onnx.TensorProto.UINT8 if offset else onnx.TensorProto.INT8)
+        s = _session(m, config={})
+        assert [n.op_type for n in onnx.load_from_string(m.SerializeToString()).graph.node][2] == "Add"
+        store = np.uint8 if offset else np.int8
+        got = s.run(None, {"a": (a + offset).astype(store), "b": (b + offset).astype(store)})[0]
+        got = got.astype(np.int64) - offset - qo.zero_point[0]
+        ia, ib = torch.from_numpy(a - qa.zero_point[0]).double(), torch.from_numpy(b - qb.zero_point[0]).double()
+        emu = onnxruntime_add_codes(ia, ib, qa, qb, qo, offset).numpy()
+        misses_exact += int((emu != got).sum())
+        plain = fake_quant((ia * np.float32(sa)).float() + (ib * np.float32(sb)).float(), qo) / np.float32(so)
+        misses_plain += int((torch.round(plain).numpy() != got).sum())
+    assert misses_exact == 0
+    if offset:  # stored as uint8 (the default): 6 of 1M pairs; as int8 none in these draws
+        assert misses_plain > 0
+
+
+def test_onnxruntime_reference_is_bit_exact(gelu):
+    """The whole fused QDQ model in onnxruntime equals QuantOps(exact="onnxruntime") logit for logit."""
+    y = _session(emit_onnx_qdq(gelu["plan"])).run(None, {"input": gelu["x"]})[0]
+    with torch.no_grad():
+        ref = gelu["model"](torch.from_numpy(gelu["x"]), QuantOps(gelu["plan"], "quant", exact="onnxruntime")).numpy()
+    assert np.array_equal(y, ref)

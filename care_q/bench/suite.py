@@ -37,8 +37,9 @@ SUITE = EVAL_DIR / "suite.yaml"
 # Part of the cache key of every quantization step: bump it when the exporters' or the
 # calibration's output changes for the same settings, so a cached step is not reused.
 # 3: TFLite verification with XNNPACK ADD arithmetic; 4: ADD input-scale floor; 5, 6: strided
-# histograms; 7: ONNX QDQ without default zero points
-CODE_VERSION = 7
+# histograms; 7: ONNX QDQ without default zero points; 8: ONNX verification with onnxruntime's
+# QLinearAdd arithmetic. QAT steps re-export and re-verify (never retrain) when it changes.
+CODE_VERSION = 8
 # The latency models' artifacts: 8 calibration images at 224; the strided histograms (5, 6) move their
 # ranges by less than a step and cannot change the graph, so their latency steps keep version 4.
 LATENCY_CODE_VERSION = 5  # 5: ONNX QDQ without default zero points, shared activation zero points (size)
@@ -521,9 +522,11 @@ def run_qat(cfg: dict, Q: dict, A: dict, root: Path, steps: Steps, data_root, pr
     for name in Q["recipes"]:
         d = root / "qat" / name
         tag = qat_step_config(cfg, name, wstamp)
-        # the verification count and the export-only recipe settings are not in the folder's tag:
+        # the verification count, the export-only recipe settings and the exporters' / references'
+        # version are not in the folder's tag:
         # changing them exports and verifies the finished run again, without training it again
-        conf = {**tag, "num_verify": Q.get("num_verify", QAT_NUM_VERIFY)} | export_content(load_recipe(name))
+        conf = ({**tag, "num_verify": Q.get("num_verify", QAT_NUM_VERIFY), "export_code": CODE_VERSION}
+                | export_content(load_recipe(name)))
 
         def do_qat(name=name, d=d):
             resume = (d / "last.pt").exists()  # a killed run continues from its last checkpoint

@@ -14,10 +14,11 @@ integer runtimes do: exact integer accumulation (float64), then float32 requanti
 compute it. This is the verification reference: float32 accumulation alone differs from the
 runtimes by one step on ~1e-5 of the outputs, which a low-SNR network amplifies.
 ``exact="xnnpack"`` also computes int8 ADDs as XNNPACK does (fixed-point multipliers, rounding
-half up; onnxruntime's QLinearAdd rounds in float, as ``exact=True``), and MUL, MEAN, LOGISTIC
-(and SiLU's LOGISTIC + MUL), L2_NORMALIZATION and RELU as ai-edge-litert's kernels do (XNNPACK's
-or TFLite's own; the functions below name their sources): the TFLite reference, bit for bit on
-the NPU recipe's graph. Those emulations run only where no gradient is wanted.
+half up), and MUL, MEAN, LOGISTIC (and SiLU's LOGISTIC + MUL), L2_NORMALIZATION and RELU as
+ai-edge-litert's kernels do (XNNPACK's or TFLite's own; the functions below name their sources):
+the TFLite reference, bit for bit on the NPU recipe's graph. ``exact="onnxruntime"`` computes
+int8 Adds as onnxruntime's QLinearAdd does on x86 (float32 fused multiply-adds on the stored
+codes): the QDQ reference. Those emulations run only where no gradient is wanted.
 
 Gradients pass straight through the rounding (STE), so QAT trains this same module.
 """
@@ -87,6 +88,26 @@ def xnnpack_add_codes(ia: torch.Tensor, ib: torch.Tensor, s_a: float, s_b: float
     m_a, m_b = (float(np.rint(np.float32(r * np.float32(2.0 ** shift)))) for r in ratios)
     acc = m_a * ia.double() + m_b * ib.double() + 2.0 ** (shift - 1)
     return torch.clamp(torch.floor(acc / 2.0 ** shift), lo, hi)
+
+
+def onnxruntime_add_codes(ia: torch.Tensor, ib: torch.Tensor, qa: QParams, qb: QParams, qo: QParams,
+                          offset: int = 128) -> torch.Tensor:
+    """onnxruntime's QLinearAdd on x86 (MLAS's AVX2 kernel, qladd_avx2.cpp, what a DQ-Add-Q of
+    8-bit tensors becomes), on integer codes minus zero points; returns the output's likewise.
+    MLAS works on the *stored* codes (an int8 grid stored as uint8: code + ``offset``), in float32
+    with fused multiply-adds: ``r_a = s_a / s_o``, ``r_b = s_b / s_o``,
+    ``fixed = z_o - fma(r_a, z_a, r_b * z_b)``, ``c = rne(fma(a, r_a, fma(b, r_b, fixed)))``,
+    saturated. Bit for bit against onnxruntime 1.32 over every code pair
+    (tests/test_onnx_qdq.py). Each fma is exact in float64 (8-bit codes times a float32: 32
+    significant bits; the sum spans < 53) and then rounded once to float32, as the instruction is."""
+    f32 = _F32
+    r_a, r_b = f32(f32(qa.scale[0]) / f32(qo.scale[0])), f32(f32(qb.scale[0]) / f32(qo.scale[0]))
+    za, zb, zo = (f32(q.zero_point[0] + offset) for q in (qa, qb, qo))
+    fixed = f32(zo - f32(np.float64(r_a) * np.float64(za) + np.float64(f32(r_b * zb))))
+    inner = ((ib + zb) * float(r_b) + float(fixed)).float()  # fma(b, r_b, fixed)
+    v = ((ia + za) * float(r_a) + inner.double()).float()    # fma(a, r_a, inner)
+    lo, hi = qo.qmin + offset, qo.qmax + offset
+    return torch.clamp(torch.round(v), lo, hi).double() - float(zo)
 
 
 # The int8 kernels of the NPU recipe's ops as ai-edge-litert's default interpreter runs them
@@ -302,11 +323,17 @@ def quantize_bias(b: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 class QuantOps(Ops):
     def __init__(self, plan: QuantPlan, mode: str = "quant", record: bool = False,
-                 observers: dict[str, HistogramObserver] | None = None, exact: bool | str = False):
+                 observers: dict[str, HistogramObserver] | None = None, exact: bool | str = False,
+                 ort_act_offset: int = 128):
         if mode not in ("observe", "quant", "float"):
             raise ValueError(mode)
+        if exact not in (False, True, "xnnpack", "onnxruntime"):
+            raise ValueError(f"exact={exact!r}")
         self.exact = bool(exact) and mode == "quant"
         self.xnnpack = exact == "xnnpack" and mode == "quant"  # TFLite's int8 kernels (module functions above)
+        # onnxruntime's QLinearAdd (x86); int8 grids stored with this offset (the QDQ file's act_type)
+        self.ort = exact == "onnxruntime" and mode == "quant"
+        self.ort_act_offset = ort_act_offset
         self.plan = plan
         self.mode = mode
         self.observers = observers if observers is not None else {}
@@ -462,6 +489,10 @@ class QuantOps(Ops):
             y = self._xnnpack_add(name, a, b, ins)
             if y is not None:
                 return self._out(name, y)
+        if self.ort and len(ins) == 2 and self._int8_ok(name, ins, a, b):
+            qa, qb, qo = (self.plan.qp(t) for t in (*ins, name))
+            q = onnxruntime_add_codes(self._ints(a, ins[0]), self._ints(b, ins[1]), qa, qb, qo, self.ort_act_offset)
+            return self._out(name, self._dq(name, q))
         return self._out(name, a + b)
 
     def _xnnpack_add(self, name, a, b, ins) -> torch.Tensor | None:
@@ -482,7 +513,11 @@ class QuantOps(Ops):
     def _tflite_ok(self, name: str, inputs: list[str], *xs: torch.Tensor) -> bool:
         """Emulate TFLite's int8 kernel: the TFLite reference, every tensor int8, no gradient
         wanted (QAT trains the float path)."""
-        return (self.xnnpack and self._exact_ok(name, inputs) and not any(x.requires_grad for x in xs)
+        return self.xnnpack and self._int8_ok(name, inputs, *xs)
+
+    def _int8_ok(self, name: str, inputs: list[str], *xs: torch.Tensor) -> bool:
+        """A runtime's int8 kernel can be emulated: exact mode, every tensor int8, no gradient."""
+        return (self._exact_ok(name, inputs) and not any(x.requires_grad for x in xs)
                 and all(self.plan.qp(t).dtype == DType.INT8 for t in [name, *inputs]))
 
     def _dq(self, name: str, codes: torch.Tensor) -> torch.Tensor:
