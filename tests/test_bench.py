@@ -180,6 +180,34 @@ def test_suite_definition(tmp_path):
                                 "[ort_quantize_static, tensorrt]\n  analysis"))
     with pytest.raises(CareQError, match=r"unknown baseline\(s\) \['tensorrt'\]"):
         load_suite(bad)
+    assert s["accuracy"]["onnx_x86_recipe"] == "ptq_int8_x86"
+    bad.write_text(text.replace("onnx_x86_recipe: ptq_int8_x86", "onnx_x86_recipe: qat_int8"))
+    line = bad.read_text().splitlines().index("  onnx_x86_recipe: qat_int8") + 1
+    with pytest.raises(CareQError, match=rf"bad.yaml:{line}: recipe 'qat_int8' must be a PTQ recipe with the onnx target"):
+        load_suite(bad)
+    bad.write_text(text.replace("onnx_x86_recipe: ptq_int8_x86", "onnx_x86_recipe: null"))
+    assert load_suite(bad)["accuracy"]["onnx_x86_recipe"] is None
+
+
+def test_rows_and_targets_of_the_x86_recipe(tmp_path):
+    """The x86 recipe's ONNX gets its own row and target lines where the suite has it, none otherwise."""
+    from care_q.bench.suite import DEFAULT_TARGETS, _method_paths, _rows, _targets
+
+    def lat(x86):
+        methods = _method_paths("care_s0", tmp_path / "fp32", tmp_path / "ptq", {}, x86)
+        ratio = {"care_s0_int8_qdq.onnx": 0.9, "care_s0_int8_x86_qdq.onnx": 0.8}
+        stats = {f: {"ratio": r} for f, r in ratio.items()}
+        return {"care_s0": {"methods": methods, "bench": {"artifacts": {}, "latency": {"onnxruntime": stats}}}}
+
+    rows = _rows(None, lat(tmp_path / "ptq_x86"))
+    x86 = [r for r in rows if r["method"] == "careq_onnx_x86"]
+    assert len(x86) == 1 and x86[0]["latency"]["care_s0"]["file"] == "care_s0_int8_x86_qdq.onnx"
+    t = {c["what"]: c["value"] for c in _targets(rows, DEFAULT_TARGETS, None, ["care_s0"])}
+    assert t["care-q int8 ONNX QDQ, x86 recipe: latency / FP32, care_s0 (batch 1)"] == 0.8
+    assert t["care-q int8 ONNX QDQ: latency / FP32, care_s0 (batch 1)"] == 0.9
+    rows = _rows(None, lat(None))
+    assert "careq_onnx_x86" not in {r["method"] for r in rows}
+    assert not any("x86" in c["what"] for c in _targets(rows, DEFAULT_TARGETS, None, ["care_s0"]))
 
 
 def test_suite_qat_section(tmp_path):

@@ -55,7 +55,8 @@ _FLOAT_MAP = "map[str, number]"
 SCHEMA = {
     "name": _STR, "threads": _INT, "seed": _INT,
     "accuracy": {"name": _STR, "model": _STR, "weights": _OPT_STR, "dataset": _STR, "limit": _OPT_INT,
-                 "calib": _STR, "num_calib": _INT, "recipe": _STR, "baselines": _LIST, "analysis_images": _INT},
+                 "calib": _STR, "num_calib": _INT, "recipe": _STR, "onnx_x86_recipe": _OPT_STR, "baselines": _LIST,
+                 "analysis_images": _INT},
     "latency": {"models": _LIST, "img_size": _INT, "calib": _STR, "num_calib": _INT, "runs": _INT, "warmup": _INT,
                 "tflite_delegates": _LIST, "baselines": _LIST, "slow_delegates": _LIST, "slow_runs": _INT,
                 "slow_models": _LIST},
@@ -177,6 +178,17 @@ def load_suite(path: str | Path = SUITE, quick: bool = False, shared: str | Path
             if ep <= 0:
                 raise CareQError(f"{path}:{lines.get('qat.recipe_epochs', '?')}: 'qat.recipe_epochs.{name}' must be "
                                  f"positive, got {ep}")
+    x86 = data["accuracy"].get("onnx_x86_recipe")
+    if x86:
+        from care_q.quant.recipe import load_recipe
+
+        try:
+            rec = load_recipe(x86)
+        except CareQError as e:
+            raise CareQError(f"{path}:{lines.get('accuracy.onnx_x86_recipe', '?')}: {e}") from None
+        if rec.kind != "ptq" or "onnx" not in rec.targets:
+            raise CareQError(f"{path}:{lines.get('accuracy.onnx_x86_recipe', '?')}: recipe '{x86}' must be a PTQ "
+                             f"recipe with the onnx target (it is a {rec.kind} recipe for {list(rec.targets)})")
     for where, names in (("accuracy.baselines", data["accuracy"]["baselines"]),
                          ("latency.baselines", data["latency"]["baselines"])):
         bad = [n for n in names if n not in BASELINES]
@@ -283,6 +295,7 @@ METHODS = [  # key, label, runtime, group
     ("fp32_onnx", "FP32 ONNX (torch.onnx)", "onnx", "fp32"),
     ("careq_tflite", "care-q int8 TFLite", "tflite", "care-q"),
     ("careq_onnx", "care-q int8 ONNX QDQ", "onnx", "care-q"),
+    ("careq_onnx_x86", "care-q int8 ONNX QDQ, x86 recipe", "onnx", "care-q"),
     ("ort_quantize_static", "ORT quantize_static (QDQ, per-channel, MinMax)", "onnx", "baseline"),
     ("nncf", "NNCF quantize (transformer)", "onnx", "baseline"),
     ("ai_edge_quantizer", "ai-edge-quantizer static int8", "tflite", "baseline"),
@@ -294,16 +307,22 @@ def artifact_file(method: str, model: str) -> str:
     from care_q.eval.baselines import SUFFIX
 
     return {"fp32_tflite": f"{model}_fp32.tflite", "fp32_onnx": f"{model}_fp32.onnx",
-            "careq_tflite": f"{model}_int8.tflite", "careq_onnx": f"{model}_int8_qdq.onnx"}.get(method) \
+            "careq_tflite": f"{model}_int8.tflite", "careq_onnx": f"{model}_int8_qdq.onnx",
+            "careq_onnx_x86": f"{model}_int8_x86_qdq.onnx"}.get(method) \
         or f"{model}{SUFFIX[method]}"
 
 
-def _method_paths(model: str, fp32_dir: Path, ptq_dir: Path, baselines: dict) -> dict[str, dict]:
-    """method -> {"path" | "failure", "source", "file"} for one model's artifacts."""
+def _method_paths(model: str, fp32_dir: Path, ptq_dir: Path, baselines: dict,
+                  x86_dir: Path | None = None) -> dict[str, dict]:
+    """method -> {"path" | "failure", "source", "file"} for one model's artifacts (the x86
+    recipe's ONNX where ``x86_dir`` is given)."""
     out = {}
     for key, *_ in METHODS:
         name = artifact_file(key, model)
-        if key.startswith("fp32"):
+        if key == "careq_onnx_x86":
+            if x86_dir is not None:
+                out[key] = {"file": name, "path": str(x86_dir / name), "source": "int8"}
+        elif key.startswith("fp32"):
             out[key] = {"file": name, "path": str(fp32_dir / name), "source": "fp32"}
         elif key.startswith("careq"):
             out[key] = {"file": name, "path": str(ptq_dir / name), "source": "int8"}
@@ -323,6 +342,24 @@ def _strip_ptq(rep: dict) -> dict:
     keep = ("model", "img_size", "io", "targets", "calibration", "verification_images", "artifacts",
             "fp32_param_bytes", "logit_sqnr_db_fake_quant", "notes", "seconds")
     return {k: rep.get(k) for k in keep}
+
+
+def _ptq_x86(steps: Steps, key: str, config: dict, recipe: str, folder: Path, model: str, **kw) -> Path:
+    """The ONNX of the x86 recipe (suite key ``accuracy.onnx_x86_recipe``) as one cached step;
+    renamed to ``artifact_file("careq_onnx_x86", model)`` so it sits beside the default recipe's
+    file under its own name. Returns the folder."""
+    from care_q.ptq import ptq
+    from care_q.quant.recipe import load_recipe
+
+    def do():
+        rep = ptq(model, recipe=recipe, targets=["onnx"], out=folder, min_agreement=0.0, latency_runs=0, **kw)
+        src = Path(rep["artifacts"]["onnx"]["path"])
+        os.replace(src, folder / artifact_file("careq_onnx_x86", model))
+        return _strip_ptq(rep)
+
+    steps.run(key, {**config, "recipe": recipe, "recipe_content": load_recipe(recipe).to_json(), "code": CODE_VERSION},
+              do, folder)
+    return folder
 
 
 def run_accuracy(cfg: dict, A: dict, root: Path, steps: Steps, data_root, progress) -> dict:
@@ -368,7 +405,10 @@ def run_accuracy(cfg: dict, A: dict, root: Path, steps: Steps, data_root, progre
 
     bl = steps.run(f"{A['name']}/baselines", {**calib_cfg, "baselines": A["baselines"], "version": BASELINE_RECORDS},
                    do_baselines, d / "baselines")
-    methods = _method_paths(model, d / "fp32", d / "ptq", bl)
+    x86 = A.get("onnx_x86_recipe") and _ptq_x86(
+        steps, f"{A['name']}/ptq_x86", calib_cfg, A["onnx_x86_recipe"], d / "ptq_x86", model, weights=weights,
+        calib=A["calib"], data_root=data_root, num_calib=A["num_calib"], threads=threads, progress=progress, seed=seed)
+    methods = _method_paths(model, d / "fp32", d / "ptq", bl, x86 or None)
     arts = {m["file"]: {"path": m["path"], "source": m["source"]} for m in methods.values() if "failure" not in m}
 
     from care_q.eval.evaluate import file_digest
@@ -447,7 +487,11 @@ def run_latency(cfg: dict, Lc: dict, A: dict, root: Path, steps: Steps, data_roo
         bl = steps.run(f"latency/{model}/baselines", {**calib_cfg, "baselines": Lc["baselines"],
                                                                "version": BASELINE_RECORDS}, do_baselines,
                        d / "baselines")
-        methods = _method_paths(model, d / "fp32", d / "ptq", bl)
+        x86 = A.get("onnx_x86_recipe") and _ptq_x86(
+            steps, f"latency/{model}/ptq_x86", {**calib_cfg, "latency_code": LATENCY_CODE_VERSION},
+            A["onnx_x86_recipe"], d / "ptq_x86", model, weights=wpath, calib=Lc["calib"], data_root=data_root,
+            num_calib=Lc["num_calib"], img_size=img, num_verify=16, threads=threads, progress=progress, seed=seed)
+        methods = _method_paths(model, d / "fp32", d / "ptq", bl, x86 or None)
         arts = {m["file"]: {"path": m["path"], "source": m["source"]} for m in methods.values() if "failure" not in m}
         delegates = list(Lc["tflite_delegates"]) + [x for x in Lc["slow_delegates"] if model in Lc["slow_models"]
                                                     and x not in Lc["tflite_delegates"]]
@@ -599,6 +643,8 @@ def _rows(acc: dict | None, lat: dict) -> list[dict]:
     rows = []
     ev = acc["eval"] if acc else None
     for key, label, runtime, group in METHODS:
+        if not ((acc and key in acc["methods"]) or any(key in res["methods"] for res in lat.values())):
+            continue  # not in this suite (the x86 recipe's ONNX without accuracy.onnx_x86_recipe)
         row = {"method": key, "label": label, "runtime": runtime, "group": group, "latency": {}}
         if acc and key in acc["methods"]:
             m = acc["methods"][key]
@@ -642,14 +688,19 @@ def _targets(rows: list[dict], T: dict, acc_model: str | None, lat_models: list[
     def add(what, target, value, ok):
         checks.append({"what": what, "target": target, "value": value, "ok": ok})
 
-    for key in ("careq_tflite", "careq_onnx"):
+    for key in ("careq_tflite", "careq_onnx", "careq_onnx_x86"):
         r = by.get(key, {})
+        if key == "careq_onnx_x86" and "accuracy" not in r:
+            continue  # no x86 recipe in this suite
         v = (r.get("accuracy") or {}).get("drop_top1_pt")
         add(f"{r.get('label', key)}: top-1 drop on {acc_model} proxy (pt)", f"<= {T['accuracy_drop_pt']}", v,
             None if v is None else v <= T["accuracy_drop_pt"])
     if model:
-        for key, tkey in (("careq_tflite", "tflite_latency_ratio"), ("careq_onnx", "onnx_latency_ratio")):
+        for key, tkey in (("careq_tflite", "tflite_latency_ratio"), ("careq_onnx", "onnx_latency_ratio"),
+                          ("careq_onnx_x86", "onnx_latency_ratio")):
             e = by.get(key, {}).get("latency", {}).get(model, {})
+            if key == "careq_onnx_x86" and not e:
+                continue
             v = (e.get("stats") or {}).get("ratio")
             add(f"{by[key]['label']}: latency / FP32, {model} (batch 1)", f"<= {T[tkey]}", v,
                 None if v is None else v <= T[tkey])
