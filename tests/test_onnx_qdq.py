@@ -109,8 +109,12 @@ def test_structure(gelu):
     assert all(n.name in names for n in plan.graph.nodes)   # nodes named after the graph
     convs = [n for n in m.graph.node if n.op_type == "Conv"]
     n_layer_scale = sum(1 for n in plan.graph.nodes if n.op == "mul_const" and n.name.endswith(".ls_res"))
-    n_add_const = plan.graph.census()["add_const"]  # x + c as a 1x1 depthwise Conv (see emitter)
-    assert len(convs) == plan.graph.census()["conv"] + n_layer_scale + n_add_const
+    assert len(convs) == plan.graph.census()["conv"] + n_layer_scale
+    # int8 x + c: Add of a scalar constant (onnxruntime: QLinearAdd), in head-major attention
+    scalar = {n.output[0] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+              and int(np.prod(inits[n.input[0]].dims)) == 1}
+    adds = [n for n in m.graph.node if n.op_type == "Add" and n.input[1] in scalar]
+    assert len(adds) == plan.graph.census()["add_const"]
     for c in convs:
         w_dq, b_dq = prod[c.input[1]], prod[c.input[2]]
         assert w_dq.op_type == b_dq.op_type == "DequantizeLinear"
@@ -313,3 +317,45 @@ def test_onnxruntime_reference_is_bit_exact(gelu):
     with torch.no_grad():
         ref = gelu["model"](torch.from_numpy(gelu["x"]), QuantOps(gelu["plan"], "quant", exact="onnxruntime")).numpy()
     assert np.array_equal(y, ref)
+
+
+def test_onnxruntime_add_of_a_constant_bit_exact():
+    """x + c as the exporter writes it for int8 (DQ(x) + DQ(127 at |c| / 127) -> Q: a QLinearAdd
+    with a scalar) equals `onnxruntime_add_codes` with a scalar code on every input code; the
+    same sum rounded from float64 (what an exact integer conv of x + c computes) does not."""
+    from care_q.quant.fakequant import onnxruntime_add_codes
+    from care_q.quant.qtypes import QParams
+
+    h, nh, TP = onnx.helper, onnx.numpy_helper, onnx.TensorProto
+    rng = np.random.default_rng(1)
+    a = np.arange(-128, 128).reshape(1, 1, 16, 16)
+    # (s_x, z_x, s_out, z_out, c): random draws, then three where float64 rounding differs
+    # (found by searching with the emulation; onnxruntime confirms them below)
+    cases = [(*(float(np.float32(v)) for v in rng.uniform(0.01, 0.2, 2)), float(rng.uniform(-3, 3)),
+              *(int(z) for z in rng.integers(-100, 100, 2))) for _ in range(50)]
+    cases = [(sa, za, so, zo, c) for sa, so, c, za, zo in cases] + [
+        (0.13012823462486267, -63, 0.1475650519132614, -39, -1.862),
+        (0.12462595850229263, -50, 0.17373760044574738, 99, 1.378),
+        (0.06106792762875557, 49, 0.16088581085205078, 99, 1.201)]
+    misses = misses_f64 = 0
+    for sa, za, so, zo, value in cases:
+        sc = float(np.float32(abs(value) / 127.0))
+        init = [nh.from_array(np.array(v, t), n) for n, v, t in
+                (("sa", sa, np.float32), ("za", za + 128, np.uint8), ("sc", sc, np.float32), ("zc", 128, np.uint8),
+                 ("so", so, np.float32), ("zo", zo + 128, np.uint8),
+                 ("c", np.full((1, 1, 1, 1), 255 if value > 0 else 1), np.uint8))]
+        nodes = [h.make_node("DequantizeLinear", ["a", "sa", "za"], ["ad"]),
+                 h.make_node("DequantizeLinear", ["c", "sc", "zc"], ["cd"]),
+                 h.make_node("Add", ["ad", "cd"], ["s"]), h.make_node("QuantizeLinear", ["s", "so", "zo"], ["o"])]
+        io = [h.make_tensor_value_info(n, TP.UINT8, [1, 1, 16, 16]) for n in ("a", "o")]
+        m = h.make_model(h.make_graph(nodes, "qadd_c", io[:1], io[1:], init), opset_imports=[h.make_opsetid("", 17)])
+        got = _session(m, config={}).run(None, {"a": (a + 128).astype(np.uint8)})[0].astype(np.int64) - 128 - zo
+        qa, qo = QParams((sa,), (za,), DType.INT8), QParams((so,), (zo,), DType.INT8)
+        qc = QParams((sc,), (0,), DType.INT8)
+        ia = torch.from_numpy(a - za).double()
+        emu = onnxruntime_add_codes(ia, torch.tensor(127.0 if value > 0 else -127.0, dtype=torch.float64), qa, qc, qo)
+        misses += int((emu.numpy() != got).sum())
+        f64 = np.clip(np.rint(((a - za) * sa + np.sign(value) * 127 * sc) / so), -128 - zo, 127 - zo)
+        misses_f64 += int((f64 != got).sum())
+    assert misses == 0
+    assert misses_f64 == 3

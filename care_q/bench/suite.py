@@ -38,11 +38,14 @@ SUITE = EVAL_DIR / "suite.yaml"
 # calibration's output changes for the same settings, so a cached step is not reused.
 # 3: TFLite verification with XNNPACK ADD arithmetic; 4: ADD input-scale floor; 5, 6: strided
 # histograms; 7: ONNX QDQ without default zero points; 8: ONNX verification with onnxruntime's
-# QLinearAdd arithmetic. QAT steps re-export and re-verify (never retrain) when it changes.
-CODE_VERSION = 8
+# QLinearAdd arithmetic; 9: ONNX head-major attention, int8 x + c as a scalar Add. QAT steps
+# re-export and re-verify (never retrain) when it changes.
+CODE_VERSION = 9
 # The latency models' artifacts: 8 calibration images at 224; the strided histograms (5, 6) move their
 # ranges by less than a step and cannot change the graph, so their latency steps keep version 4.
-LATENCY_CODE_VERSION = 5  # 5: ONNX QDQ without default zero points, shared activation zero points (size)
+# 5: ONNX QDQ without default zero points, shared activation zero points (size); 6: ONNX head-major
+# attention and scalar Adds (CODE_VERSION 9)
+LATENCY_CODE_VERSION = 6
 QAT_CODE_VERSION = 2
 NPU_TARGET_DROP_PT = 1.0  # issue 7's npu_int8 accuracy goal
 QAT_NUM_VERIFY = 200      # held-out images each QAT artifact is verified on, unless qat.num_verify says

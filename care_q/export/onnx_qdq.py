@@ -103,6 +103,8 @@ class _Emitter:
         self.inits: list[onnx.TensorProto] = []
         self.names: set[str] = set()
         self.val: dict[str, str] = {}   # graph tensor -> the ONNX value its consumers read
+        # attention tensors stored with their last two dims swapped (see op_to_heads)
+        self.swapped: set[str] = set()
         self.ms_domain = False
 
     # ---------------------------------------------------------------- plumbing
@@ -262,7 +264,10 @@ class _Emitter:
             fn = getattr(self, f"op_{n.op}", None)
             if fn is None:
                 raise CareQError(f"{n.name}: op '{n.op}' has no ONNX QDQ form")
+            self._layout_inputs(n)
             fn(n)
+            if n.op in (*self.SWAP_TRANSPARENT, "div") and all(t in self.swapped for t in n.inputs):
+                self.swapped.add(n.outputs[0])
         final = self.val[g.output]
         n_classes = g.shapes[g.output][-1]
         if self.io == "float":
@@ -302,6 +307,37 @@ class _Emitter:
                 meta[f"care_q.{key}_scale"] = repr(float(qp.scale[0]))
                 meta[f"care_q.{key}_zero_point"] = str(int(qp.zero_point[0]))
         return meta
+
+    # ---------------------------------------------------------------- head-major layout
+    # The attention runs "head-major": every (B, h, N, D) tensor is stored as (B, h, D, N), which
+    # is what the channels reshape to without a Transpose. onnxruntime's QLinearMatMul has no
+    # transpose flags and its layout pass wraps every Transpose near its NHWC convs in more
+    # Transposes (12 per attention block in the token-major form); computing C^T = B^T A^T
+    # instead needs one (phi_k for k^T v). Same integer products, same requantization: the
+    # values are the reference's, only stored transposed.
+    SWAP_TRANSPARENT = ("elu", "add_const", "mul_const")  # per element or per dim-1 channel
+
+    def _layout_inputs(self, n) -> None:
+        """Give node `n` its inputs in the layout it reads: ops that are not layout-aware get
+        swapped tensors transposed back (once)."""
+        aware = n.op in ("matmul", "mean_tokens", "from_heads", *self.SWAP_TRANSPARENT)
+        if n.op == "div":
+            aware = all(t in self.swapped for t in n.inputs) or not any(t in self.swapped for t in n.inputs)
+        for t in n.inputs:
+            if t in self.swapped and not aware:
+                self.val[t] = self._swap_last(t, self.val[t], f"{t}/token_major", like=t)
+                self.swapped.discard(t)
+
+    def _swap_last(self, tensor: str, value: str, base: str, like: str) -> str:
+        """`value` (shaped as graph tensor `tensor`, or its swap) with its last two dims swapped,
+        re-quantized like `like`: a Reshape where one of them is 1 (the same data order)."""
+        shape = list(self.graph.shapes[tensor])
+        if 1 in shape[-2:]:
+            target = [0, *shape[1:]] if tensor in self.swapped else [0, *shape[1:-2], shape[-1], shape[-2]]
+            t = self.node("Reshape", [value, self.i64(f"{base}/shape", target)], [base], f"{base}/Reshape")[0]
+        else:
+            t = self.node("Transpose", [value], [base], f"{base}/Transpose", perm=[0, 1, 3, 2])[0]
+        return self.requant(f"{base}/rq", t, like=like)
 
     # ---------------------------------------------------------------- ops
     def op_conv(self, n):
@@ -345,8 +381,11 @@ class _Emitter:
 
     def op_add_const(self, n):
         value = self._const_value(n)
-        in_qp = self._qp(n.inputs[0])
-        if in_qp is None:
+        in_qp, out_qp = self._qp(n.inputs[0]), self._qp(n.outputs[0])
+        if in_qp is None or (out_qp is not None and in_qp.dtype == out_qp.dtype == DType.INT8):
+            # int8: DQ(x) + DQ(c) -> Q, one QLinearAdd with a scalar, whose arithmetic the
+            # reference computes (QuantOps.add_const, exact="onnxruntime"). Not a conv: in the
+            # attention onnxruntime would wrap each such conv in NHWC layout Transposes.
             self._scalar_op(n, "Add", value)
             return
         # x + c as a 1x1 depthwise Conv over dim 1 (weight 1 = 127 at 1/127, bias c in int32):
@@ -417,38 +456,58 @@ class _Emitter:
         o = n.outputs[0]
         _, nh, tokens, d = self.graph.shapes[o]
         shape = self.i64(f"{n.name}/shape", [0, nh, d, tokens])   # 0: keep the (dynamic) batch
-        r = self.node("Reshape", [self.val[n.inputs[0]], shape], [f"{o}/tokens"], f"{n.name}/Reshape")[0]
-        r = self.requant(f"{o}/tokens", r, like=o)
-        self.out(o, self.node("Transpose", [r], [self.raw(o)], n.name, perm=[0, 1, 3, 2])[0])
+        self.out(o, self.node("Reshape", [self.val[n.inputs[0]], shape], [self.raw(o)], n.name)[0])
+        self.swapped.add(o)   # (B, h, D, N): head-major, see _layout_inputs
 
     def op_from_heads(self, n):
         o = n.outputs[0]
         _, c, h, w = self.graph.shapes[o]
+        if n.inputs[0] in self.swapped:  # (B, h, D, N) is the channels' order already
+            shape = self.i64(f"{n.name}/shape", [0, c, h, w])
+            self.out(o, self.node("Reshape", [self.val[n.inputs[0]], shape], [self.raw(o)], n.name)[0])
+            return
         t = self.node("Transpose", [self.val[n.inputs[0]]], [f"{o}/tokens"], f"{n.name}/Transpose",
                       perm=[0, 1, 3, 2])[0]
         t = self.requant(f"{o}/tokens", t, like=o)
         shape = self.i64(f"{n.name}/shape", [0, c, h, w])
         self.out(o, self.node("Reshape", [t, shape], [self.raw(o)], n.name)[0])
 
-    def _transposed(self, n, tensor: str, side: str) -> str:
-        """The last two dims of a matmul operand swapped, re-quantized with its own parameters."""
-        t = self.node("Transpose", [self.val[tensor]], [f"{n.name}/{side}_t"], f"{n.name}/Transpose_{side}",
-                      perm=[0, 1, 3, 2])[0]
-        return self.requant(f"{n.name}/{side}_t", t, like=tensor)
-
     def op_matmul(self, n):
-        a = self._transposed(n, n.inputs[0], "a") if n.attrs["transpose_a"] else self.val[n.inputs[0]]
-        b = self._transposed(n, n.inputs[1], "b") if n.attrs["transpose_b"] else self.val[n.inputs[1]]
-        self.out(n.outputs[0], self.node("MatMul", [a, b], [self.raw(n.outputs[0])], n.name)[0])
+        """C = op(A) op(B) (op: the node's transpose flags) from operands stored either way: as
+        C, or as C^T = op(B)^T op(A)^T (stored swapped), whichever needs fewer Transposes
+        (a tie goes to C^T, the attention's head-major layout)."""
+        ta = (n.inputs[0] in self.swapped) != n.attrs["transpose_a"]   # stored A is op(A)^T
+        tb = (n.inputs[1] in self.swapped) != n.attrs["transpose_b"]
+
+        def cost(tensor, need_swap):
+            return 0 if not need_swap else (0.5 if 1 in self.graph.shapes[tensor][-2:] else 1)
+
+        direct = cost(n.inputs[0], ta) + cost(n.inputs[1], tb)
+        swapped = cost(n.inputs[0], not ta) + cost(n.inputs[1], not tb)
+
+        def operand(i, side, need_swap):
+            t = n.inputs[i]
+            return self._swap_last(t, self.val[t], f"{n.name}/{side}_t", like=t) if need_swap else self.val[t]
+
+        if swapped <= direct:
+            ops = [operand(1, "b", not tb), operand(0, "a", not ta)]
+        else:
+            ops = [operand(0, "a", ta), operand(1, "b", tb)]
+        self.out(n.outputs[0], self.node("MatMul", ops, [self.raw(n.outputs[0])], n.name)[0])
+        if swapped <= direct:
+            self.swapped.add(n.outputs[0])
 
     def op_mean_tokens(self, n):
         x, o = self.val[n.inputs[0]], n.outputs[0]
+        axis = 3 if n.inputs[0] in self.swapped else 2
         if self.opset >= 18:
-            axes = self.i64(f"{n.name}/axes", [2])
+            axes = self.i64(f"{n.name}/axes", [axis])
             raw = self.node("ReduceMean", [x, axes], [self.raw(o)], n.name, keepdims=1)[0]
         else:
-            raw = self.node("ReduceMean", [x], [self.raw(o)], n.name, axes=[2], keepdims=1)[0]
+            raw = self.node("ReduceMean", [x], [self.raw(o)], n.name, axes=[axis], keepdims=1)[0]
         self.out(o, raw)
+        if axis == 3:
+            self.swapped.add(o)
 
     def op_global_pool(self, n):
         o = n.outputs[0]

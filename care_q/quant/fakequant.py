@@ -97,9 +97,10 @@ def onnxruntime_add_codes(ia: torch.Tensor, ib: torch.Tensor, qa: QParams, qb: Q
     MLAS works on the *stored* codes (an int8 grid stored as uint8: code + ``offset``), in float32
     with fused multiply-adds: ``r_a = s_a / s_o``, ``r_b = s_b / s_o``,
     ``fixed = z_o - fma(r_a, z_a, r_b * z_b)``, ``c = rne(fma(a, r_a, fma(b, r_b, fixed)))``,
-    saturated. Bit for bit against onnxruntime 1.32 over every code pair
-    (tests/test_onnx_qdq.py). Each fma is exact in float64 (8-bit codes times a float32: 32
-    significant bits; the sum spans < 53) and then rounded once to float32, as the instruction is."""
+    saturated; ``ib`` may be a scalar (QLinearAdd of a constant: the same arithmetic). Bit for
+    bit against onnxruntime 1.32 over every code pair (tests/test_onnx_qdq.py). Each fma is
+    exact in float64 (8-bit codes times a float32: 32 significant bits; the sum spans < 53)
+    and then rounded once to float32, as the instruction is."""
     f32 = _F32
     r_a, r_b = f32(f32(qa.scale[0]) / f32(qo.scale[0])), f32(f32(qb.scale[0]) / f32(qo.scale[0]))
     za, zb, zo = (f32(q.zero_point[0] + offset) for q in (qa, qb, qo))
@@ -535,6 +536,13 @@ class QuantOps(Ops):
             return self._out(name, x + value)
         value = self.plan.consts.get(name, value)  # the divisor guard (QuantPlan.finalize)
         in_name = self.plan.graph_inputs[name][0]
+        if self.ort and self._int8_ok(name, [in_name], x):
+            # the QDQ file's QLinearAdd of x and the scalar 127 * (|c| / 127) (exporter's const)
+            qa, qo = self.plan.qp(in_name), self.plan.qp(name)
+            qc = QParams((float(np.float32(abs(value) / 127.0)) if value else 1.0,), (0,), DType.INT8)
+            code = torch.tensor(127.0 if value > 0 else (-127.0 if value < 0 else 0.0), dtype=torch.float64)
+            q = onnxruntime_add_codes(self._ints(x, in_name), code, qa, qc, qo, self.ort_act_offset)
+            return self._out(name, self._dq(name, q))
         if self._exact_ok(name, [in_name]):
             ch = x.shape[1]
             s_w = torch.full((ch,), 1.0 / 127.0, dtype=torch.float32)
