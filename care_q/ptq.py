@@ -75,6 +75,9 @@ def tensor_sqnr(model, plan, x: torch.Tensor) -> dict[str, float]:
 VERIFY_CHUNK = 25
 
 
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686")  # platform.machine() of CPUs running MLAS's AVX2 Add
+
+
 def _onnx_act_offset(path: Path) -> int:
     """How a QDQ file stores the plan's int8 grids: 128 (uint8, the default) or 0 (int8)."""
     import onnx
@@ -101,6 +104,9 @@ def _verify(path: Path, model, plan, x: np.ndarray, threads: int) -> dict:
     info = getattr(runner, "delegate_info", None)
     if info:
         res["delegate"] = info
+    if Path(path).suffix == ".onnx" and platform.machine().lower() not in X86_MACHINES:
+        res["note"] = (f"the ONNX reference computes onnxruntime's x86 int8 Add; on {platform.machine()} "
+                       f"onnxruntime's own kernel may round rare elements differently")
     return res
 
 
@@ -208,6 +214,9 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
         v = _verify(path, dmodel, plan, xv.numpy(), threads)
         artifacts[t] = {"path": str(path), "size_bytes": path.stat().st_size, "verification": v,
                         "census": _census(path)}
+        if "note" in v:
+            notes.append(f"{t}: {v['note']}")
+            warnings.warn(notes[-1], stacklevel=2)
 
     fp32_bytes = sum(p.numel() * 4 for p in net.parameters())
     report = {

@@ -28,7 +28,19 @@ def test_artifacts_verified(run):
         v = report["artifacts"][t]["verification"]
         assert v["images"] == 48 and v["top1_agreement"] >= 0.99, (t, v)
         assert v["logit_sqnr_db"] > 30, (t, v)  # the exact reference emulates the kernels
+        assert "note" not in v  # x86: the ONNX reference is onnxruntime's arithmetic here
     assert report["calibration"] == {"set": "cifar10_test", "images": 32, "seconds": report["calibration"]["seconds"]}
+
+
+def test_onnx_reference_is_noted_off_x86(tmp_path, data_root, monkeypatch):
+    """On a CPU whose onnxruntime runs another int8 Add kernel (ARM: fixed point) the report
+    says that the ONNX reference follows x86's."""
+    monkeypatch.setattr("care_q.ptq.platform.machine", lambda: "arm64")
+    with pytest.warns(UserWarning, match="x86 int8 Add; on arm64"):
+        report = care_q.ptq("care_test", calib="cifar10_test", data_root=data_root, num_calib=8, img_size=32,
+                            out=tmp_path, targets=["onnx"], num_verify=8, latency_runs=0, progress=False)
+    assert "arm64" in report["artifacts"]["onnx"]["verification"]["note"]
+    assert any("x86 int8 Add" in n for n in report["notes"])
 
 
 def test_report_contents(run):
