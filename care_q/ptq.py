@@ -78,23 +78,17 @@ VERIFY_CHUNK = 25
 X86_MACHINES = ("x86_64", "amd64", "i386", "i686")  # platform.machine() of CPUs running MLAS's AVX2 Add
 
 
-def _onnx_act_offset(path: Path) -> int:
-    """How a QDQ file stores the plan's int8 grids: 128 (uint8, the default) or 0 (int8)."""
-    import onnx
-
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return 0 if meta.get("care_q.act_type") == "int8" else 128
-
-
 def _verify(path: Path, model, plan, x: np.ndarray, threads: int) -> dict:
     from care_q.runtime import load_runner
 
     runner = load_runner(path, threads=threads)
     with torch.no_grad():
         # the integer arithmetic of the artifact's runtime: XNNPACK's / TFLite's int8 kernels for
-        # .tflite, onnxruntime's QLinearAdd (on the file's stored codes) for .onnx
+        # .tflite, onnxruntime's QLinearAdd on the stored codes for .onnx (int8 grids stored as
+        # uint8, offset 128, unless the file's act_type says int8)
         ops = (QuantOps(plan, "quant", exact="xnnpack") if Path(path).suffix == ".tflite"
-               else QuantOps(plan, "quant", exact="onnxruntime", ort_act_offset=_onnx_act_offset(path)))
+               else QuantOps(plan, "quant", exact="onnxruntime",
+                             ort_act_offset=0 if runner.metadata.get("care_q.act_type") == "int8" else 128))
         xt = torch.from_numpy(x)  # in chunks: at 224 whole-batch float64 intermediates thrash the cache
         ref = np.concatenate([model(xt[i:i + VERIFY_CHUNK], ops).numpy() for i in range(0, len(xt), VERIFY_CHUNK)])
     got = runner(x)

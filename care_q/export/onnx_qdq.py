@@ -52,7 +52,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from care_q.errors import CareQError
-from care_q.quant.fakequant import SIGMOID_QPARAMS, weight_qmax, weight_scales
+from care_q.quant.fakequant import SIGMOID_QPARAMS, scalar_const, weight_qmax, weight_scales
 from care_q.quant.plan import QuantPlan
 from care_q.quant.qtypes import DType, QParams
 from care_q.utils.io import atomic_path
@@ -187,9 +187,8 @@ class _Emitter:
         dtype, _ = self.storage(like)
         qmin, qmax = dtype.qrange
         zero = (qmin + qmax + 1) // 2 if dtype == DType.UINT8 else 0
-        top = qmax - zero
-        q = zero + (top if value > 0 else (-top if value < 0 else 0))
-        scale = abs(value) / top if value != 0 else 1.0
+        code, scale = scalar_const(value, qmax - zero)
+        q = zero + code
         c = self.init(f"{name}/q", np.full(shape, q, _NP[dtype]))
         s = self.init(f"{name}/scale", np.array(scale, np.float32))
         return self.node("DequantizeLinear", [c, s, self.zero_point(dtype, zero)], [name], f"{name}/Dequantize")[0]

@@ -27,7 +27,7 @@ from ai_edge_litert import schema_py_generated as fb
 
 from care_q.errors import CareQError
 from care_q.export.tflite_builder import TFLiteBuilder, options
-from care_q.quant.fakequant import SIGMOID_QPARAMS, tflite_builtin_dwconv, weight_qmax, weight_scales
+from care_q.quant.fakequant import SIGMOID_QPARAMS, scalar_const, tflite_builtin_dwconv, weight_qmax, weight_scales
 from care_q.quant.plan import QuantPlan
 from care_q.quant.qtypes import DType
 
@@ -104,7 +104,8 @@ class _Emitter:
         """A positive constant as int8 127 * (value / 127): exact."""
         if value <= 0:
             raise CareQError(f"constant '{name}'={value}: only positive scalar constants are emitted")
-        return self.b.const(name, np.full([1] * rank, 127, np.int8), value / 127.0, 0)
+        code, scale = scalar_const(value)
+        return self.b.const(name, np.full([1] * rank, code, np.int8), scale, 0)
 
     def in_scale(self, tensor: str) -> float:
         return self.plan.qp(tensor).scale[0]

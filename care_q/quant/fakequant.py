@@ -90,6 +90,14 @@ def xnnpack_add_codes(ia: torch.Tensor, ib: torch.Tensor, s_a: float, s_b: float
     return torch.clamp(torch.floor(acc / 2.0 ** shift), lo, hi)
 
 
+def scalar_const(value: float, top: int = 127) -> tuple[int, float]:
+    """A scalar constant as the exporters write it: the code +-top (0 for 0) at scale
+    |value| / top (1.0 for 0), exact up to the float32 scale. Returns (code minus zero point, scale)."""
+    if value == 0:
+        return 0, 1.0
+    return (top if value > 0 else -top), abs(value) / top
+
+
 def onnxruntime_add_codes(ia: torch.Tensor, ib: torch.Tensor, qa: QParams, qb: QParams, qo: QParams,
                           offset: int = 128) -> torch.Tensor:
     """onnxruntime's QLinearAdd on x86 (MLAS's AVX2 kernel, qladd_avx2.cpp, what a DQ-Add-Q of
@@ -537,11 +545,12 @@ class QuantOps(Ops):
         value = self.plan.consts.get(name, value)  # the divisor guard (QuantPlan.finalize)
         in_name = self.plan.graph_inputs[name][0]
         if self.ort and self._int8_ok(name, [in_name], x):
-            # the QDQ file's QLinearAdd of x and the scalar 127 * (|c| / 127) (exporter's const)
+            # the QDQ file's QLinearAdd of x and the scalar constant as the exporter writes it
             qa, qo = self.plan.qp(in_name), self.plan.qp(name)
-            qc = QParams((float(np.float32(abs(value) / 127.0)) if value else 1.0,), (0,), DType.INT8)
-            code = torch.tensor(127.0 if value > 0 else (-127.0 if value < 0 else 0.0), dtype=torch.float64)
-            q = onnxruntime_add_codes(self._ints(x, in_name), code, qa, qc, qo, self.ort_act_offset)
+            code, scale = scalar_const(float(value))
+            qc = QParams((scale,), (0,), DType.INT8)
+            q = onnxruntime_add_codes(self._ints(x, in_name), torch.tensor(float(code), dtype=torch.float64),
+                                      qa, qc, qo, self.ort_act_offset)
             return self._out(name, self._dq(name, q))
         if self._exact_ok(name, [in_name]):
             ch = x.shape[1]
