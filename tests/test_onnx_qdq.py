@@ -265,18 +265,21 @@ def test_save_onnx_round_trips(gelu, tmp_path):
     assert onnx.load(str(path)).SerializeToString() == m.SerializeToString()
 
 
-def _qadd_model(qa, qb, qo, elem):
-    """DQ(a) + DQ(b) -> Q: onnxruntime fuses it into one QLinearAdd."""
+def _qadd_model(qa, qb, qo, elem, shape=(256, 256), const_b=None):
+    """DQ(a) + DQ(b) -> Q on (scale, stored zero point) pairs: onnxruntime fuses it into one
+    QLinearAdd. ``const_b``: b is that stored code, a one-element constant (as the exporter's x + c)."""
     h, nh, TP = onnx.helper, onnx.numpy_helper, onnx.TensorProto
     np_t = np.uint8 if elem == TP.UINT8 else np.int8
     init = []
     for n, q in (("a", qa), ("b", qb), ("o", qo)):
         init += [nh.from_array(np.array(q[0], np.float32), f"s{n}"), nh.from_array(np.array(q[1], np_t), f"z{n}")]
+    if const_b is not None:
+        init.append(nh.from_array(np.full([1] * len(shape), const_b, np_t), "b"))
     nodes = [h.make_node("DequantizeLinear", ["a", "sa", "za"], ["ad"]),
              h.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bd"]),
              h.make_node("Add", ["ad", "bd"], ["s"]), h.make_node("QuantizeLinear", ["s", "so", "zo"], ["o"])]
-    io = [h.make_tensor_value_info(n, elem, [256, 256]) for n in ("a", "b", "o")]
-    g = h.make_graph(nodes, "qadd", io[:2], io[2:], init)
+    io = [h.make_tensor_value_info(n, elem, list(shape)) for n in ("a", "b", "o") if n != "b" or const_b is None]
+    g = h.make_graph(nodes, "qadd", io[:-1], io[-1:], init)
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
 
 
@@ -326,7 +329,6 @@ def test_onnxruntime_add_of_a_constant_bit_exact():
     from care_q.quant.fakequant import onnxruntime_add_codes
     from care_q.quant.qtypes import QParams
 
-    h, nh, TP = onnx.helper, onnx.numpy_helper, onnx.TensorProto
     rng = np.random.default_rng(1)
     a = np.arange(-128, 128).reshape(1, 1, 16, 16)
     # (s_x, z_x, s_out, z_out, c): random draws, then three where float64 rounding differs
@@ -340,15 +342,8 @@ def test_onnxruntime_add_of_a_constant_bit_exact():
     misses = misses_f64 = 0
     for sa, za, so, zo, value in cases:
         sc = float(np.float32(abs(value) / 127.0))
-        init = [nh.from_array(np.array(v, t), n) for n, v, t in
-                (("sa", sa, np.float32), ("za", za + 128, np.uint8), ("sc", sc, np.float32), ("zc", 128, np.uint8),
-                 ("so", so, np.float32), ("zo", zo + 128, np.uint8),
-                 ("c", np.full((1, 1, 1, 1), 255 if value > 0 else 1), np.uint8))]
-        nodes = [h.make_node("DequantizeLinear", ["a", "sa", "za"], ["ad"]),
-                 h.make_node("DequantizeLinear", ["c", "sc", "zc"], ["cd"]),
-                 h.make_node("Add", ["ad", "cd"], ["s"]), h.make_node("QuantizeLinear", ["s", "so", "zo"], ["o"])]
-        io = [h.make_tensor_value_info(n, TP.UINT8, [1, 1, 16, 16]) for n in ("a", "o")]
-        m = h.make_model(h.make_graph(nodes, "qadd_c", io[:1], io[1:], init), opset_imports=[h.make_opsetid("", 17)])
+        m = _qadd_model((sa, za + 128), (sc, 128), (so, zo + 128), onnx.TensorProto.UINT8, shape=(1, 1, 16, 16),
+                        const_b=255 if value > 0 else 1)
         got = _session(m, config={}).run(None, {"a": (a + 128).astype(np.uint8)})[0].astype(np.int64) - 128 - zo
         qa, qo = QParams((sa,), (za,), DType.INT8), QParams((so,), (zo,), DType.INT8)
         qc = QParams((sc,), (0,), DType.INT8)
