@@ -21,12 +21,14 @@ import torch
 from care_q.errors import CareQError
 from care_q.graph.trace import trace
 from care_q.models import create_model, load_sidecar
+from care_q.quant.bias_correction import bias_correction, images_for
 from care_q.quant.calibrate import calibrate
 from care_q.quant.fakequant import QuantOps
 from care_q.quant.plan import build_plan
 from care_q.quant.qtypes import Method, Role, sqnr_db
 from care_q.quant.recipe import load_recipe
 from care_q.transforms import deploy
+from care_q.transforms.equalize import cross_layer_equalization
 from care_q.transforms.substitute import apply_substitutions
 from care_q.utils.io import atomic_path, atomic_write_json, atomic_write_text
 
@@ -56,6 +58,17 @@ def _batches(ds, batch_size: int):
     from care_q.data import make_loader
 
     return make_loader(ds, batch_size=batch_size, shuffle=False, workers=0)
+
+
+def _first_images(batches, limit: int):
+    """The first `limit` images of a loader, as batches."""
+    seen = 0
+    for b in batches:
+        x = b[0] if isinstance(b, (list, tuple)) else b
+        if seen >= limit:
+            return
+        yield x[:limit - seen]
+        seen += x.shape[0]
 
 
 @torch.no_grad()
@@ -175,11 +188,19 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
     first = next(iter(_batches(ds, rec.batch_size)))[0] if rec.attention == "npu" else None  # NPU output scales
     dmodel, sub_notes = apply_substitutions(dmodel, rec, first)
     notes += sub_notes
+    # before calibration: an exact FP32 rewrite that calibration and the exporters then see
+    equalized = cross_layer_equalization(dmodel) if rec.cross_layer_equalization else None
     graph = trace(dmodel, torch.zeros(1, 3, size, size))
     plan = build_plan(graph, rec)
     t0 = time.time()
     n_cal = calibrate(plan, dmodel, _batches(ds, rec.batch_size), total=None, progress=progress)
     t_cal = time.time() - t0
+    bias_corr = None
+    if rec.bias_correction:  # after calibration: it measures the fake-quant model (see the module)
+        t0 = time.time()
+        bias_corr = bias_correction(plan, dmodel, _first_images(_batches(ds, rec.batch_size), images_for(size)),
+                                    progress=progress)
+        bias_corr["seconds"] = round(time.time() - t0, 1)
 
     # --- verification images: a different seeded draw from the same set
     try:
@@ -217,6 +238,7 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
         "command": "ptq", "model": model, "weights": str(weights) if weights else None,
         "img_size": size, "recipe": rec.to_json(), "io": io, "targets": targets,
         "calibration": {"set": calib_used, "images": n_cal, "seconds": round(t_cal, 1)},
+        "cross_layer_equalization": equalized, "bias_correction": bias_corr,
         "verification_images": int(xv.shape[0]),
         "artifacts": artifacts, "fp32_param_bytes": fp32_bytes,
         "logit_sqnr_db_fake_quant": logit_sqnr,
@@ -262,11 +284,26 @@ def _latency(net, out: Path, name: str, size: int, artifacts: dict, threads: int
     return res
 
 
+def _transform_lines(r: dict) -> list[str]:
+    lines = []
+    eq, bc = r.get("cross_layer_equalization"), r.get("bias_correction")
+    if eq:
+        lines.append(f"- cross-layer equalization: {eq['pairs']} depthwise -> pointwise pairs; spread (max/min) "
+                     f"of the depthwise per-channel weight ranges {eq['range_spread_before']:.1f} -> "
+                     f"{eq['range_spread_after']:.1f} (mean over pairs)")
+    if bc:
+        lines.append(f"- bias correction: {bc['layers']} layers on {bc['images']} calibration images, {bc['seconds']} s; "
+            f"output-mean error (RMS over channels / RMS of the FP32 output, mean over layers) "
+            f"{100 * bc['error_before']:.2f}% -> {100 * bc['error_after']:.2f}%")
+    return lines
+
+
 def render_markdown(r: dict, plan) -> str:
     L = [f"# care-q PTQ report: {r['model']} ({r['img_size']}x{r['img_size']})", ""]
     L += [f"- recipe: `{r['recipe']['name']}` ({r['recipe']['source']}), io: {r['io']}",
           f"- calibration: `{r['calibration']['set']}`, {r['calibration']['images']} images, "
           f"{r['calibration']['seconds']} s",
+          *_transform_lines(r),
           f"- weights: {r['weights'] or 'random (accuracy meaningless)'}",
           f"- total time: {r['seconds']} s", ""]
     for n in r["notes"]:

@@ -252,6 +252,15 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         line = w["__lines__"]["dtype"] if weight_bits == 4 else int4[0].line
         raise CareQError(f"{source}:{line}: int4 weights are simulated in fake quantization and need training: "
                          f"they are allowed in QAT recipes only (kind: qat)")
+    tr = data.get("transforms", {})
+    if tr.get("deploy") is False:
+        raise CareQError(f"{source}:{tr['__lines__']['deploy']}: transforms.deploy: false is not supported: "
+                         f"quantization always starts from the deploy form (BatchNorm folded, heads merged), "
+                         f"which every exporter emits")
+    for key in ("cross_layer_equalization", "bias_correction"):
+        if kind == "qat" and tr.get(key):
+            raise CareQError(f"{source}:{tr['__lines__'][key]}: transforms.{key} is a post-training transform; "
+                             f"a QAT recipe (kind: qat) trains the weights and biases instead")
     large_dw = data.get("tflite", {}).get("large_dwconv", "xnnpack")
     if large_dw == "builtin" and data.get("substitutions", {}).get("attention") == "npu":
         raise CareQError(f"{source}:{data['tflite']['__lines__']['large_dwconv']}: tflite.large_dwconv: builtin "
@@ -268,8 +277,8 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         percentile=pct, batch_size=data.get("calibration", {}).get("batch_size", 32),
         gelu=data.get("substitutions", {}).get("gelu", "exact"),
         attention=data.get("substitutions", {}).get("attention", "exact"),
-        cross_layer_equalization=data.get("transforms", {}).get("cross_layer_equalization", False),
-        bias_correction=data.get("transforms", {}).get("bias_correction", False),
+        cross_layer_equalization=tr.get("cross_layer_equalization", False),
+        bias_correction=tr.get("bias_correction", False),
         rules=tuple(rules), qat=qat, source=source, head=data.get("head", {}).get("dtype", "float"),
         tflite_large_dwconv=large_dw)
 
