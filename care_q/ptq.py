@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from care_q.errors import CareQError
-from care_q.export.fp32_baselines import FP32Baselines
+from care_q.export.fp32_baselines import fp32_baselines
 from care_q.graph.trace import trace
 from care_q.models import create_model, load_sidecar
 from care_q.quant.bias_correction import bias_correction, images_for
@@ -164,117 +164,116 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
         warnings.warn(notes[-1], stacklevel=2)
     pre = load_sidecar(weights).with_size(img_size)
     size = pre.input_size[1]
-    # the FP32 files the latency comparison needs: exported in another process meanwhile
-    with FP32Baselines(net, out, model, size, targets if latency_runs else ()) as baselines:
-        dmodel = deploy(net)
+    dmodel = deploy(net)
 
-        # --- calibration data
-        from care_q.data import get_dataset
+    # --- calibration data
+    from care_q.data import get_dataset
 
-        calib_used = calib
-        try:
-            ds = get_dataset(calib, pre, data_root=data_root, limit=num_calib, seed=seed, model=net,
-                             progress=progress)
-        except CareQError as e:
-            if not fallback_synthetic:
-                raise
-            notes.append(f"calibration set '{calib}' unavailable ({e}); fell back to data-free "
-                         f"'synthetic_bn' (inputs optimised to match BatchNorm statistics)")
-            warnings.warn(notes[-1], stacklevel=2)
-            calib_used = "synthetic_bn"
-            ds = get_dataset("synthetic_bn", pre, data_root=data_root, limit=num_calib or 64, seed=seed,
-                             model=net, progress=progress)
-        if num_calib is not None and len(ds) < num_calib:
-            notes.append(f"asked for {num_calib} calibration images, '{calib_used}' has {len(ds)}; "
-                         f"calibrating on {len(ds)}")
-            warnings.warn(notes[-1], stacklevel=2)
-        first = next(iter(_batches(ds, rec.batch_size)))[0] if rec.attention == "npu" else None  # NPU output scales
-        dmodel, sub_notes = apply_substitutions(dmodel, rec, first)
-        notes += sub_notes
-        # before calibration: an exact FP32 rewrite that calibration and the exporters then see
-        equalized = cross_layer_equalization(dmodel) if rec.cross_layer_equalization else None
-        graph = trace(dmodel, torch.zeros(1, 3, size, size))
-        plan = build_plan(graph, rec)
+    calib_used = calib
+    try:
+        ds = get_dataset(calib, pre, data_root=data_root, limit=num_calib, seed=seed, model=net,
+                         progress=progress)
+    except CareQError as e:
+        if not fallback_synthetic:
+            raise
+        notes.append(f"calibration set '{calib}' unavailable ({e}); fell back to data-free "
+                     f"'synthetic_bn' (inputs optimised to match BatchNorm statistics)")
+        warnings.warn(notes[-1], stacklevel=2)
+        calib_used = "synthetic_bn"
+        ds = get_dataset("synthetic_bn", pre, data_root=data_root, limit=num_calib or 64, seed=seed,
+                         model=net, progress=progress)
+    if num_calib is not None and len(ds) < num_calib:
+        notes.append(f"asked for {num_calib} calibration images, '{calib_used}' has {len(ds)}; "
+                     f"calibrating on {len(ds)}")
+        warnings.warn(notes[-1], stacklevel=2)
+    first = next(iter(_batches(ds, rec.batch_size)))[0] if rec.attention == "npu" else None  # NPU output scales
+    dmodel, sub_notes = apply_substitutions(dmodel, rec, first)
+    notes += sub_notes
+    # before calibration: an exact FP32 rewrite that calibration and the exporters then see
+    equalized = cross_layer_equalization(dmodel) if rec.cross_layer_equalization else None
+    graph = trace(dmodel, torch.zeros(1, 3, size, size))
+    plan = build_plan(graph, rec)
+    t0 = time.time()
+    n_cal = calibrate(plan, dmodel, _batches(ds, rec.batch_size), total=None, progress=progress)
+    t_cal = time.time() - t0
+    bias_corr = None
+    if rec.bias_correction:  # after calibration: it measures the fake-quant model (see the module)
         t0 = time.time()
-        n_cal = calibrate(plan, dmodel, _batches(ds, rec.batch_size), total=None, progress=progress)
-        t_cal = time.time() - t0
-        bias_corr = None
-        if rec.bias_correction:  # after calibration: it measures the fake-quant model (see the module)
-            t0 = time.time()
-            bias_corr = bias_correction(plan, dmodel, _first_images(_batches(ds, rec.batch_size), images_for(size)),
-                                        progress=progress)
-            bias_corr["seconds"] = round(time.time() - t0, 1)
+        bias_corr = bias_correction(plan, dmodel, _first_images(_batches(ds, rec.batch_size), images_for(size)),
+                                    progress=progress)
+        bias_corr["seconds"] = round(time.time() - t0, 1)
 
-        # --- verification images: a different seeded draw from the same set
-        try:
-            vds = get_dataset(calib_used, pre, data_root=data_root, limit=num_verify, seed=seed + 1,
-                              model=net, progress=progress)
-        except CareQError:
-            vds = ds
-        xv = torch.cat([b[0] for b in _batches(vds, 50)])[:num_verify]
+    # --- verification images: a different seeded draw from the same set
+    try:
+        vds = get_dataset(calib_used, pre, data_root=data_root, limit=num_verify, seed=seed + 1,
+                          model=net, progress=progress)
+    except CareQError:
+        vds = ds
+    xv = torch.cat([b[0] for b in _batches(vds, 50)])[:num_verify]
 
-        # --- per-tensor SQNR: this recipe vs one global min/max (what generic tools do)
-        naive = build_plan(graph, dataclasses.replace(rec, rules=(), method=Method.MINMAX))
-        naive.finalize(plan.observers)
-        xs = xv[:8]
-        sq_recipe, sq_naive = tensor_sqnr(dmodel, plan, xs), tensor_sqnr(dmodel, naive, xs)
-        with torch.no_grad():
-            fl = dmodel(xs).numpy()
-            logit_sqnr = {"recipe": sqnr_db(fl, dmodel(xs, QuantOps(plan, "quant")).numpy()),
-                          "minmax": sqnr_db(fl, dmodel(xs, QuantOps(naive, "quant")).numpy())}
+    # --- per-tensor SQNR: this recipe vs one global min/max (what generic tools do)
+    naive = build_plan(graph, dataclasses.replace(rec, rules=(), method=Method.MINMAX))
+    naive.finalize(plan.observers)
+    xs = xv[:8]
+    sq_recipe, sq_naive = tensor_sqnr(dmodel, plan, xs), tensor_sqnr(dmodel, naive, xs)
+    with torch.no_grad():
+        fl = dmodel(xs).numpy()
+        logit_sqnr = {"recipe": sqnr_db(fl, dmodel(xs, QuantOps(plan, "quant")).numpy()),
+                      "minmax": sqnr_db(fl, dmodel(xs, QuantOps(naive, "quant")).numpy())}
 
-        # --- export and verify
-        artifacts = {}
-        names = _artifact_names(model)
-        for t in targets:
-            path = out / names[t]
-            t0 = time.time()
-            _emit(t, plan, io, path, preprocess=pre, model_name=model)
-            v = _verify(path, dmodel, plan, xv.numpy(), threads)
-            artifacts[t] = {"path": str(path), "size_bytes": path.stat().st_size, "verification": v,
-                            "census": _census(path), "seconds": round(time.time() - t0, 1)}
-            if "note" in v:
-                notes.append(f"{t}: {v['note']}")
-                warnings.warn(notes[-1], stacklevel=2)
+    # --- export and verify
+    artifacts = {}
+    names = _artifact_names(model)
+    for t in targets:
+        path = out / names[t]
+        t0 = time.time()
+        _emit(t, plan, io, path, preprocess=pre, model_name=model)
+        v = _verify(path, dmodel, plan, xv.numpy(), threads)
+        artifacts[t] = {"path": str(path), "size_bytes": path.stat().st_size, "verification": v,
+                        "census": _census(path), "seconds": round(time.time() - t0, 1)}
+        if "note" in v:
+            notes.append(f"{t}: {v['note']}")
+            warnings.warn(notes[-1], stacklevel=2)
 
-        fp32_bytes = sum(p.numel() * 4 for p in net.parameters())
-        report = {
-            "command": "ptq", "model": model, "weights": str(weights) if weights else None,
-            "img_size": size, "recipe": rec.to_json(), "io": io, "targets": targets,
-            "calibration": {"set": calib_used, "images": n_cal, "seconds": round(t_cal, 1)},
-            "cross_layer_equalization": equalized, "bias_correction": bias_corr,
-            "verification_images": int(xv.shape[0]),
-            "artifacts": artifacts, "fp32_param_bytes": fp32_bytes,
-            "logit_sqnr_db_fake_quant": logit_sqnr,
-            "tensors": plan.to_json(),
-            "sqnr_db": {k: {"recipe": sq_recipe[k], "minmax": sq_naive.get(k)} for k in sq_recipe},
-            "graph_census": graph.census(),
-            "notes": notes, "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                                        "torch": torch.__version__},
-            "seconds": None,
-        }
-        if latency_runs:
-            t0 = time.time()
-            report["latency"] = _latency(baselines.wait(), artifacts, size, threads, latency_runs)
-            report["latency_seconds"] = round(time.time() - t0, 1)
-        report["min_agreement"] = min_agreement
-        report["seconds"] = round(time.time() - t_start, 1)
-        atomic_write_json(report, out / "report.json")
-        atomic_write_text(render_markdown(report, plan), out / "report.md")
-        failed = {t: a["verification"]["top1_agreement"] for t, a in artifacts.items()
-                  if a["verification"]["top1_agreement"] < min_agreement}
-        if failed:
-            raise CareQError("artifact(s) disagree with the fake-quant reference: "
-                             + ", ".join(f"{t} {100 * v:.1f}% top-1 agreement" for t, v in failed.items())
-                             + f" (< {100 * min_agreement:.0f}%); see {out / 'report.md'}")
-        return report
+    fp32_bytes = sum(p.numel() * 4 for p in net.parameters())
+    report = {
+        "command": "ptq", "model": model, "weights": str(weights) if weights else None,
+        "img_size": size, "recipe": rec.to_json(), "io": io, "targets": targets,
+        "calibration": {"set": calib_used, "images": n_cal, "seconds": round(t_cal, 1)},
+        "cross_layer_equalization": equalized, "bias_correction": bias_corr,
+        "verification_images": int(xv.shape[0]),
+        "artifacts": artifacts, "fp32_param_bytes": fp32_bytes,
+        "logit_sqnr_db_fake_quant": logit_sqnr,
+        "tensors": plan.to_json(),
+        "sqnr_db": {k: {"recipe": sq_recipe[k], "minmax": sq_naive.get(k)} for k in sq_recipe},
+        "graph_census": graph.census(),
+        "notes": notes, "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                                    "torch": torch.__version__},
+        "seconds": None,
+    }
+    if latency_runs:
+        t0 = time.time()
+        report["latency"] = _latency(net, out, model, size, artifacts, threads, latency_runs)
+        report["latency_seconds"] = round(time.time() - t0, 1)
+    report["min_agreement"] = min_agreement
+    report["seconds"] = round(time.time() - t_start, 1)
+    atomic_write_json(report, out / "report.json")
+    atomic_write_text(render_markdown(report, plan), out / "report.md")
+    failed = {t: a["verification"]["top1_agreement"] for t, a in artifacts.items()
+              if a["verification"]["top1_agreement"] < min_agreement}
+    if failed:
+        raise CareQError("artifact(s) disagree with the fake-quant reference: "
+                         + ", ".join(f"{t} {100 * v:.1f}% top-1 agreement" for t, v in failed.items())
+                         + f" (< {100 * min_agreement:.0f}%); see {out / 'report.md'}")
+    return report
 
 
-def _latency(fp32: dict[str, Path], artifacts: dict, size: int, threads: int, runs: int) -> dict:
-    """int8 vs FP32 latency per runtime (`fp32`: target -> the FP32 file, see FP32Baselines)."""
+def _latency(net, out: Path, name: str, size: int, artifacts: dict, threads: int, runs: int) -> dict:
+    """int8 vs FP32 latency per runtime (FP32 files next to the int8 ones; see fp32_baselines)."""
     from care_q.bench.latency import measure
     from care_q.runtime import load_runner
 
+    fp32 = fp32_baselines(net, out, name, size, list(artifacts))
     res = {}
     x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
     for t, a in artifacts.items():
@@ -293,7 +292,7 @@ def _time_split(r: dict) -> str:
         parts.append(f"bias correction {r['bias_correction']['seconds']} s")
     parts += [f"{t} export + verification {a['seconds']} s" for t, a in r["artifacts"].items() if "seconds" in a]
     if "latency_seconds" in r:
-        parts.append(f"latency (waiting for the FP32 files, then the runs) {r['latency_seconds']} s")
+        parts.append(f"latency (FP32 exports unless reused, then the runs) {r['latency_seconds']} s")
     return ", ".join(parts)
 
 
