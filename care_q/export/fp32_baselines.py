@@ -42,7 +42,8 @@ def fp32_baselines(net: torch.nn.Module, out: str | Path, name: str, size: int, 
         stored = json.loads(key_path.read_text())
     except (OSError, ValueError):
         stored = {}
-    done = set(stored.pop("targets", [])) if stored == {**key, "targets": stored.get("targets")} else set()
+    exported = stored.pop("targets", [])
+    done = set(exported) if stored == key else set()
     if not done:
         key_path.unlink(missing_ok=True)  # nothing present is valid for this model
     for t, p in paths.items():

@@ -40,6 +40,11 @@ def images_for(size: int) -> int:
     return max(MIN_IMAGES, min(MAX_IMAGES, PIXEL_BUDGET // (size * size)))
 
 
+def _not_channels(y: torch.Tensor) -> list[int]:
+    """Every dim but the channels (dim 1: NCHW maps, (N, C) logits)."""
+    return [d for d in range(y.dim()) if d != 1]
+
+
 class _ChannelMeans(QuantOps):
     """QuantOps ("float" or "quant") that sums every conv / int8 FC output per channel (over
     images and positions), before the layer's own output quantization; with `squares`, the sums
@@ -67,7 +72,7 @@ class _ChannelMeans(QuantOps):
     def _out(self, name, y, op=""):
         if name == self._layer:  # the layer's own output
             self._layer = None
-            dims = [d for d in range(y.dim()) if d != 1]
+            dims = _not_channels(y)
             yd = y.double()
             self.sums[name] = self.sums.get(name, 0) + yd.sum(dim=dims)
             if self.squares:
@@ -103,10 +108,9 @@ class _Correcting(_ChannelMeans):
 
     def _out(self, name, y, op=""):
         if name == self._layer:
-            dims = [d for d in range(y.dim()) if d != 1]
-            delta = self.target[name] - y.double().mean(dim=dims)
-            n = y.numel() // y.shape[1]
-            self.deltas[name] = self.deltas.get(name, 0) + delta * n
+            self._layer = None  # its sums are not needed: the corrections are
+            delta = self.target[name] - y.double().mean(dim=_not_channels(y))
+            self.deltas[name] = self.deltas.get(name, 0) + delta * (y.numel() // y.shape[1])
             shape = [1] * y.dim()
             shape[1] = -1
             y = y + delta.to(y.dtype).reshape(shape)
