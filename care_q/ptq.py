@@ -32,6 +32,7 @@ from care_q.transforms import deploy
 from care_q.transforms.equalize import cross_layer_equalization
 from care_q.transforms.substitute import apply_substitutions
 from care_q.utils.io import atomic_path, atomic_write_json, atomic_write_text
+from care_q.utils.layout import channels_last
 
 MIN_AGREEMENT = 0.99
 ATTENTION_ROLES = (Role.ATTN_QK, Role.ATTN_ELU, Role.ATTN_PHI, Role.ATTN_KV, Role.ATTN_KMEAN,
@@ -104,7 +105,9 @@ def _verify(path: Path, model, plan, x: np.ndarray, threads: int) -> dict:
                else QuantOps(plan, "quant", exact="onnxruntime",
                              ort_act_offset=0 if runner.metadata.get("care_q.act_type") == "int8" else 128))
         xt = torch.from_numpy(x)  # in chunks: at 224 whole-batch float64 intermediates thrash the cache
-        ref = np.concatenate([model(xt[i:i + VERIFY_CHUNK], ops).numpy() for i in range(0, len(xt), VERIFY_CHUNK)])
+        with channels_last(model):
+            ref = np.concatenate([model(xt[i:i + VERIFY_CHUNK], ops).contiguous().numpy()
+                                  for i in range(0, len(xt), VERIFY_CHUNK)])
     got = runner(x)
     agree = float((got.argmax(1) == ref.argmax(1)).mean())
     res = {"images": int(x.shape[0]), "top1_agreement": agree, "logit_sqnr_db": sqnr_db(ref, got),
@@ -194,14 +197,15 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
     graph = trace(dmodel, torch.zeros(1, 3, size, size))
     plan = build_plan(graph, rec)
     t0 = time.time()
-    n_cal = calibrate(plan, dmodel, _batches(ds, rec.batch_size), total=None, progress=progress)
-    t_cal = time.time() - t0
-    bias_corr = None
-    if rec.bias_correction:  # after calibration: it measures the fake-quant model (see the module)
-        t0 = time.time()
-        bias_corr = bias_correction(plan, dmodel, _first_images(_batches(ds, rec.batch_size), images_for(size)),
-                                    progress=progress)
-        bias_corr["seconds"] = round(time.time() - t0, 1)
+    with channels_last(dmodel):  # ~40% faster forwards (see care_q/utils/layout.py)
+        n_cal = calibrate(plan, dmodel, _batches(ds, rec.batch_size), total=None, progress=progress)
+        t_cal = time.time() - t0
+        bias_corr = None
+        if rec.bias_correction:  # after calibration: it measures the fake-quant model (see the module)
+            t0 = time.time()
+            bias_corr = bias_correction(plan, dmodel, _first_images(_batches(ds, rec.batch_size), images_for(size)),
+                                        progress=progress)
+            bias_corr["seconds"] = round(time.time() - t0, 1)
 
     # --- verification images: a different seeded draw from the same set
     try:
@@ -215,8 +219,8 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
     naive = build_plan(graph, dataclasses.replace(rec, rules=(), method=Method.MINMAX))
     naive.finalize(plan.observers)
     xs = xv[:8]
-    sq_recipe, sq_naive = tensor_sqnr(dmodel, plan, xs), tensor_sqnr(dmodel, naive, xs)
-    with torch.no_grad():
+    with channels_last(dmodel), torch.no_grad():
+        sq_recipe, sq_naive = tensor_sqnr(dmodel, plan, xs), tensor_sqnr(dmodel, naive, xs)
         fl = dmodel(xs).numpy()
         logit_sqnr = {"recipe": sqnr_db(fl, dmodel(xs, QuantOps(plan, "quant")).numpy()),
                       "minmax": sqnr_db(fl, dmodel(xs, QuantOps(naive, "quant")).numpy())}

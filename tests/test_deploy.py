@@ -54,3 +54,19 @@ def test_deploy_structure():
     assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)) for m in d.modules())
     assert d.fc.weight.shape == (1000, 1024)  # one merged head
     assert deploy(d) is d
+
+
+def test_channels_last_block_is_the_same_model_and_restores_nchw():
+    # ptq's PyTorch passes run with the weights in channels_last (faster); the exporters read NCHW
+    from care_q.utils.layout import channels_last
+
+    d = deploy(_randomise(create_model("care_test", num_classes=10)).eval())
+    params = list(d.parameters())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = d(x)
+        with channels_last(d):
+            assert d.stem.weight.is_contiguous(memory_format=torch.channels_last)
+            got = d(x)
+    assert all(p.is_contiguous() for p in d.parameters()) and list(d.parameters()) == params
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

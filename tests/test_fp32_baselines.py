@@ -20,7 +20,8 @@ def test_reused_only_for_the_same_model(tmp_path, monkeypatch):
     net = _net(0)
     paths = fb.fp32_baselines(net, tmp_path, "care_test", 32, ["onnx"])
     sess = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert sess.get_inputs()[0].shape == [1, 3, 32, 32]  # a fixed batch of 1, what the latency runs use
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = net(x).numpy()
     got = sess.run(None, {"input": x.numpy()})[0]
@@ -30,7 +31,7 @@ def test_reused_only_for_the_same_model(tmp_path, monkeypatch):
 
     exported = []
     monkeypatch.setattr("care_q.export.fp32.EXPORTERS",
-                        {"onnx": lambda n, p, s: exported.append((p.name, s)) or p.touch()})
+                        {"onnx": lambda n, p, s, **kw: exported.append((p.name, s)) or p.touch()})
     assert fb.fp32_baselines(_net(0), tmp_path, "care_test", 32, ["onnx"]) == paths
     assert exported == []  # the same weights and size: reused
     fb.fp32_baselines(_net(1), tmp_path, "care_test", 32, ["onnx"])  # other weights

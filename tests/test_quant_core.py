@@ -90,6 +90,28 @@ def test_large_updates_are_sampled_without_bias():
     assert o.range(Method.MINMAX, DType.INT8, False) == (0.0, 9.0)
 
 
+@pytest.mark.parametrize("bins", [4096, 100])
+def test_histogram_counts_are_torch_histc(bins):
+    # the observer's bincount histogram puts every value in histc's bin, edges and the top included
+    from care_q.quant.observers import _histogram
+
+    g = torch.Generator().manual_seed(3)
+    for R in (0.125, 1.0, 64.0):
+        x = (torch.rand(60_000, generator=g) * 2 - 1) * R
+        x[:20_000] = torch.round(x[:20_000] * bins / (2 * R)) * (2 * R) / bins  # on bin edges
+        x[0], x[1] = R, -R
+        assert (_histogram(x, bins, R) == torch.histc(x, bins, -R, R).double().numpy()).all()
+
+
+def test_channels_last_tensor_observed_like_nchw():
+    # a channels_last activation is read in memory order without a copy: the same statistics
+    x = torch.randn(2, 8, 5, 7, generator=torch.Generator().manual_seed(0)) ** 3
+    a, b = HistogramObserver("a"), HistogramObserver("b")
+    a.update(x)
+    b.update(x.contiguous(memory_format=torch.channels_last))
+    assert (a.hist == b.hist).all() and (a.min, a.max, a.count) == (b.min, b.max, b.count)
+
+
 def test_qparams():
     qp = qparams_from_range(-1.0, 3.0, DType.INT8, False)
     assert qp.scale[0] == pytest.approx(4 / 255) and qp.zero_point[0] == -128 + round(1 / (4 / 255))

