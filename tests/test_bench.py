@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,6 +188,50 @@ def test_suite_definition(tmp_path):
         load_suite(bad)
     bad.write_text(text.replace("onnx_x86_recipe: ptq_int8_x86", "onnx_x86_recipe: null"))
     assert load_suite(bad)["accuracy"]["onnx_x86_recipe"] is None
+
+
+def test_ptq_time_runs_the_users_command_fresh_and_checks_the_budget(tmp_path, monkeypatch):
+    """Issue 3's 5-minute budget: the command as typed, in a new process, an empty output folder
+    (FP32 files left by an earlier run would skip their export), wall time against the target."""
+    import subprocess
+
+    from care_q.bench import suite as S
+    from care_q.bench.benchmarks import ptq_time_blocks
+
+    cfg = S.load_suite(S.SUITE, shared=tmp_path)
+    P = cfg["ptq_time"]
+    assert (P["model"], P["calib"], P["num_calib"], P["target_seconds"]) == ("care_s1", "imagenet_1k_subset", None, 300)
+    assert S.load_suite(S.SUITE, quick=True, shared=tmp_path)["ptq_time"]["num_calib"] == 64
+    seen = []
+
+    def fake_run(argv, env, stdout, stderr):
+        out = Path(argv[argv.index("--out") + 1])
+        seen.append((argv[1:], sorted(p.name for p in out.glob("*")) if out.exists() else None))
+        out.mkdir(parents=True)
+        (out / "care_s1_fp32.onnx").write_text("left for the next run")
+        rep = {"seconds": 250.0, "calibration": {"images": 1000, "seconds": 70.0}, "bias_correction": {"seconds": 20.0},
+               "artifacts": {"tflite": {"seconds": 30.0}, "onnx": {"seconds": 30.0}}, "latency_seconds": 90.0}
+        (out / "report.json").write_text(json.dumps(rep))
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(S.subprocess, "run", fake_run)
+    steps = S.Steps(tmp_path / "bench", log=lambda m: None)
+    r = S.run_ptq_time(cfg, P, tmp_path / "bench", steps, "/data")
+    assert seen == [(["-m", "care_q", "ptq", "--model", "care_s1", "--calib", "imagenet_1k_subset", "--out",
+                      str(tmp_path / "bench" / "ptq_time" / "care_s1" / "out")], None)]
+    assert r["command"] == "care-q ptq --model care_s1 --calib imagenet_1k_subset"
+    assert r["stages"]["other (model, data, tracing, SQNR, report)"] == 10.0
+    assert S.run_ptq_time(cfg, P, tmp_path / "bench", steps, "/data") == r and len(seen) == 1  # cached
+    monkeypatch.setattr(S, "_code_digest", lambda: "changed")
+    S.run_ptq_time(cfg, P, tmp_path / "bench", steps, "/data")
+    assert seen[1][1] is None  # code changed: timed again, from an empty folder
+    (tmp_path / "bench" / "ptq_time" / "care_s1.step.json").unlink()  # killed before it finished: same config
+    S.run_ptq_time(cfg, P, tmp_path / "bench", steps, "/data")
+    assert seen[2][1] is None  # the killed run's FP32 files are not reused either
+    [t] = S._time_targets({**r, "seconds": 301.0}, P)
+    assert t["ok"] is False and t["target"] == "<= 300"
+    assert S._time_targets(r, P)[0]["ok"] is True and "from process start" in str(ptq_time_blocks({"ptq_time": r}))
+    assert S._time_targets({"command": "c", "seconds": 3.0, "failure": "exit code 2: x"}, P)[0]["ok"] is None
 
 
 def test_rows_and_targets_of_the_x86_recipe(tmp_path):

@@ -209,6 +209,19 @@ def failure_blocks(res: dict) -> list:
     return [R.H(2, "Failures (reported, not hidden)"), R.L(items)]
 
 
+def ptq_time_blocks(res: dict) -> list:
+    pt = res.get("ptq_time")
+    if not pt:
+        return []
+    out = [R.H(2, "Time of `care-q ptq` (issue 3)")]
+    if "failure" in pt:
+        return out + [R.P(f"`{pt['command']}` failed after {pt['seconds']:.0f} s: {pt['failure']}")]
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in pt["stages"].items())
+    return out + [R.P(f"`{pt['command']}`, {pt['images']} calibration images, in a new process and an empty output "
+                      f"folder: {pt['seconds']:.0f} s from process start to exit ({pt['report_seconds']:.0f} s in "
+                      f"`care_q.ptq`, the rest is starting Python and importing torch; stages: {stages}).")]
+
+
 def suite_blocks(res: dict, figures: bool = True) -> list:
     from care_q.eval import plots
 
@@ -227,6 +240,7 @@ def suite_blocks(res: dict, figures: bool = True) -> list:
     if figures and res.get("latency"):
         for model, b in res["latency"].items():
             out.append(R.F(f"latency_{model}", plots.latency_bars(b["latency"], f"{model}: latency"), f"{model}: latency"))
+    out += ptq_time_blocks(res)
     out += failure_blocks(res)
     if res.get("accuracy") and res["accuracy"].get("analysis"):
         a = R.analysis_blocks(res["accuracy"]["analysis"])

@@ -9,6 +9,8 @@ calibration images, then every artifact is evaluated against the FP32 PyTorch mo
 images (`care_q.eval.evaluate`, artifacts in child processes so a runtime abort is a result).
 Latency (``latency:``): each model at deployment resolution with random weights goes through
 the same export / ptq / baselines, then `care_q.bench.host.bench` times all artifacts together.
+Time budget (``ptq_time:``): the user's `care-q ptq` command in a fresh process and an empty
+folder, timed from start to exit.
 
 Every step is cached under ``--out`` with the settings it ran with (``<step>.step.json``); a
 killed run resumes from the last finished step (evaluation even from the last finished
@@ -19,9 +21,11 @@ artifact), and a changed setting reruns only the steps it affects. The final tab
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -47,6 +51,10 @@ CODE_VERSION = 9
 # attention and scalar Adds (CODE_VERSION 9)
 LATENCY_CODE_VERSION = 6
 QAT_CODE_VERSION = 2
+# The accuracy proxy's PTQ steps only: 2: `care_q.ptq` calibrates and bias-corrects with the
+# weights in channels_last (float round-off moves the ranges by ~1e-7). QAT calibrates in its own
+# pipeline (unchanged) and the latency models' graphs cannot change from it: their keys stay.
+PTQ_CALIB_VERSION = 2
 NPU_TARGET_DROP_PT = 1.0  # issue 7's npu_int8 accuracy goal
 QAT_NUM_VERIFY = 200      # held-out images each QAT artifact is verified on, unless qat.num_verify says
 BASELINE_RECORDS = 2  # care_q.eval.baselines.RECORD_VERSION when the baselines last changed
@@ -67,8 +75,9 @@ SCHEMA = {
                 "size_ratio": _FLOAT},
     "qat": {"recipes": _LIST, "dataset": _STR, "epochs": _FLOAT, "recipe_epochs": _FLOAT_MAP, "limit": _OPT_INT,
             "eval_limit": _OPT_INT, "target_drop_pt": _FLOAT, "num_verify": _INT},
+    "ptq_time": {"model": _STR, "calib": _STR, "num_calib": _OPT_INT, "recipe": _STR, "target_seconds": _FLOAT},
 }
-OPTIONAL = ("targets", "qat")
+OPTIONAL = ("targets", "qat", "ptq_time")
 REQUIRED = ("accuracy", "latency")
 
 
@@ -153,7 +162,8 @@ def load_suite(path: str | Path = SUITE, quick: bool = False, shared: str | Path
     lines = _key_lines(node)
     quick_over = data.pop("quick", None) or {}
     _validate(data, SCHEMA, lines, str(path))
-    _validate(quick_over, {k: SCHEMA[k] for k in ("accuracy", "latency", "qat")}, lines, str(path), "quick.", partial=True)
+    _validate(quick_over, {k: SCHEMA[k] for k in ("accuracy", "latency", "qat", "ptq_time")}, lines, str(path), "quick.",
+              partial=True)
     if quick:
         for section, over in quick_over.items():
             if section in data:
@@ -198,8 +208,9 @@ def load_suite(path: str | Path = SUITE, quick: bool = False, shared: str | Path
         if bad:
             raise CareQError(f"{path}:{lines.get(where, '?')}: unknown baseline(s) {bad}; known: {list(BASELINES)}")
     known = list_models(include_test=True)
+    timed = [data["ptq_time"]["model"]] if "ptq_time" in data else []
     for where, names in (("accuracy.model", [data["accuracy"]["model"]]), ("latency.models", data["latency"]["models"]),
-                         ("latency.slow_models", data["latency"]["slow_models"])):
+                         ("latency.slow_models", data["latency"]["slow_models"]), ("ptq_time.model", timed)):
         bad = [n for n in names if n not in known]
         if bad:
             raise CareQError(f"{path}:{lines.get(where, '?')}: unknown model(s) {bad}; known: {known}")
@@ -397,7 +408,8 @@ def run_accuracy(cfg: dict, A: dict, root: Path, steps: Steps, data_root, progre
                               recipe=A["recipe"], out=d / "ptq", threads=threads, latency_runs=0, min_agreement=0.0,
                               progress=progress, seed=seed))
 
-    recipe_key = {"recipe": A["recipe"], "recipe_content": load_recipe(A["recipe"]).to_json(), "code": CODE_VERSION}
+    recipe_key = {"recipe": A["recipe"], "recipe_content": load_recipe(A["recipe"]).to_json(), "code": CODE_VERSION,
+                  "calib_code": PTQ_CALIB_VERSION}
     pq = steps.run(f"{A['name']}/ptq", {**calib_cfg, **recipe_key}, do_ptq, d / "ptq")
 
     def do_baselines():
@@ -409,8 +421,9 @@ def run_accuracy(cfg: dict, A: dict, root: Path, steps: Steps, data_root, progre
     bl = steps.run(f"{A['name']}/baselines", {**calib_cfg, "baselines": A["baselines"], "version": BASELINE_RECORDS},
                    do_baselines, d / "baselines")
     x86 = A.get("onnx_x86_recipe") and _ptq_x86(
-        steps, f"{A['name']}/ptq_x86", calib_cfg, A["onnx_x86_recipe"], d / "ptq_x86", model, weights=weights,
-        calib=A["calib"], data_root=data_root, num_calib=A["num_calib"], threads=threads, progress=progress, seed=seed)
+        steps, f"{A['name']}/ptq_x86", {**calib_cfg, "calib_code": PTQ_CALIB_VERSION}, A["onnx_x86_recipe"],
+        d / "ptq_x86", model, weights=weights, calib=A["calib"], data_root=data_root, num_calib=A["num_calib"],
+        threads=threads, progress=progress, seed=seed)
     methods = _method_paths(model, d / "fp32", d / "ptq", bl, x86 or None)
     arts = {m["file"]: {"path": m["path"], "source": m["source"]} for m in methods.values() if "failure" not in m}
 
@@ -508,6 +521,59 @@ def run_latency(cfg: dict, Lc: dict, A: dict, root: Path, steps: Steps, data_roo
         out[model] = {"methods": methods, "baselines": bl,
                       "bench": steps.run(f"latency/{model}/bench", bench_cfg, do_bench)}
     return out
+
+
+def _code_digest() -> str:
+    """sha256 over the package's source and the shipped recipes: a timing is redone after any change."""
+    h = hashlib.sha256()
+    for f in sorted([*(REPO_ROOT / "care_q").rglob("*.py"), *(REPO_ROOT / "recipes").glob("*.yaml")]):
+        h.update(str(f.relative_to(REPO_ROOT)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def run_ptq_time(cfg: dict, P: dict, root: Path, steps: Steps, data_root) -> dict:
+    """Issue 3's time budget: the user's command (`care-q ptq --model care_s1 --calib imagenet_1k_subset`),
+    run as a user runs it (a fresh process, an empty output folder, so the FP32 files of the latency
+    comparison are exported too), timed from process start to exit. Redone whenever the code changes."""
+    d = root / "ptq_time" / P["model"]
+    cmd = ["care-q", "ptq", "--model", P["model"], "--calib", P["calib"]]  # the defaults left out, as typed
+    for flag, value, default in (("--recipe", P["recipe"], "ptq_int8"), ("--threads", cfg["threads"], 2),
+                                 ("--num-calib", P.get("num_calib"), None)):
+        if value != default:
+            cmd += [flag, str(value)]
+
+    def do():
+        out = d / "out"
+        shutil.rmtree(out, ignore_errors=True)  # nothing reused from an earlier (killed) run
+        env = dict(os.environ)
+        if data_root:
+            env["CARE_Q_DATA"] = str(data_root)
+        t0 = time.perf_counter()
+        with open(d / "log.txt", "w") as log:
+            rc = subprocess.run([sys.executable, "-m", "care_q", *cmd[1:], "--out", str(out)], env=env, stdout=log,
+                                stderr=subprocess.STDOUT).returncode
+        wall = round(time.perf_counter() - t0, 1)
+        if rc != 0:
+            tail = (d / "log.txt").read_text().strip().splitlines()[-1:] or ["(no output)"]
+            return {"command": " ".join(cmd), "seconds": wall, "failure": f"exit code {rc}: {tail[0][:300]}"}
+        rep = json.loads((out / "report.json").read_text())
+        return {"command": " ".join(cmd), "seconds": wall, "report_seconds": rep["seconds"],
+                "images": rep["calibration"]["images"], "stages": _stage_seconds(rep)}
+
+    key = {**P, "threads": cfg["threads"], "code": _code_digest()}
+    return steps.run(f"ptq_time/{P['model']}", key, do, d)
+
+
+def _stage_seconds(rep: dict) -> dict[str, float]:
+    st = {"calibration": rep["calibration"]["seconds"]}
+    if rep.get("bias_correction"):
+        st["bias correction"] = rep["bias_correction"]["seconds"]
+    st.update({f"{t} export + verification": a["seconds"] for t, a in rep["artifacts"].items()})
+    if "latency_seconds" in rep:
+        st["FP32 exports + latency runs"] = rep["latency_seconds"]
+    st["other (model, data, tracing, SQNR, report)"] = round(rep["seconds"] - sum(st.values()), 1)
+    return st
 
 
 def qat_epochs(Q: dict, name: str) -> float:
@@ -748,12 +814,20 @@ def _qat_targets(qt: dict, Q: dict) -> list[dict]:
     return checks
 
 
+def _time_targets(pt: dict | None, P: dict | None) -> list[dict]:
+    if not pt:
+        return []
+    v = None if "failure" in pt else pt["seconds"]
+    return [{"what": f"`{pt['command']}`: wall time, process start to exit (s)", "target": f"<= {P['target_seconds']:g}",
+             "value": v, "ok": None if v is None else v <= P["target_seconds"]}]
+
+
 DEFAULT_TARGETS = {"accuracy_drop_pt": 0.5, "tflite_latency_ratio": 0.45, "onnx_latency_ratio": 0.55, "size_ratio": 0.28}
 
 
 def run_suite(suite: str | Path = SUITE, *, quick: bool = False, out: str | Path | None = None,
               benchmarks: str | Path | None = None, shared=None, data_root=None, progress: bool | None = None,
-              sections=("accuracy", "qat", "latency"), log=None) -> dict:
+              sections=("accuracy", "qat", "latency", "ptq_time"), log=None) -> dict:
     """Run the suite (see the module docstring); returns the combined result."""
     import torch
 
@@ -778,12 +852,14 @@ def run_suite(suite: str | Path = SUITE, *, quick: bool = False, out: str | Path
     acc = run_accuracy(cfg, A, root, steps, data_root, progress) if "accuracy" in sections else None
     qt = run_qat(cfg, cfg["qat"], A, root, steps, data_root, progress) if "qat" in sections and "qat" in cfg else {}
     lat = run_latency(cfg, Lc, A, root, steps, data_root, progress) if "latency" in sections else {}
+    pt = run_ptq_time(cfg, cfg["ptq_time"], root, steps, data_root) if "ptq_time" in sections and "ptq_time" in cfg else None
     rows = _rows(acc, lat)
     res = {"command": "suite", "suite": cfg["name"], "source": cfg["source"], "quick": quick, "config": cfg,
            "started": started, "rows": rows,
            "targets": _targets(rows, cfg.get("targets") or DEFAULT_TARGETS, A["model"] if acc else None, list(lat))
-           + _qat_targets(qt, cfg.get("qat") or {}),
-           "accuracy": acc, "qat": qt, "npu": npu_coverage(acc, qt, A, root), "latency": {m: v["bench"] for m, v in lat.items()},
+           + _qat_targets(qt, cfg.get("qat") or {}) + _time_targets(pt, cfg.get("ptq_time")),
+           "accuracy": acc, "ptq_time": pt, "qat": qt, "npu": npu_coverage(acc, qt, A, root),
+           "latency": {m: v["bench"] for m, v in lat.items()},
            "steps": steps.timings, "cached_steps": steps.cached, "machine": machine_info(), "seconds": round(time.time() - t0, 1)}
     from care_q.bench.benchmarks import render_benchmarks, write_suite_report
 
@@ -804,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "with --quick OUT/BENCHMARKS.md)")
     p.add_argument("--shared", help="the shared folder for ${SHARED} (default $SHARED, else ../shared)")
     p.add_argument("--data-root", help="data root (default $CARE_Q_DATA)")
-    p.add_argument("--only", choices=["accuracy", "qat", "latency"], help="run one section")
+    p.add_argument("--only", choices=["accuracy", "qat", "latency", "ptq_time"], help="run one section")
     p.add_argument("--adopt-qat", action="append", default=[], metavar="RECIPE=CHECKPOINT",
                    help="seed the QAT step of RECIPE with a run trained elsewhere (e.g. on a GPU) and exit; "
                         "the next bench evaluates, exports and verifies it")
@@ -824,7 +900,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         res = run_suite(args.suite, quick=args.quick, out=args.out, benchmarks=args.benchmarks, shared=args.shared,
-                        data_root=args.data_root, sections=(args.only,) if args.only else ("accuracy", "qat", "latency"))
+                        data_root=args.data_root,
+                        sections=(args.only,) if args.only else ("accuracy", "qat", "latency", "ptq_time"))
     except CareQError as e:
         print(f"make bench: error: {e}", file=sys.stderr)
         return 2
