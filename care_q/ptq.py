@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from care_q.data import stage
 from care_q.errors import CareQError
 from care_q.export.fp32_baselines import fp32_baselines
 from care_q.graph.trace import trace
@@ -231,8 +232,10 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
     for t in targets:
         path = out / names[t]
         t0 = time.time()
-        _emit(t, plan, io, path, preprocess=pre, model_name=model)
-        v = _verify(path, dmodel, plan, xv.numpy(), threads)
+        with stage(f"{t}: writing {path.name}", progress):
+            _emit(t, plan, io, path, preprocess=pre, model_name=model)
+        with stage(f"{t}: verifying against the fake-quant reference on {len(xv)} images", progress):
+            v = _verify(path, dmodel, plan, xv.numpy(), threads)
         artifacts[t] = {"path": str(path), "size_bytes": path.stat().st_size, "verification": v,
                         "census": _census(path), "seconds": round(time.time() - t0, 1)}
         if "note" in v:
@@ -257,7 +260,7 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
     }
     if latency_runs:
         t0 = time.time()
-        report["latency"] = _latency(net, out, model, size, artifacts, threads, latency_runs)
+        report["latency"] = _latency(net, out, model, size, artifacts, threads, latency_runs, progress)
         report["latency_seconds"] = round(time.time() - t0, 1)
     report["min_agreement"] = min_agreement
     report["seconds"] = round(time.time() - t_start, 1)
@@ -272,18 +275,21 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
     return report
 
 
-def _latency(net, out: Path, name: str, size: int, artifacts: dict, threads: int, runs: int) -> dict:
+def _latency(net, out: Path, name: str, size: int, artifacts: dict, threads: int, runs: int,
+             progress: bool | None = None) -> dict:
     """int8 vs FP32 latency per runtime (FP32 files next to the int8 ones; see fp32_baselines)."""
     from care_q.bench.latency import measure
     from care_q.runtime import load_runner
 
-    fp32 = fp32_baselines(net, out, name, size, list(artifacts))
+    with stage(f"FP32 {' + '.join(artifacts)} for the latency comparison", progress):
+        fp32 = fp32_baselines(net, out, name, size, list(artifacts))
     res = {}
     x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
     for t, a in artifacts.items():
         fp = fp32[t]
-        m = measure({"fp32": load_runner(fp, threads=threads), "int8": load_runner(a["path"], threads=threads)},
-                    x, runs=runs)
+        with stage(f"{t}: timing int8 vs FP32, {runs} runs each", progress):
+            m = measure({"fp32": load_runner(fp, threads=threads), "int8": load_runner(a["path"], threads=threads)},
+                        x, runs=runs)
         res[t] = {**m, "ratio": m["int8"]["median_ms"] / m["fp32"]["median_ms"],
                   "fp32_size_bytes": fp.stat().st_size,
                   "size_ratio": Path(a["path"]).stat().st_size / fp.stat().st_size}

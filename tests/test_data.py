@@ -302,3 +302,15 @@ def test_no_warnings_on_clean_data(tmp_path):
         warnings.simplefilter("error", DataWarning)
         ds = get_dataset(str(_folder(tmp_path / "set")), CIFAR_PP)
     assert len(ds) == 6 and ds.skipped == []
+
+
+def test_stage_reports_its_time_only_when_enabled(capsys):
+    from care_q.data import stage
+
+    with stage("writing m.tflite", enabled=False):
+        pass
+    assert capsys.readouterr().err == ""
+    with stage("writing m.tflite", enabled=True):
+        pass
+    err = capsys.readouterr().err
+    assert err.startswith("done writing m.tflite (") and err.rstrip().endswith(" s)")

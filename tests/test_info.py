@@ -73,3 +73,17 @@ def test_cli_info_errors(capsys):
     assert "unknown model 'care_s9'" in capsys.readouterr().err
     assert main(["info", "--model", "care_s0", "--img-size", "50"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
+
+
+def test_cli_parser_starts_without_torch():
+    # `care-q --help` / `care-q recipes` answer at once: torch and timm load with the first model
+    import subprocess
+    import sys
+
+    code = ("import sys, care_q.cli; care_q.cli.build_parser(); import care_q; care_q.list_models; "
+            "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code.replace("care_q.list_models; ", "")], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == "[]"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "['timm', 'torch']"  # the model API loads them on first use

@@ -38,7 +38,7 @@ def run(args) -> int:
             targets=args.target.split(",") if args.target else None, img_size=args.img_size, io=args.io,
             out=args.out, num_verify=args.num_verify, threads=args.threads, latency_runs=args.latency_runs,
             fallback_synthetic=args.fallback_synthetic, min_agreement=args.min_agreement)
-    c = Console()
+    c = Console(highlight=False)
     for t, a in r["artifacts"].items():
         v = a["verification"]
         c.print(f"[green]{t}[/]: {a['path']} ({a['size_bytes'] / 1e6:.2f} MB), "

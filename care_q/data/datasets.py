@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -585,6 +586,22 @@ def progress_bar(description: str, total: int | None, enabled: bool | None = Non
             prog.update(task, advance=n, **({"info": info} if fields else {}))
 
         yield advance
+
+
+@contextlib.contextmanager
+def stage(description: str, enabled: bool | None = None):
+    """A step without a count (an export, a verification): a spinner on stderr while it runs and,
+    when it is done, one line with its time; nothing when stderr is not a terminal (or not ``enabled``)."""
+    console = _console()
+    if enabled is None:
+        enabled = console.is_terminal
+    if not enabled:
+        yield
+        return
+    t0 = time.time()
+    with console.status(description):
+        yield
+    console.print(f"[green]done[/] {description} ({time.time() - t0:.1f} s)", highlight=False)
 
 
 def track(iterable: Iterable, description: str, total: int | None = None,
