@@ -55,6 +55,14 @@ def test_mse_and_entropy_keep_uniform_range():
         assert lo == pytest.approx(-1.0, abs=0.02) and hi == pytest.approx(2.0, abs=0.02), m
 
 
+def test_entropy_does_not_clip_normalised_pixels():
+    # 8-bit pixels after mean/std normalisation: 256 spikes over [-1.8, 2.2]. The KL candidate must be
+    # built without the clipped mass, or clipping looks free: this range was once [-0.25, 0.53].
+    o = _obs(lambda n: (torch.randint(0, 256, (n,)) / 255.0 - 0.45) / 0.25, n=3, size=100_000)
+    lo, hi = o.range(Method.ENTROPY, DType.INT8, False)
+    assert lo == pytest.approx(-1.8, abs=0.1) and hi == pytest.approx(2.2, abs=0.1)
+
+
 def test_entropy_clips_gaussian_tail():
     o = _obs(torch.randn)
     a = o.range(Method.ENTROPY, DType.INT8, True)[1]

@@ -35,6 +35,19 @@ def _histogram(x: torch.Tensor, bins: int, R: float) -> np.ndarray:
     return np.bincount(idx, minlength=bins).astype(np.float64)
 
 
+def _smooth(q: np.ndarray, support: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """`q` with a little mass (eps per bin) moved onto the bins of `support` where it is 0, so
+    KL(p || q) stays finite (MXNet's smoothing of the candidate distribution)."""
+    zero = support & (q <= 0)
+    n_zero, n_pos = int(zero.sum()), int((q > 0).sum())
+    if n_zero == 0 or n_pos == 0:
+        return q
+    q = q.copy()
+    q[q > 0] -= eps * n_zero / n_pos
+    q[zero] = eps
+    return np.maximum(q, 1e-30)
+
+
 class HistogramObserver:
     def __init__(self, name: str, bins: int = 4096, max_samples: int = 1 << 19, sample_to: int = 1 << 17):
         if bins % 2:
@@ -177,19 +190,28 @@ class HistogramObserver:
         inside = (c >= lo) & (c <= hi)
         if not inside.any():
             return math.inf
-        p = h[inside].copy()
+        sliced = h[inside]
+        # P: the reference, the clipped mass folded into the edge bins. Q: the quantized slice
+        # WITHOUT that mass (as in TensorRT / MXNet), so clipping costs divergence; built from P
+        # instead, a range that clips everything but a few bins per level looked free (measured:
+        # the proxy's input clipped to 20% of its range, logit SQNR 2 dB).
+        p = sliced.copy()
         p[0] += h[c < lo].sum()
         p[-1] += h[c > hi].sum()
+        if p.sum() <= 0:
+            return math.inf
         # Quantize: group the bins inside [lo, hi] into `levels` buckets; spread each bucket's
         # mass uniformly over its non-empty bins.
         idx = np.minimum(((c[inside] - lo) / max(hi - lo, 1e-30) * levels).astype(np.int64), levels - 1)
         nz = p > 0
-        mass = np.bincount(idx, weights=p, minlength=levels)
+        mass = np.bincount(idx, weights=sliced, minlength=levels)
         cnt = np.bincount(idx, weights=nz.astype(np.float64), minlength=levels)
         q = np.where(nz, mass[idx] / np.maximum(cnt[idx], 1), 0.0)
-        ps, qs = p / p.sum(), q / q.sum()
+        if q.sum() <= 0:
+            return math.inf
+        ps, qs = p / p.sum(), _smooth(q / q.sum(), nz)
         m = ps > 0
-        return float((ps[m] * np.log(ps[m] / np.maximum(qs[m], 1e-30))).sum())
+        return float((ps[m] * np.log(ps[m] / qs[m])).sum())
 
     def _search(self, dtype: DType, symmetric: bool, cost) -> tuple[float, float]:
         qmin, qmax = dtype.qrange
@@ -202,18 +224,25 @@ class HistogramObserver:
         # A candidate must span at least 2 histogram bins per level, or the KL of a range
         # narrower than the histogram's resolution is trivially 0.
         min_width = 2 * levels * (2 * self.R / self.bins)
+
+        def too_narrow(lo, hi):
+            return cost == self._kl_cost and hi - lo < min_width
+
         for alpha in np.linspace(0.05, 1.0, 96):
             lo, hi = lo0 * alpha, hi0 * alpha
-            if hi - lo <= 0 or (cost == self._kl_cost and hi - lo < min_width and alpha < 1.0):
+            if hi - lo <= 0 or (too_narrow(lo, hi) and alpha < 1.0):
                 continue
             cst = cost(lo, hi, levels)
             if cst < best:
                 best, arg = cst, (lo, hi)
         if not symmetric and self.min < 0 < self.max:
-            # refine each side independently around the joint optimum
+            # refine each side independently around the joint optimum (no narrower than the
+            # joint search allows: the refinement once shrank the input's KL range to 20%)
             lo_b, hi_b = arg
             for beta in np.linspace(0.5, 1.5, 41):
                 for lo, hi in ((max(lo_b * beta, lo0), hi_b), (lo_b, min(hi_b * beta, hi0))):
+                    if too_narrow(lo, hi) and (lo, hi) != (lo0, hi0):
+                        continue
                     cst = cost(lo, hi, levels)
                     if cst < best:
                         best, arg = cst, (lo, hi)
