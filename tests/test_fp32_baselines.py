@@ -38,3 +38,24 @@ def test_reused_only_for_the_same_model(tmp_path, monkeypatch):
     fb.fp32_baselines(_net(1), tmp_path, "care_test", 48, ["onnx"])  # another size
     assert exported == [("care_test_fp32.onnx", 32), ("care_test_fp32.onnx", 48)]
     assert json.loads((tmp_path / "care_test_fp32.key.json").read_text())["img_size"] == 48
+
+
+def test_both_targets_exported_side_by_side(tmp_path):
+    # ONNX in a child process while TFLite converts here: both files are the FP32 model, the key
+    # lists both, the child's temporary model file is gone
+    import tempfile
+    from pathlib import Path
+
+    from care_q.runtime import load_runner
+
+    before = set(Path(tempfile.gettempdir()).glob(".care-q-fp32-*"))
+    net = _net(2)
+    paths = fb.fp32_baselines(net, tmp_path, "care_test", 32, ["onnx", "tflite"])
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = net(x).numpy()
+    for t in ("onnx", "tflite"):
+        got = load_runner(paths[t], threads=1)(x.numpy())
+        assert abs(got - ref).max() < 1e-4 * abs(ref).max(), t
+    assert json.loads((tmp_path / "care_test_fp32.key.json").read_text())["targets"] == ["onnx", "tflite"]
+    assert set(Path(tempfile.gettempdir()).glob(".care-q-fp32-*")) == before
