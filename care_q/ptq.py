@@ -296,14 +296,19 @@ def _latency(net, out: Path, name: str, size: int, artifacts: dict, threads: int
     return res
 
 
-def _time_split(r: dict) -> str:
-    parts = [f"calibration {r['calibration']['seconds']} s"]
+def stage_seconds(r: dict) -> dict[str, float]:
+    """A ptq report's time by stage (the report's and the benchmark's split)."""
+    st = {"calibration": r["calibration"]["seconds"]}
     if r.get("bias_correction"):
-        parts.append(f"bias correction {r['bias_correction']['seconds']} s")
-    parts += [f"{t} export + verification {a['seconds']} s" for t, a in r["artifacts"].items() if "seconds" in a]
+        st["bias correction"] = r["bias_correction"]["seconds"]
+    st.update({f"{t} export + verification": a["seconds"] for t, a in r["artifacts"].items() if "seconds" in a})
     if "latency_seconds" in r:
-        parts.append(f"latency (FP32 exports unless reused, then the runs) {r['latency_seconds']} s")
-    return ", ".join(parts)
+        st["latency (FP32 exports unless reused, then the runs)"] = r["latency_seconds"]
+    return st
+
+
+def _time_split(r: dict) -> str:
+    return ", ".join(f"{k} {v} s" for k, v in stage_seconds(r).items())
 
 
 def _transform_lines(r: dict) -> list[str]:

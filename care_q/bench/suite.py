@@ -566,12 +566,9 @@ def run_ptq_time(cfg: dict, P: dict, root: Path, steps: Steps, data_root) -> dic
 
 
 def _stage_seconds(rep: dict) -> dict[str, float]:
-    st = {"calibration": rep["calibration"]["seconds"]}
-    if rep.get("bias_correction"):
-        st["bias correction"] = rep["bias_correction"]["seconds"]
-    st.update({f"{t} export + verification": a["seconds"] for t, a in rep["artifacts"].items()})
-    if "latency_seconds" in rep:
-        st["FP32 exports + latency runs"] = rep["latency_seconds"]
+    from care_q.ptq import stage_seconds
+
+    st = stage_seconds(rep)
     st["other (model, data, tracing, SQNR, report)"] = round(rep["seconds"] - sum(st.values()), 1)
     return st
 

@@ -1,8 +1,8 @@
 """The FP32 files `care-q ptq` measures its int8 latency against, reused only when they match.
 
 Exporting care_s1@224 to ONNX (torch.export + onnxscript) and TFLite (litert-torch) takes about
-70 s, so a second run into the same folder (another recipe, say) reuses the files,
-but only when their key file says they were exported from the same weights (hash of the state
+a minute (side by side, see `_OnnxChild`), so a second run into the same folder (another recipe,
+say) reuses the files, but only when their key file says they were exported from the same weights (hash of the state
 dict), model, resolution and exporter versions; anything else is exported again, never silently
 reused. The ONNX file is exported at a fixed batch of 1, what the latency runs use: half the
 export time of a dynamic batch (22 s against 43 s for care_s1@224) for the same latency (50.0
