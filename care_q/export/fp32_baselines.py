@@ -2,9 +2,9 @@
 
 Exporting care_s1@224 to ONNX (torch.export + onnxscript) and TFLite (litert-torch) takes about
 a minute (side by side, see `_OnnxChild`), so a second run into the same folder (another recipe,
-say) reuses the files, but only when their key file says they were exported from the same weights (hash of the state
-dict), model, resolution and exporter versions; anything else is exported again, never silently
-reused. The ONNX file is exported at a fixed batch of 1, what the latency runs use: half the
+say) reuses the files, but only when their key file says they were exported from the same weights
+(hash of the state dict), model, resolution and exporter versions; anything else is exported
+again, never silently reused. The ONNX file is exported at a fixed batch of 1, what the latency runs use: half the
 export time of a dynamic batch (22 s against 43 s for care_s1@224) for the same latency (50.0
 against 50.4 ms, interleaved). (Exporting in a background process while calibration runs was
 measured and dropped: on 2 cores calibration's convolutions already use both, so the total did
@@ -85,21 +85,27 @@ class _OnnxChild:
         fd, self.model_file = tempfile.mkstemp(suffix=".pt", prefix=".care-q-fp32-")
         with open(fd, "wb") as f:
             torch.save(net, f)  # the whole module (our own temporary file, read back below)
+        # its stderr to a file, not a pipe: a pipe read only at the end would stall a chatty child
+        self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "care_q.export.fp32_baselines", self.model_file,
-                                     str(path), str(size)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     str(path), str(size)], stdout=subprocess.DEVNULL, stderr=self.log)
+
+    def _cleanup(self) -> str:
+        self.proc.wait()
+        Path(self.model_file).unlink(missing_ok=True)
+        self.log.seek(0)
+        err = self.log.read().decode(errors="replace")
+        self.log.close()
+        return err
 
     def kill(self) -> None:
         self.proc.kill()
-        self.proc.wait()
-        Path(self.model_file).unlink(missing_ok=True)
+        self._cleanup()
 
     def wait(self) -> None:
-        try:
-            _, err = self.proc.communicate()
-        finally:
-            Path(self.model_file).unlink(missing_ok=True)
+        err = self._cleanup()
         if self.proc.returncode != 0:
-            lines = err.decode(errors="replace").strip().splitlines() or [f"exit code {self.proc.returncode}"]
+            lines = err.strip().splitlines() or [f"exit code {self.proc.returncode}"]
             raise CareQError(f"FP32 ONNX export of {self.path.name} (child process) failed: {lines[-1][:300]}")
 
 

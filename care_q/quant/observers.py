@@ -26,9 +26,9 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 def _histogram(x: torch.Tensor, bins: int, R: float) -> np.ndarray:
     """Counts of `x` in `bins` equal bins over [-R, R] (R >= max|x|), as float64: the bins of
-    ``torch.histc(x, bins, -R, R)`` exactly (R and `bins` are powers of two, so the bin position
-    (x + R) * bins / 2R is float32(x + R) times a power of two, as in histc; the top edge goes to
-    the last bin), in a quarter of histc's time (numpy's bincount on a contiguous copy)."""
+    ``torch.histc(x, bins, -R, R)`` exactly (the position (x + R) * bins / 2R in float32 as in
+    histc, the top edge in the last bin; tested against histc on bin edges, with power-of-two and
+    other bin counts), in a quarter of histc's time (numpy's bincount on a contiguous copy)."""
     a = x.contiguous().numpy()
     idx = ((a + np.float32(R)) * np.float32(bins / (2.0 * R))).astype(np.int32)
     np.clip(idx, 0, bins - 1, out=idx)
