@@ -354,3 +354,75 @@ def test_onnxruntime_add_of_a_constant_bit_exact():
         misses_f64 += int((f64 != got).sum())
     assert misses == 0
     assert misses_f64 == 3
+
+
+def _qmul_model(qa, qb, qo, elem, shape_a=(256, 256), shape_b=(256, 256)):
+    """DQ(a) * DQ(b) -> Q on (scale, stored zero point) pairs: onnxruntime fuses it into QLinearMul."""
+    h, nh, TP = onnx.helper, onnx.numpy_helper, onnx.TensorProto
+    np_t = np.uint8 if elem == TP.UINT8 else np.int8
+    init = []
+    for n, q in (("a", qa), ("b", qb), ("o", qo)):
+        init += [nh.from_array(np.array(q[0], np.float32), f"s{n}"), nh.from_array(np.array(q[1], np_t), f"z{n}")]
+    nodes = [h.make_node("DequantizeLinear", ["a", "sa", "za"], ["ad"]),
+             h.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bd"]),
+             h.make_node("Mul", ["ad", "bd"], ["p"]), h.make_node("QuantizeLinear", ["p", "so", "zo"], ["o"])]
+    out_shape = list(np.broadcast_shapes(shape_a, shape_b))
+    io = [h.make_tensor_value_info("a", elem, list(shape_a)), h.make_tensor_value_info("b", elem, list(shape_b)),
+          h.make_tensor_value_info("o", elem, out_shape)]
+    return h.make_model(h.make_graph(nodes, "qmul", io[:2], io[2:], init), opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("offset", [128, 0])
+def test_onnxruntime_mul_codes_bit_exact(offset, tmp_path):
+    """`onnxruntime_mul_codes` equals onnxruntime's fused QLinearMul on every pair of 8-bit codes
+    and on a broadcast (the normaliser's (B, h, 1, N) reciprocal times the (B, h, D, N) numerator);
+    the float product rounded to the output grid misses some."""
+    from care_q.quant.fakequant import fake_quant, onnxruntime_mul_codes
+    from care_q.quant.qtypes import QParams
+
+    rng = np.random.default_rng(3)
+    grid = np.arange(-128, 128)
+    misses_exact = misses_plain = 0
+    for i in range(8):
+        if i < 6:
+            a, b = np.meshgrid(grid, grid, indexing="ij")
+        else:
+            a, b = rng.integers(-128, 128, (2, 4, 8, 49)), rng.integers(-128, 128, (2, 4, 1, 49))
+        sa, sb = (float(np.float32(v)) for v in rng.uniform(0.01, 0.2, 2))
+        so = float(np.float32(sa * sb * 128 * rng.uniform(0.5, 2)))
+        qa, qb, qo = (QParams((s,), (int(z),), DType.INT8) for s, z in zip((sa, sb, so), rng.integers(-100, 100, 3)))
+        m = _qmul_model(*[(q.scale[0], q.zero_point[0] + offset) for q in (qa, qb, qo)],
+                        onnx.TensorProto.UINT8 if offset else onnx.TensorProto.INT8, a.shape, b.shape)
+        opt = tmp_path / f"m{i}.onnx"
+        s = _session(m, optimized_path=opt, config={})
+        assert "QLinearMul" in _census(opt)
+        store = np.uint8 if offset else np.int8
+        got = s.run(None, {"a": (a + offset).astype(store), "b": (b + offset).astype(store)})[0]
+        got = got.astype(np.int64) - offset - qo.zero_point[0]
+        ia, ib = torch.from_numpy(a - qa.zero_point[0]).double(), torch.from_numpy(b - qb.zero_point[0]).double()
+        emu = onnxruntime_mul_codes(ia, ib, qa, qb, qo, offset).numpy()
+        misses_exact += int((emu != got).sum())
+        plain = fake_quant((ia * np.float32(sa)).float() * (ib * np.float32(sb)).float(), qo) / np.float32(so)
+        misses_plain += int((torch.round(plain).numpy() != got).sum())
+    assert misses_exact == 0
+    assert misses_plain > 0
+
+
+def test_reciprocal_normaliser_fuses_and_is_bit_exact(gelu, tmp_path):
+    """transforms.reciprocal_normaliser: the division becomes a float Reciprocal of the
+    (B, h, N, 1) normaliser between its DQ and Q, and the product with the numerator a QLinearMul;
+    onnxruntime's logits equal QuantOps(exact="onnxruntime") bit for bit."""
+    from care_q.transforms.deploy import reciprocal_normaliser
+
+    model = reciprocal_normaliser(gelu["model"])
+    plan = _calibrated(model, dataclasses.replace(load_recipe("ptq_int8"), reciprocal_normaliser=True))
+    n_attn = sum(1 for n in plan.graph.nodes if n.op == "reciprocal")
+    assert n_attn > 0
+    opt = tmp_path / "opt.onnx"
+    y = _session(emit_onnx_qdq(plan), optimized_path=opt).run(None, {"input": gelu["x"]})[0]
+    census = _census(opt)
+    assert census["Reciprocal"] == n_attn and census["Div"] == 0
+    assert census["QLinearMul"] >= n_attn and census["Mul"] == 0  # (kv / N is one too)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(gelu["x"]), QuantOps(plan, "quant", exact="onnxruntime")).numpy()
+    assert np.array_equal(y, ref)

@@ -139,6 +139,8 @@ def test_shipped_recipes_parse():
     # tflite.large_dwconv: in the recipe's content (and a QAT run's key) only where not the default
     assert load_recipe("ptq_int8").to_json()["tflite"] == {"large_dwconv": "builtin"}
     assert "tflite" not in load_recipe("ptq_int8_full").to_json()
+    # likewise transforms.reciprocal_normaliser (a QAT run's key stays what it was without it)
+    assert "reciprocal_normaliser" not in load_recipe("qat_int8").to_json()["transforms"]
 
 
 @pytest.mark.parametrize("text,match", [
@@ -153,6 +155,9 @@ def test_shipped_recipes_parse():
     ("name: x\ntflite: {large_dwconv: ruy}\n", r"<t>:2: 'tflite.large_dwconv' is 'ruy'"),
     ("name: x\nkind: qat\nsubstitutions: {attention: npu}\ntflite:\n  large_dwconv: builtin\n",
      r"<t>:5: tflite.large_dwconv: builtin .* NPU delegates do not take"),
+    ("name: x\nkind: qat\nsubstitutions: {attention: npu}\ntransforms: {reciprocal_normaliser: true}\n",
+     r"<t>:4: transforms.reciprocal_normaliser .* the NPU attention .* has none"),
+    ("name: x\ntransforms: {reciprocal_normaliser: yes please}\n", r"<t>:2: 'transforms.reciprocal_normaliser'"),
 ])
 def test_recipe_errors(text, match):
     with pytest.raises(CareQError, match=match):
@@ -189,6 +194,35 @@ def test_plan_roles_and_constraints(graph):
     float_head = build_plan(graph, parse_recipe("name: x\nhead: {dtype: float}\n", "<r>")).specs
     assert float_head["head.norm"].dtype == DType.FLOAT and float_head["head.fc"].dtype == DType.FLOAT
     assert any("rule" in w for w in s[f"{name}.den"].why)
+
+
+def test_reciprocal_range_is_capped_at_one_over_the_divisors_lsb():
+    """1 / den: the calibrated range, capped at 1 / one LSB of den (the largest value the guarded
+    int8 divisor allows; float normalisers below one LSB, which calibration sees, would stretch it)."""
+    import dataclasses
+
+    from care_q.quant.calibrate import calibrate
+    from care_q.transforms.deploy import reciprocal_normaliser
+
+    torch.manual_seed(0)
+    model = reciprocal_normaliser(deploy(create_model("care_test", num_classes=10)))
+    plan = build_plan(trace(model, torch.zeros(1, 3, 32, 32)),
+                      dataclasses.replace(load_recipe("ptq_int8"), reciprocal_normaliser=True))
+    calibrate(plan, model, [torch.randn(8, 3, 32, 32)], progress=False)
+    nodes = [n for n in plan.graph.nodes if n.op == "reciprocal"]
+    assert len(nodes) >= 2
+    for n in nodes:  # this model's normalisers stay far above one LSB: the calibrated range is kept
+        d, r = plan.qp(n.inputs[0]), plan.qp(n.outputs[0])
+        assert plan.consts[n.inputs[0]] >= d.scale[0]  # the guard: den + eps >= one LSB
+        assert r.hi == pytest.approx(plan.ranges[n.outputs[0]][1], rel=1e-6) and r.hi < 1 / d.scale[0]
+    first = nodes[0].outputs[0]  # as if calibration had seen a float normaliser of 1e-3 LSB
+    d = plan.qp(nodes[0].inputs[0])
+    plan.qparams[first] = qparams_from_range(0.0, 1000 / d.scale[0], DType.INT8, False)
+    kept = {n.outputs[0]: plan.qp(n.outputs[0]) for n in nodes[1:]}
+    plan._reciprocal_ranges()
+    assert plan.qp(first) == qparams_from_range(0.0, 1 / d.scale[0], DType.INT8, False)
+    assert any("capped" in w for w in plan.specs[first].why)
+    assert all(plan.qp(t) == q for t, q in kept.items())
 
 
 def test_rule_matching_nothing_is_an_error(graph):

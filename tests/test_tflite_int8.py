@@ -527,3 +527,66 @@ def test_ptq_int8_exact_reference_is_the_tflite_runtime(tmp_path):
     (tmp_path / "x").mkdir()
     _, _, path_x = _build(tmp_path / "x", recipe="ptq_int8_full", io="int8")  # no tflite section: XNNPACK's
     assert "DEPTHWISE_CONV_2D" not in load_runner(path_x, threads=1).delegate_info["undelegated_ops"]
+
+
+@pytest.mark.parametrize("scales,float_misses", [
+    ((0.0123, 3, 0.0456, -128, 0.0311, -7), 1344),  # a numerator / a positive normaliser, as num / den
+    ((0.37, -20, 0.0013, 40, 2.9, 101), 0),         # large quotients: mostly saturated
+    ((0.0021, 0, 0.9, -5, 0.00017, 0), 680)])       # small quotients: right shifts of 32 and more
+def test_tflite_int8_div_emulation(scales, float_misses):
+    """DIV on every pair of codes (TFLite's fixed-point kernel: GetReciprocal, headroom shifts,
+    RoundingDivideByPOT as compiled for x86), divisor codes equal to the zero point left out (the
+    kernel aborts on them). Rounding the float quotient to the output grid, the reference before,
+    misses up to 2% of the pairs."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from care_q.export.tflite_builder import options
+    from care_q.quant.fakequant import tflite_div_codes
+
+    s_a, z_a, s_b, z_b, s_o, z_o = scales
+    grid = np.arange(-128, 128)
+    qa, qb = np.meshgrid(grid, grid[grid != z_b], indexing="ij")
+    qa, qb = qa[None].astype(np.int8), qb[None].astype(np.int8)
+    got = _run_one_op(fb.BuiltinOperator.DIV, [(qa.shape, s_a, z_a), (qb.shape, s_b, z_b)], (qa.shape, s_o, z_o),
+                      [qa, qb], fb.BuiltinOptions.DivOptions, options(fb.DivOptionsT))
+    ia, ib = (torch.from_numpy(q.astype(np.int64) - z) for q, z in ((qa, z_a), (qb, z_b)))
+    emu = tflite_div_codes(ia, ib, s_a, s_b, s_o, z_o).numpy().astype(np.int64) + z_o
+    assert (emu == got).all(), int((emu != got).sum())
+    old = _old_float_path(_deq(qa, s_a, z_a) / _deq(qb, s_b, z_b), s_o, z_o)
+    assert int((old != got).sum()) == float_misses
+
+
+def _reciprocal_recipe():
+    import dataclasses
+
+    return dataclasses.replace(load_recipe("ptq_int8"), reciprocal_normaliser=True)
+
+
+def test_reciprocal_normaliser_is_exact_in_the_tflite_runtime(tmp_path):
+    """transforms.reciprocal_normaliser: each attention divides the constant 1 by its (1, heads, N, 1)
+    normaliser (TFLite's DIV) and multiplies the numerator by that (an int8 MUL XNNPACK takes); the
+    exact reference gives the runtime's logits bit for bit."""
+    from care_q.transforms.deploy import reciprocal_normaliser
+
+    torch.manual_seed(0)
+    base = deploy(create_model("care_test", num_classes=10))
+    model = reciprocal_normaliser(base)
+    x = torch.randn(24, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():  # the same function in FP32
+        torch.testing.assert_close(model(x), base(x), rtol=1e-5, atol=1e-5)
+    plan = build_plan(trace(model, torch.zeros(1, 3, SIZE, SIZE)), _reciprocal_recipe())
+    n_attn = sum(1 for n in plan.graph.nodes if n.op == "reciprocal")
+    assert n_attn > 0 and not any(n.op == "div" for n in plan.graph.nodes)
+    assert all(plan.specs[n.name].role.value == "attn_den_inv" for n in plan.graph.nodes if n.op == "reciprocal")
+    cal = torch.randn(32, 3, SIZE, SIZE)
+    calibrate(plan, model, [cal[i:i + 16] for i in range(0, 32, 16)], progress=False)
+    path = tmp_path / "m.tflite"
+    path.write_bytes(emit_tflite_int8(plan))
+    runner = load_runner(path, threads=2)
+    und = runner.delegate_info["undelegated_ops"]
+    assert und.get("DIV") == n_attn and "MUL" not in und
+    census = tflite_op_census(path)
+    assert census["DIV"] == n_attn
+    with torch.no_grad():
+        ref = model(x, QuantOps(plan, "quant", exact="xnnpack")).numpy()
+    assert np.array_equal(runner(x.numpy()), ref)

@@ -19,7 +19,7 @@ QDQ form (what onnxruntime's CPU EP fuses into integer kernels):
 - scalar constants (``elu + 1``, ``kv / N``, the divisor guard): the top code at scale
   |value| / 127 (exact), as the TFLite emitter's ``scalar_q``; the per-channel layer scale: a 1x1
   depthwise Conv with weights +-127 at |gamma| / 127 (exact) and a zero bias;
-- ops without an integer kernel in onnxruntime (Gelu, Elu, Div, ReduceMean) run float between
+- ops without an integer kernel in onnxruntime (Gelu, Elu, Div, Reciprocal, ReduceMean) run float between
   their DQ and Q; GELU is com.microsoft ``Gelu`` below opset 20 and ai.onnx ``Gelu`` from 20
   (one fused kernel either way: ~0.5 ms per 128x56x56 on 2 threads, the Erf formula ~1.35 ms);
 - the head after the global pool (GELU, LayerNormalization, Gemm) is float, as in the plan; with
@@ -265,7 +265,7 @@ class _Emitter:
                 raise CareQError(f"{n.name}: op '{n.op}' has no ONNX QDQ form")
             self._layout_inputs(n)
             fn(n)
-            if n.op in (*self.SWAP_TRANSPARENT, "div") and all(t in self.swapped for t in n.inputs):
+            if n.op in (*self.SWAP_TRANSPARENT, *self.SWAP_BINARY) and all(t in self.swapped for t in n.inputs):
                 self.swapped.add(n.outputs[0])
         final = self.val[g.output]
         n_classes = g.shapes[g.output][-1]
@@ -314,13 +314,14 @@ class _Emitter:
     # Transposes (12 per attention block in the token-major form); computing C^T = B^T A^T
     # instead needs one (phi_k for k^T v). Same integer products, same requantization: the
     # values are the reference's, only stored transposed.
-    SWAP_TRANSPARENT = ("elu", "add_const", "mul_const")  # per element or per dim-1 channel
+    SWAP_TRANSPARENT = ("elu", "add_const", "mul_const", "reciprocal")  # per element or per dim-1 channel
+    SWAP_BINARY = ("div", "mul")  # per element with broadcasting: either both inputs swapped or neither
 
     def _layout_inputs(self, n) -> None:
         """Give node `n` its inputs in the layout it reads: ops that are not layout-aware get
         swapped tensors transposed back (once)."""
         aware = n.op in ("matmul", "mean_tokens", "from_heads", *self.SWAP_TRANSPARENT)
-        if n.op == "div":
+        if n.op in self.SWAP_BINARY:
             aware = all(t in self.swapped for t in n.inputs) or not any(t in self.swapped for t in n.inputs)
         for t in n.inputs:
             if t in self.swapped and not aware:
@@ -367,6 +368,10 @@ class _Emitter:
 
     def op_div(self, n):
         self._binary(n, "Div")
+
+    def op_reciprocal(self, n):
+        x = self.val[n.inputs[0]]
+        self.out(n.outputs[0], self.node("Reciprocal", [x], [self.raw(n.outputs[0])], n.name)[0])
 
     def _const_value(self, n) -> float:
         # the divisor guard of `*.den_eps` nodes is fixed by QuantPlan.finalize

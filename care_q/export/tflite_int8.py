@@ -14,7 +14,8 @@ Kernel choices (XNNPACK is the CPU engine of TFLite):
 - channel split: SLICE (shares parameters with its input);
 - heads: RESHAPE + TRANSPOSE; attention products: BATCH_MATMUL with a zero-point-0 RHS;
 - normaliser: DIV (TFLite's int8 kernel; the divisor carries a one-LSB guard so it never
-  equals its zero point);
+  equals its zero point), or with recipe ``transforms.reciprocal_normaliser`` a DIV of the
+  constant 1 by the (1, heads, N, 1) normaliser and a broadcast int8 MUL (XNNPACK);
 - the NPU attention (recipe ``substitutions.attention: npu``): RELU, LOGISTIC, broadcast MUL,
   MEAN over axis 1 or 2 of (1, N, D, E) token tensors (RESHAPEs of the NHWC maps),
   L2_NORMALIZATION.
@@ -196,6 +197,18 @@ class _Emitter:
 
     def op_div(self, n):
         self._binary(n, OP.DIV, fb.BuiltinOptions.DivOptions, fb.DivOptionsT)
+
+    def op_reciprocal(self, n):
+        # 1 / x as an int8 DIV of the constant 1 (code 127 at scale 1/127): TFLite has no RECIPROCAL
+        x = self.idx[n.inputs[0]]
+        for t in (n.inputs[0], n.outputs[0]):
+            qp = self.plan.qp(t)
+            if qp is None or qp.dtype != DType.INT8:
+                raise CareQError(f"{n.name}: the reciprocal normaliser is emitted for int8 tensors only, '{t}' is "
+                                 f"{qp.dtype.value if qp else 'float'} (recipe transforms.reciprocal_normaliser)")
+        one = self.scalar_q(f"{n.name}.one", 1.0, len(self.b.shape_of(x)))
+        self.b.op(OP.DIV, [one, x], [self.out(n.outputs[0])], fb.BuiltinOptions.DivOptions, options(fb.DivOptionsT),
+                  version=2)
 
     def op_add_const(self, n):
         # x + c as a 1x1 depthwise conv (weight 1, bias c) over the last axis: see

@@ -56,6 +56,10 @@ class Ops:
     def div(self, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a / b
 
+    def reciprocal(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """1 / x (the attention normaliser's reciprocal, see `DeployAttention.normaliser`)."""
+        return 1.0 / x
+
     def gelu(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x)
 

@@ -121,6 +121,9 @@ class TraceOps(Ops):
     def div(self, name, a, b):
         return self._record("div", name, [a, b], super().div(name, a, b))
 
+    def reciprocal(self, name, x):
+        return self._record("reciprocal", name, [x], super().reciprocal(name, x))
+
     def gelu(self, name, x):
         return self._record("gelu", name, [x], super().gelu(name, x))
 

@@ -119,6 +119,22 @@ def onnxruntime_add_codes(ia: torch.Tensor, ib: torch.Tensor, qa: QParams, qb: Q
     return torch.clamp(torch.round(v), lo, hi).double() - float(zo)
 
 
+def onnxruntime_mul_codes(ia: torch.Tensor, ib: torch.Tensor, qa: QParams, qb: QParams, qo: QParams,
+                          offset: int = 128) -> torch.Tensor:
+    """onnxruntime's QLinearMul on x86 (MLAS's SSE2 kernel, qlmul.cpp, what a DQ-Mul-Q of 8-bit
+    tensors becomes), on integer codes minus zero points: the exact int32 product of the codes
+    (zero points subtracted) to float32, times ``r = float32(float32(s_a * s_b) / s_o)``, plus the
+    stored output zero point in float32, rounded half to even, saturated; returns codes minus the
+    zero point. |ia * ib| <= 2^16: exact in float32."""
+    f32 = _F32
+    r = f32(f32(f32(qa.scale[0]) * f32(qb.scale[0])) / f32(qo.scale[0]))
+    zo = f32(qo.zero_point[0] + offset)
+    v = (ia * ib).float() * float(r)  # float32 product, r exact in float32
+    v = v + float(zo)                  # float32 sum, as _mm_add_ps
+    lo, hi = qo.qmin + offset, qo.qmax + offset
+    return torch.clamp(torch.round(v), lo, hi).double() - float(zo)
+
+
 # The int8 kernels of the NPU recipe's ops as ai-edge-litert's default interpreter runs them
 # (XNNPACK takes MUL, MEAN and LOGISTIC; L2_NORMALIZATION and int8 RELU run in TFLite's own
 # kernels). Each equals the runtime bit for bit (tests/test_tflite_int8.py); sources are files of
@@ -232,6 +248,52 @@ def _multiply_by_quantized_multiplier(x: torch.Tensor, m, shift) -> torch.Tensor
     double rounding: the default build): x * m * 2^shift / 2^31, rounded twice, half away from zero."""
     shift = torch.as_tensor(shift, dtype=torch.int64)
     return _rounding_divide_by_pot(_srdhm(_wrap32(x << shift.clamp(min=0)), m), (-shift).clamp(min=0))
+
+
+def _one_over_one_plus_x(a: torch.Tensor) -> torch.Tensor:
+    """gemmlowp one_over_one_plus_x_for_x_in_0_1 on Q0.31 raws (int64 tensors): 1 / (1 + a) by
+    three Newton-Raphson steps in Q2.29 from 48/17 - 32/17 d, d = (1 + a) / 2, returned in Q0.31."""
+    s = a + _I32_MAX  # RoundingHalfSum(a, F0::One()), F0::One() = INT32_MAX
+    half = torch.div(s + torch.where(s >= 0, 1, -1), 2, rounding_mode="trunc")
+    x = 1515870810 + _srdhm(half, -1010580540)  # 48/17 + d * (-32/17), Q2.29
+    for _ in range(3):
+        one_minus = (1 << 29) - _srdhm(half, x)
+        x = x + _sat_shift_left(_srdhm(x, one_minus), 2)  # Rescale<2> of the Q4.27 product
+    return _sat_shift_left(x, 1)  # ExactMulByPot<-1>, then Rescale<0>
+
+
+def _bit_length(x: torch.Tensor) -> torch.Tensor:
+    """Bits of non-negative int64 values below 2^53 (0 for 0)."""
+    return torch.where(x > 0, torch.frexp(x.double())[1].long(), 0)
+
+
+def tflite_div_codes(a: torch.Tensor, b: torch.Tensor, s_a: float, s_b: float, s_out: float,
+                     z_out: int) -> torch.Tensor:
+    """TFLite's int8 DIV (XNNPACK has none; reference_ops::DivElementwise and BroadcastDivSlowQuantized
+    in tflite/kernels/internal/reference/div.h) on codes minus zero points ``a / b`` (b != 0):
+    1/b as a Q0.31 reciprocal and shift (GetReciprocal: gemmlowp Newton-Raphson), a shifted left
+    by its headroom times it, then the output multiplier QuantizeMultiplier(float32(s_a /
+    float32(s_b * s_out))) with rounding half away from zero, plus z_out, clamped to [-128, 127].
+    Returns codes minus z_out."""
+    a, b = torch.broadcast_tensors(a.long(), b.long())
+    neg = b < 0
+    a, b = torch.where(neg, -a, a), torch.where(neg, -b, b)
+    m, out_shift = tflite_quantize_multiplier(float(_F32(_F32(s_a) / _F32(_F32(s_b) * _F32(s_out)))))
+    hp1 = 32 - _bit_length(b)                   # CountLeadingZeros(b)
+    recip_shift = 31 - hp1                      # GetReciprocal(b, 31, &recip_shift)
+    inv = _one_over_one_plus_x((b << hp1) - (1 << 31))
+    headroom = torch.where(a >= 0, 31 - _bit_length(a), 32 - _bit_length(2 * a.abs() - 1))  # CountLeadingSignBits
+    q = _srdhm(a << headroom, inv)              # MultiplyByQuantizedMultiplierGreaterThanOne
+    e = recip_shift + headroom - out_shift      # MultiplyByQuantizedMultiplierSmallerThanOneExp's right shift
+    if bool((e < 0).any()):
+        raise ValueError(f"TFLite int8 DIV: output multiplier 2^{out_shift} too large to emulate")
+    x = _srdhm(q, m)
+    # gemmlowp RoundingDivideByPOT as compiled for x86: the mask is (1 << e) - 1 in 64 bits cut to 32
+    # (all ones from e = 32), the arithmetic shift takes e mod 32. e reaches 32 and more for small
+    # quotients (|a| small, |b| large); there TFLite returns garbage that saturates, as emulated.
+    mask = torch.where(e >= 32, -1, (1 << e.clamp(max=31)) - 1)
+    y = (x >> (e & 31)) + ((x & mask) > (mask >> 1) + (x < 0)).long()
+    return torch.clamp(y + z_out, -128, 127).double() - z_out
 
 
 def tflite_relu_codes(x: torch.Tensor, s_in: float, s_out: float, z_out: int) -> torch.Tensor:
@@ -517,6 +579,10 @@ class QuantOps(Ops):
                                   self.plan.qp(ins[1]))
             if y is not None:
                 return self._out(name, y.to(a.dtype))
+        if self.ort and self._int8_ok(name, ins, a, b):
+            qa, qb, qo = (self.plan.qp(t) for t in (*ins, name))
+            q = onnxruntime_mul_codes(self._ints(a, ins[0]), self._ints(b, ins[1]), qa, qb, qo, self.ort_act_offset)
+            return self._out(name, self._dq(name, q).to(a.dtype))
         return self._out(name, a * b)
 
     def _tflite_ok(self, name: str, inputs: list[str], *xs: torch.Tensor) -> bool:
@@ -579,7 +645,25 @@ class QuantOps(Ops):
         return self._out(name, super().mul_const(name, x, value))
 
     def div(self, name, a, b):
+        ins = self.plan.graph_inputs[name]
+        if self._tflite_ok(name, ins, a, b):  # TFLite's own int8 DIV kernel (emulated)
+            qa, qb, qo = (self.plan.qp(t) for t in (*ins, name))
+            q = tflite_div_codes(self._ints(a, ins[0]), self._ints(b, ins[1]), qa.scale[0], qb.scale[0], qo.scale[0],
+                                 qo.zero_point[0])
+            return self._out(name, self._dq(name, q))
         return self._out(name, a / b)
+
+    def reciprocal(self, name, x):
+        # TFLite: an int8 DIV of the constant 1 (code 127 at scale 1/127) by x, in TFLite's own
+        # fixed-point kernel (emulated); onnxruntime: a float Reciprocal between DQ and Q.
+        ins = self.plan.graph_inputs[name]
+        if self._tflite_ok(name, ins, x):
+            qx, qo = self.plan.qp(ins[0]), self.plan.qp(name)
+            one, s_one = scalar_const(1.0)
+            q = tflite_div_codes(torch.tensor(float(one)), self._ints(x, ins[0]), s_one, qx.scale[0], qo.scale[0],
+                                 qo.zero_point[0])
+            return self._out(name, self._dq(name, q))
+        return self._out(name, 1.0 / x)
 
     def gelu(self, name, x):
         return self._out(name, F.gelu(x))

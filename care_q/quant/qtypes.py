@@ -45,6 +45,7 @@ class Role(str, Enum):
     ATTN_KV = "attn_kv"            # k^T v product and kv = k^T v / N
     ATTN_KMEAN = "attn_kmean"      # mean of phi(k) over tokens
     ATTN_DEN = "attn_den"          # normaliser q . mean(k) (+ eps)
+    ATTN_DEN_INV = "attn_den_inv"  # 1 / normaliser (recipe substitutions.normaliser: reciprocal)
     ATTN_NUM = "attn_num"          # q @ kv
     ATTN_OUT = "attn_out"          # normalised attention output
     POOL = "pool"                  # global average pool before the head

@@ -90,6 +90,8 @@ class Recipe:
     attention: str = "exact"  # npu: care_q.transforms.substitute.npu_attention (ops every NPU maps)
     cross_layer_equalization: bool = False
     bias_correction: bool = False
+    # the attention output as num * (1 / den) instead of num / den (care_q.transforms.deploy.reciprocal_normaliser)
+    reciprocal_normaliser: bool = False
     rules: tuple[Rule, ...] = ()
     qat: QATSettings | None = None
     source: str = "<built-in>"
@@ -106,7 +108,8 @@ class Recipe:
                                 "percentile": self.percentile},
                 "substitutions": {"gelu": self.gelu} | ({"attention": self.attention} if self.attention != "exact" else {}),
                 "transforms": {"cross_layer_equalization": self.cross_layer_equalization,
-                               "bias_correction": self.bias_correction},
+                               "bias_correction": self.bias_correction}
+                | ({"reciprocal_normaliser": True} if self.reciprocal_normaliser else {}),
                 "rules": [r.describe() for r in self.rules]} | self._extra_json()
 
     def _extra_json(self) -> dict:
@@ -131,7 +134,8 @@ SCHEMA = {
     "activations": {"dtype": ("int8", "int16"), "method": tuple(m.value for m in Method),
                     "percentile": float},
     "calibration": {"batch_size": int},
-    "transforms": {"deploy": bool, "cross_layer_equalization": bool, "bias_correction": bool},
+    "transforms": {"deploy": bool, "cross_layer_equalization": bool, "bias_correction": bool,
+                   "reciprocal_normaliser": bool},
     "substitutions": {"gelu": ("exact", "sigmoid"), "attention": ("exact", "npu")},
     "head": {"dtype": ("float", "int8")},
     "tflite": {"large_dwconv": ("xnnpack", "builtin")},
@@ -266,6 +270,10 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         raise CareQError(f"{source}:{data['tflite']['__lines__']['large_dwconv']}: tflite.large_dwconv: builtin "
                          f"gives those convs a runtime-made bias, which NPU delegates do not take; an NPU recipe "
                          f"(substitutions.attention: npu) needs xnnpack")
+    if tr.get("reciprocal_normaliser") and data.get("substitutions", {}).get("attention") == "npu":
+        raise CareQError(f"{source}:{tr['__lines__']['reciprocal_normaliser']}: transforms.reciprocal_normaliser "
+                         f"rewrites the exact attention's division; the NPU attention (substitutions.attention: npu) "
+                         f"has none (its normaliser is an L2 normalisation)")
     pct = float(a.get("percentile", 99.99))
     if not 50 < pct <= 100:
         raise CareQError(f"{source}: activations.percentile must be in (50, 100], got {pct}")
@@ -279,6 +287,7 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         attention=data.get("substitutions", {}).get("attention", "exact"),
         cross_layer_equalization=tr.get("cross_layer_equalization", False),
         bias_correction=tr.get("bias_correction", False),
+        reciprocal_normaliser=tr.get("reciprocal_normaliser", False),
         rules=tuple(rules), qat=qat, source=source, head=data.get("head", {}).get("dtype", "float"),
         tflite_large_dwconv=large_dw)
 

@@ -98,6 +98,10 @@ class DeployAttention(nn.Module):
         self.eps = eps
 
     mode = "exact"  # "npu" after care_q.transforms.substitute.npu_attention
+    # "reciprocal" (care_q.transforms.substitute.reciprocal_normaliser): num * (1 / den), the same
+    # function in FP32; the int8 division then runs on the (B, h, N, 1) normaliser only, D times
+    # fewer elements, and the product on the full tensor is an int8 MUL (XNNPACK, onnxruntime).
+    normaliser = "div"
 
     def forward(self, att: torch.Tensor, ops: Ops, n: str) -> torch.Tensor:
         if self.mode == "npu":
@@ -115,7 +119,10 @@ class DeployAttention(nn.Module):
         den = ops.matmul(f"{n}.den", phi_q, k_mean, transpose_b=True)     # (B, h, N, 1)
         den = ops.add_const(f"{n}.den_eps", den, self.eps)
         num = ops.matmul(f"{n}.num", phi_q, kv)                          # (B, h, N, D)
-        out = ops.div(f"{n}.out", num, den)
+        if self.normaliser == "reciprocal":
+            out = ops.mul(f"{n}.out", num, ops.reciprocal(f"{n}.den_inv", den))
+        else:
+            out = ops.div(f"{n}.out", num, den)
         return ops.from_heads(f"{n}.merge", out, hw)
 
     def forward_npu(self, att: torch.Tensor, ops: Ops, n: str) -> torch.Tensor:
@@ -247,3 +254,16 @@ def deploy(model: CARE) -> DeployCARE:
     if not isinstance(model, CARE):
         raise TypeError(f"deploy() takes a care_q CARE model, got {type(model).__name__}")
     return DeployCARE(model).eval()
+
+
+def reciprocal_normaliser(model: DeployCARE) -> DeployCARE:
+    """A copy of ``model`` whose exact linear attentions compute num * (1 / den) instead of num / den:
+    the same function in FP32 (equal to round-off). In int8 the division, which XNNPACK has no
+    int8 kernel for (TFLite's own DIV runs it) and onnxruntime runs in float, then covers the
+    (B, heads, N, 1) normaliser alone, and the full (B, heads, N, D) tensor is an int8 MUL. One more
+    rounding (1 / den on its own int8 grid, role ``attn_den_inv``)."""
+    model = copy.deepcopy(model)
+    for blk in model.blocks:
+        if blk.attention and blk.attn.mode == "exact":
+            blk.attn.normaliser = "reciprocal"
+    return model

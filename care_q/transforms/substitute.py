@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from care_q.graph.ops import FloatOps
-from care_q.transforms.deploy import DeployCARE
+from care_q.transforms.deploy import DeployCARE, reciprocal_normaliser
 
 GELU_SIGMOID_SLOPE = 1.702
 # exp(m) ~= sigmoid(a m + b) / sigmoid(b) for m <= 0, with a = 1 / (1 - sigmoid(b)) (value and
@@ -100,6 +100,10 @@ def npu_attention(model: DeployCARE, calib: torch.Tensor | None = None) -> Deplo
 def apply_substitutions(model: DeployCARE, recipe, calib: torch.Tensor | None = None) -> tuple[DeployCARE, list[str]]:
     """The recipe's ``substitutions`` applied to a deploy form: (model, notes for the report)."""
     notes = []
+    if getattr(recipe, "reciprocal_normaliser", False):
+        model = reciprocal_normaliser(model)
+        notes.append("attention normaliser as num * (1 / den) (transforms.reciprocal_normaliser): exact in FP32; "
+                     "the int8 division runs on the normaliser only")
     if recipe.gelu == "sigmoid":
         model = gelu_to_silu(model)
         notes.append("GELU substituted by x*sigmoid(1.702x) (SiLU with folded scales): approximate; "
