@@ -132,3 +132,18 @@ def test_html_renders_in_headless_browser(small_run, tmp_path):
                     "--user-data-dir=" + str(tmp_path / "profile2"), "--window-size=1200,2000",
                     f"--screenshot={shot}", html.as_uri()], capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_analysis_says_why_the_global_minmax_logits_are_not_finite(small_run):
+    """One global min/max has no divisor guard: where a normaliser rounds to its zero point the
+    division overflows; the report says so instead of printing 'nan dB'."""
+    from care_q.eval.report import analysis_blocks, to_markdown
+
+    a = small_run["analysis"]
+    share = a["logit_sqnr_db"]["minmax_nonfinite"]
+    assert 0.0 <= share <= 1.0
+    bad = {**a, "logit_sqnr_db": {**a["logit_sqnr_db"], "minmax": float("nan"), "minmax_nonfinite": 0.25}}
+    md = to_markdown(analysis_blocks(bad))
+    assert "nan dB" not in md and "25% of its logits are inf or NaN" in md
+    ok = {**a, "logit_sqnr_db": {**a["logit_sqnr_db"], "minmax": 12.34, "minmax_nonfinite": 0.0}}
+    assert "one global min/max everywhere 12.3 dB." in to_markdown(analysis_blocks(ok))

@@ -55,6 +55,8 @@ QAT_CODE_VERSION = 2
 # weights in channels_last (float round-off moves the ranges by ~1e-7). QAT calibrates in its own
 # pipeline (unchanged) and the latency models' graphs cannot change from it: their keys stay.
 PTQ_CALIB_VERSION = 2
+# the analysis step's result format: 2 adds the share of non-finite logits under one global min/max
+ANALYSIS_VERSION = 2
 NPU_TARGET_DROP_PT = 1.0  # issue 7's npu_int8 accuracy goal
 QAT_NUM_VERIFY = 200      # held-out images each QAT artifact is verified on, unless qat.num_verify says
 BASELINE_RECORDS = 2  # care_q.eval.baselines.RECORD_VERSION when the baselines last changed
@@ -443,8 +445,8 @@ def run_accuracy(cfg: dict, A: dict, root: Path, steps: Steps, data_root, progre
                             data_root=data_root, seed=seed, progress=progress)
         return quant_analysis(prep, num_images=A["analysis_images"], data_root=data_root, seed=seed + 1)
 
-    an = steps.run(f"{A['name']}/analysis", {**calib_cfg, **recipe_key, "images": A["analysis_images"]},
-                   do_analysis)
+    an = steps.run(f"{A['name']}/analysis", {**calib_cfg, **recipe_key, "images": A["analysis_images"],
+                                             "analysis_code": ANALYSIS_VERSION}, do_analysis)
     return {"fp32": {k: {kk: v.get(kk) for kk in ("path", "size_bytes", "verify", "exporter")}
                      for k, v in fp["artifacts"].items()},
             "ptq": pq, "baselines": bl, "methods": methods, "eval": ev, "analysis": an}

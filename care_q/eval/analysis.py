@@ -144,8 +144,12 @@ def quant_analysis(prep: Prepared, x: torch.Tensor | None = None, num_images: in
     sq_rec = tensor_sqnr(prep.dmodel, plan, x)
     sq_mm = tensor_sqnr(prep.dmodel, naive, x)
     fl = prep.dmodel(x).numpy()
+    naive_logits = prep.dmodel(x, QuantOps(naive, "quant")).numpy()
     logit = {"recipe": sqnr_db(fl, prep.dmodel(x, QuantOps(plan, "quant")).numpy()),
-             "minmax": sqnr_db(fl, prep.dmodel(x, QuantOps(naive, "quant")).numpy())}
+             "minmax": sqnr_db(fl, naive_logits),
+             # share of non-finite logits under one global min/max: with no divisor guard a normaliser
+             # rounds to its zero point and the division overflows
+             "minmax_nonfinite": float(np.mean(~np.isfinite(naive_logits)))}
     sq = {n: {"recipe": v, "minmax": sq_mm.get(n), "role": plan.specs[n].role.value, "group": layer_group(n)}
           for n, v in sq_rec.items()}
     hists = {}

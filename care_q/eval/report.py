@@ -289,11 +289,15 @@ def analysis_blocks(a: dict) -> list:
     """Per-tensor SQNR and attention histograms (from `care_q.eval.analysis.quant_analysis`)."""
     from care_q.eval import plots
 
+    ls = a["logit_sqnr_db"]
+    bad = ls.get("minmax_nonfinite") or 0.0
+    naive = (f"{num(ls['minmax'], '.1f')} dB" if not bad else
+             f"no finite SQNR: {bad:.0%} of its logits are inf or NaN (with no divisor guard a normaliser rounds to "
+             f"its zero point and the division overflows; ai-edge-quantizer's int8 DIV aborts there)")
     out = [H(2, f"Quantization analysis: recipe `{a['recipe']}`, calibrated on {a['calib_images']} images of "
                 f"`{a['calib']}`"),
            P(f"Logit SQNR, fake-quant vs FP32 on {a['images']} held-out images: recipe "
-             f"{num(a['logit_sqnr_db']['recipe'], '.1f')} dB, one global min/max everywhere "
-             f"{num(a['logit_sqnr_db']['minmax'], '.1f')} dB.")]
+             f"{num(ls['recipe'], '.1f')} dB, one global min/max everywhere {naive}.")]
     by_role: dict[str, list] = {}
     for v in a["sqnr_db"].values():
         by_role.setdefault(v["role"], []).append(v)
