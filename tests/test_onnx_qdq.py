@@ -265,9 +265,10 @@ def test_save_onnx_round_trips(gelu, tmp_path):
     assert onnx.load(str(path)).SerializeToString() == m.SerializeToString()
 
 
-def _qadd_model(qa, qb, qo, elem, shape=(256, 256), const_b=None):
-    """DQ(a) + DQ(b) -> Q on (scale, stored zero point) pairs: onnxruntime fuses it into one
-    QLinearAdd. ``const_b``: b is that stored code, a one-element constant (as the exporter's x + c)."""
+def _qbinary_model(qa, qb, qo, elem, shape=(256, 256), const_b=None, op="Add", shape_b=None):
+    """DQ(a) <op> DQ(b) -> Q on (scale, stored zero point) pairs: onnxruntime fuses it into one
+    QLinearAdd / QLinearMul. ``const_b``: b is that stored code, a one-element constant (as the
+    exporter's x + c); ``shape_b``: b's shape where it broadcasts."""
     h, nh, TP = onnx.helper, onnx.numpy_helper, onnx.TensorProto
     np_t = np.uint8 if elem == TP.UINT8 else np.int8
     init = []
@@ -277,10 +278,20 @@ def _qadd_model(qa, qb, qo, elem, shape=(256, 256), const_b=None):
         init.append(nh.from_array(np.full([1] * len(shape), const_b, np_t), "b"))
     nodes = [h.make_node("DequantizeLinear", ["a", "sa", "za"], ["ad"]),
              h.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bd"]),
-             h.make_node("Add", ["ad", "bd"], ["s"]), h.make_node("QuantizeLinear", ["s", "so", "zo"], ["o"])]
-    io = [h.make_tensor_value_info(n, elem, list(shape)) for n in ("a", "b", "o") if n != "b" or const_b is None]
-    g = h.make_graph(nodes, "qadd", io[:-1], io[-1:], init)
+             h.make_node(op, ["ad", "bd"], ["s"]), h.make_node("QuantizeLinear", ["s", "so", "zo"], ["o"])]
+    shape_b = shape if shape_b is None else shape_b
+    shapes = {"a": list(shape), "b": list(shape_b), "o": list(np.broadcast_shapes(shape, shape_b))}
+    io = [h.make_tensor_value_info(n, elem, shapes[n]) for n in ("a", "b", "o") if n != "b" or const_b is None]
+    g = h.make_graph(nodes, "qbinary", io[:-1], io[-1:], init)
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+def _stored_run(session, a, b, offset: int, zo: int) -> np.ndarray:
+    """Output codes minus the output zero point of a `_qbinary_model` session on codes a, b (int8
+    grid), stored with ``offset`` (128: as uint8)."""
+    store = np.uint8 if offset else np.int8
+    got = session.run(None, {"a": (a + offset).astype(store), "b": (b + offset).astype(store)})[0]
+    return got.astype(np.int64) - offset - zo
 
 
 @pytest.mark.parametrize("offset", [128, 0])
@@ -297,13 +308,11 @@ def test_onnxruntime_add_codes_bit_exact(offset):
     for _ in range(16):
         sa, sb, so = (float(np.float32(v)) for v in rng.uniform(0.01, 0.2, 3))
         qa, qb, qo = (QParams((s,), (int(z),), DType.INT8) for s, z in zip((sa, sb, so), rng.integers(-100, 100, 3)))
-        m = _qadd_model(*[(q.scale[0], q.zero_point[0] + offset) for q in (qa, qb, qo)],
+        m = _qbinary_model(*[(q.scale[0], q.zero_point[0] + offset) for q in (qa, qb, qo)],
                         onnx.TensorProto.UINT8 if offset else onnx.TensorProto.INT8)
         s = _session(m, config={})
         assert [n.op_type for n in onnx.load_from_string(m.SerializeToString()).graph.node][2] == "Add"
-        store = np.uint8 if offset else np.int8
-        got = s.run(None, {"a": (a + offset).astype(store), "b": (b + offset).astype(store)})[0]
-        got = got.astype(np.int64) - offset - qo.zero_point[0]
+        got = _stored_run(s, a, b, offset, qo.zero_point[0])
         ia, ib = torch.from_numpy(a - qa.zero_point[0]).double(), torch.from_numpy(b - qb.zero_point[0]).double()
         emu = onnxruntime_add_codes(ia, ib, qa, qb, qo, offset).numpy()
         misses_exact += int((emu != got).sum())
@@ -342,7 +351,7 @@ def test_onnxruntime_add_of_a_constant_bit_exact():
     misses = misses_f64 = 0
     for sa, za, so, zo, value in cases:
         sc = float(np.float32(abs(value) / 127.0))
-        m = _qadd_model((sa, za + 128), (sc, 128), (so, zo + 128), onnx.TensorProto.UINT8, shape=(1, 1, 16, 16),
+        m = _qbinary_model((sa, za + 128), (sc, 128), (so, zo + 128), onnx.TensorProto.UINT8, shape=(1, 1, 16, 16),
                         const_b=255 if value > 0 else 1)
         got = _session(m, config={}).run(None, {"a": (a + 128).astype(np.uint8)})[0].astype(np.int64) - 128 - zo
         qa, qo = QParams((sa,), (za,), DType.INT8), QParams((so,), (zo,), DType.INT8)
@@ -354,22 +363,6 @@ def test_onnxruntime_add_of_a_constant_bit_exact():
         misses_f64 += int((f64 != got).sum())
     assert misses == 0
     assert misses_f64 == 3
-
-
-def _qmul_model(qa, qb, qo, elem, shape_a=(256, 256), shape_b=(256, 256)):
-    """DQ(a) * DQ(b) -> Q on (scale, stored zero point) pairs: onnxruntime fuses it into QLinearMul."""
-    h, nh, TP = onnx.helper, onnx.numpy_helper, onnx.TensorProto
-    np_t = np.uint8 if elem == TP.UINT8 else np.int8
-    init = []
-    for n, q in (("a", qa), ("b", qb), ("o", qo)):
-        init += [nh.from_array(np.array(q[0], np.float32), f"s{n}"), nh.from_array(np.array(q[1], np_t), f"z{n}")]
-    nodes = [h.make_node("DequantizeLinear", ["a", "sa", "za"], ["ad"]),
-             h.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bd"]),
-             h.make_node("Mul", ["ad", "bd"], ["p"]), h.make_node("QuantizeLinear", ["p", "so", "zo"], ["o"])]
-    out_shape = list(np.broadcast_shapes(shape_a, shape_b))
-    io = [h.make_tensor_value_info("a", elem, list(shape_a)), h.make_tensor_value_info("b", elem, list(shape_b)),
-          h.make_tensor_value_info("o", elem, out_shape)]
-    return h.make_model(h.make_graph(nodes, "qmul", io[:2], io[2:], init), opset_imports=[h.make_opsetid("", 17)])
 
 
 @pytest.mark.parametrize("offset", [128, 0])
@@ -391,14 +384,13 @@ def test_onnxruntime_mul_codes_bit_exact(offset, tmp_path):
         sa, sb = (float(np.float32(v)) for v in rng.uniform(0.01, 0.2, 2))
         so = float(np.float32(sa * sb * 128 * rng.uniform(0.5, 2)))
         qa, qb, qo = (QParams((s,), (int(z),), DType.INT8) for s, z in zip((sa, sb, so), rng.integers(-100, 100, 3)))
-        m = _qmul_model(*[(q.scale[0], q.zero_point[0] + offset) for q in (qa, qb, qo)],
-                        onnx.TensorProto.UINT8 if offset else onnx.TensorProto.INT8, a.shape, b.shape)
+        m = _qbinary_model(*[(q.scale[0], q.zero_point[0] + offset) for q in (qa, qb, qo)],
+                           onnx.TensorProto.UINT8 if offset else onnx.TensorProto.INT8, a.shape, op="Mul",
+                           shape_b=b.shape)
         opt = tmp_path / f"m{i}.onnx"
         s = _session(m, optimized_path=opt, config={})
         assert "QLinearMul" in _census(opt)
-        store = np.uint8 if offset else np.int8
-        got = s.run(None, {"a": (a + offset).astype(store), "b": (b + offset).astype(store)})[0]
-        got = got.astype(np.int64) - offset - qo.zero_point[0]
+        got = _stored_run(s, a, b, offset, qo.zero_point[0])
         ia, ib = torch.from_numpy(a - qa.zero_point[0]).double(), torch.from_numpy(b - qb.zero_point[0]).double()
         emu = onnxruntime_mul_codes(ia, ib, qa, qb, qo, offset).numpy()
         misses_exact += int((emu != got).sum())
