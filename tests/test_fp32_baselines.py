@@ -59,3 +59,26 @@ def test_both_targets_exported_side_by_side(tmp_path):
         assert abs(got - ref).max() < 1e-4 * abs(ref).max(), t
     assert json.loads((tmp_path / "care_test_fp32.key.json").read_text())["targets"] == ["onnx", "tflite"]
     assert set(Path(tempfile.gettempdir()).glob(".care-q-fp32-*")) == before
+
+
+def test_onnx_child_failure_names_the_file_and_cleans_up(tmp_path):
+    """The side-by-side ONNX export's child fails (an input size no conv can take): wait() raises a
+    CareQError naming the file and the child's last error line; its temporary model file is gone.
+    kill() (the TFLite conversion failed) leaves nothing either, and no file under the final name."""
+    from pathlib import Path
+
+    import pytest
+
+    from care_q.errors import CareQError
+
+    torch.manual_seed(0)
+    net = create_model("care_test", num_classes=10).eval()
+    bad = fb._OnnxChild(net, tmp_path / "bad.onnx", 0)
+    with pytest.raises(CareQError, match=r"FP32 ONNX export of bad\.onnx \(child process\) failed: \S") as e:
+        bad.wait()
+    assert "\x1b" not in str(e.value)  # torch.export's colour codes are stripped
+    assert not Path(bad.model_file).exists() and not (tmp_path / "bad.onnx").exists()
+    killed = fb._OnnxChild(net, tmp_path / "killed.onnx", 32)
+    killed.kill()
+    assert killed.proc.returncode is not None and not Path(killed.model_file).exists()
+    assert not (tmp_path / "killed.onnx").exists()

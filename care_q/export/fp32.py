@@ -55,6 +55,8 @@ _MACS_RE = re.compile(r"equivalently ([\d.]+) M\s+MACs")
 
 Progress = Callable[[str], None]
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colour codes in exporter messages
+
 
 def _to_deploy(model: nn.Module) -> nn.Module:
     from care_q.models.care import CARE
@@ -115,7 +117,8 @@ def export_onnx(model: nn.Module, path: str | Path, img_size: int, dynamic_batch
                                          dynamic_shapes=shapes, verbose=False)
                 prog.save(str(tmp), external_data=False)
         except Exception as e:  # fall back to the TorchScript exporter at a fixed batch of 1
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            text = _ANSI.sub("", str(e)).strip()  # torch.export colours its messages
+            first = text.splitlines()[0] if text else type(e).__name__
             exporter = f"torchscript (dynamo failed: {first[:200]})"
             dynamic_batch = False
             try:
@@ -125,7 +128,8 @@ def export_onnx(model: nn.Module, path: str | Path, img_size: int, dynamic_batch
                                       dynamo=False)
             except Exception as e2:
                 raise CareQError(f"ONNX export of {path.name} failed with both exporters: "
-                                 f"dynamo: {first[:200]}; torchscript: {str(e2).splitlines()[0][:200]}"
+                                 f"dynamo: {first[:200]}; torchscript: "
+                                 f"{_ANSI.sub('', str(e2)).strip().splitlines()[0][:200]}"
                                  ) from None
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
