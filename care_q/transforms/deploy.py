@@ -98,7 +98,7 @@ class DeployAttention(nn.Module):
         self.eps = eps
 
     mode = "exact"  # "npu" after care_q.transforms.substitute.npu_attention
-    # "reciprocal" (care_q.transforms.substitute.reciprocal_normaliser): num * (1 / den), the same
+    # "reciprocal" (`reciprocal_normaliser` below, recipe transforms.reciprocal_normaliser): num * (1 / den), the same
     # function in FP32; the int8 division then runs on the (B, h, N, 1) normaliser only, D times
     # fewer elements, and the product on the full tensor is an int8 MUL (XNNPACK, onnxruntime).
     normaliser = "div"
