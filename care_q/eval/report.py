@@ -292,7 +292,7 @@ def analysis_blocks(a: dict) -> list:
     ls = a["logit_sqnr_db"]
     bad = ls.get("minmax_nonfinite") or 0.0
     naive = (f"{num(ls['minmax'], '.1f')} dB" if not bad else
-             f"no finite SQNR: {bad:.0%} of its logits are inf or NaN (with no divisor guard a normaliser rounds to "
+             f"no finite SQNR: {100 * bad:.3g}% of its logits are inf or NaN (with no divisor guard a normaliser rounds to "
              f"its zero point and the division overflows; ai-edge-quantizer's int8 DIV aborts there)")
     out = [H(2, f"Quantization analysis: recipe `{a['recipe']}`, calibrated on {a['calib_images']} images of "
                 f"`{a['calib']}`"),
