@@ -205,6 +205,11 @@ def _sat_shift_left(x: torch.Tensor, e: int) -> torch.Tensor:
     return torch.where(x > t, _I32_MAX, torch.where(x < -t, _I32_MIN, x * (1 << e)))
 
 
+def _bit_length(x: torch.Tensor) -> torch.Tensor:
+    """Bits of non-negative int64 values below 2^53 (0 for 0)."""
+    return torch.where(x > 0, torch.frexp(x.double())[1].long(), 0)
+
+
 def _wrap32(x: torch.Tensor) -> torch.Tensor:
     return (x + 2 ** 31) % 2 ** 32 - 2 ** 31
 
@@ -225,7 +230,7 @@ def tflite_l2norm_codes(x: torch.Tensor) -> torch.Tensor:
     while bool((v >= 1 << 29).any()):
         big = v >= 1 << 29
         v, shift = torch.where(big, v // 4, v), shift + big.long()
-    bits = sum((v >> k > 0).long() for k in range(31))  # bit length: CountLeadingZeros = 32 - bits
+    bits = _bit_length(v)  # CountLeadingZeros = 32 - bits
     pairs = (31 - bits) // 2 - 1  # (CountLeadingZeros - 1) / 2 - 1
     shift = shift - pairs
     v = v << (2 * pairs)  # now in [2^27, 2^29)
@@ -260,11 +265,6 @@ def _one_over_one_plus_x(a: torch.Tensor) -> torch.Tensor:
         one_minus = (1 << 29) - _srdhm(half, x)
         x = x + _sat_shift_left(_srdhm(x, one_minus), 2)  # Rescale<2> of the Q4.27 product
     return _sat_shift_left(x, 1)  # ExactMulByPot<-1>, then Rescale<0>
-
-
-def _bit_length(x: torch.Tensor) -> torch.Tensor:
-    """Bits of non-negative int64 values below 2^53 (0 for 0)."""
-    return torch.where(x > 0, torch.frexp(x.double())[1].long(), 0)
 
 
 def tflite_div_codes(a: torch.Tensor, b: torch.Tensor, s_a: float, s_b: float, s_out: float,
