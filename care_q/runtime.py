@@ -84,8 +84,9 @@ class Runner:
         input_shape: (N, C, H, W) whatever the layout; None for a dynamic dimension,
         input_dtype / output_dtype: numpy dtypes of the artifact's tensors,
         input_quant / output_quant: (scale, zero_point) of integer tensors, else None,
-        threads, delegate_info: dict (TFLite) or None.
-    `OnnxRunner` adds ``metadata`` (the file's metadata_props) and ``session_config`` (the
+        threads, delegate_info: dict (TFLite) or None,
+        metadata: the file's metadata_props (ONNX; empty for TFLite).
+    `OnnxRunner` adds ``session_config`` (the
     onnxruntime config entries applied: the file's ``care_q.ort_session_config``, then the
     caller's); integer I/O grids come from ``care_q.{input,output}_{scale,zero_point}``.
     """
@@ -95,6 +96,7 @@ class Runner:
     def __init__(self, path: Path, threads: int):
         self.path = path
         self.threads = threads
+        self.metadata: dict[str, str] = {}
         self.input_layout = "NCHW"
         self.input_shape: tuple[int | None, ...] = ()
         self.input_dtype = np.dtype(np.float32)

@@ -1,0 +1,8 @@
+"""One preparation pipeline for PTQ, QAT and analysis, and one place that emits, verifies and
+censuses artifacts. See `prepare` and `artifacts`."""
+
+from care_q.pipeline.config import MIN_AGREEMENT, ExportConfig, PrepareConfig
+from care_q.pipeline.prepare import Built, Prepared, build, held_out_images, prepare
+
+__all__ = ["MIN_AGREEMENT", "Built", "ExportConfig", "PrepareConfig", "Prepared", "build", "held_out_images",
+           "prepare"]

@@ -1,0 +1,181 @@
+"""The preparation pipeline every command shares: model -> deploy form -> recipe substitutions ->
+transforms -> traced graph -> per-tensor plan -> calibration -> bias correction.
+
+    prep = prepare(PrepareConfig("care_s0", weights="w.pth", calib="cifar10_train", num_calib=1000))
+    prep.plan       # the calibrated QuantPlan the exporters emit
+    prep.dmodel     # the deploy form it was calibrated on (substitutions and transforms applied)
+
+`care-q ptq`, `care-q qat` (its starting point), `care-q sensitivity`, `care-q eval --analysis` and
+the bench's analysis all call `prepare`, so every report analyses the plan that ships. `build`
+is the part without data (QAT rebuilds a checkpoint's model with it).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from care_q.data import get_dataset, make_loader
+from care_q.errors import CareQError
+from care_q.graph.trace import Graph, trace
+from care_q.models import create_model, load_sidecar
+from care_q.pipeline.config import PrepareConfig
+from care_q.quant.bias_correction import bias_correction, images_for
+from care_q.quant.calibrate import calibrate
+from care_q.quant.plan import QuantPlan, build_plan
+from care_q.quant.recipe import Recipe, load_recipe
+from care_q.transforms import deploy
+from care_q.transforms.equalize import cross_layer_equalization
+from care_q.transforms.substitute import apply_substitutions
+from care_q.utils.layout import channels_last
+
+RANDOM_WEIGHTS_NOTE = ("no --weights: the weights are random, so accuracy figures are meaningless "
+                       "(latency, size and runtime agreement are still valid)")
+
+
+@dataclass
+class Built:
+    """A deploy form with its graph and (uncalibrated) plan: what `build` returns."""
+
+    dmodel: torch.nn.Module
+    graph: Graph
+    plan: QuantPlan
+    equalization: dict | None
+    notes: list[str]
+
+
+@dataclass
+class Prepared:
+    """The calibrated, transformed plan and the models it belongs to (see `prepare`)."""
+
+    config: PrepareConfig
+    recipe: Recipe
+    net: torch.nn.Module            # the original CARE model (FP32)
+    dmodel: torch.nn.Module         # its deploy form, with the recipe's substitutions and transforms
+    graph: Graph
+    plan: QuantPlan                 # calibrated (plan.observers set), biases corrected when the recipe says
+    preprocess: object
+    img_size: int
+    calib: str                      # the set calibrated on (synthetic_bn after a fallback)
+    calib_dataset: object
+    calib_images: int
+    calib_seconds: float
+    equalization: dict | None = None
+    bias_correction: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def model(self) -> str:
+        return self.config.model
+
+    @property
+    def weights(self) -> str | None:
+        return str(self.config.weights) if self.config.weights else None
+
+
+def _note(notes: list[str], text: str) -> None:
+    notes.append(text)
+    warnings.warn(text, stacklevel=3)
+
+
+def load_network(model: str, weights: str | Path | None, seed: int) -> torch.nn.Module:
+    """The CARE model; without weights, random weights drawn from ``seed`` (the same model every run)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return create_model(model, weights=weights)
+
+
+def build(net: torch.nn.Module, rec: Recipe, size: int, first_batch: torch.Tensor | None = None) -> Built:
+    """Deploy form -> substitutions -> cross-layer equalization -> trace -> plan (no data but
+    ``first_batch``, which sets the NPU attention's output scales)."""
+    dmodel, notes = apply_substitutions(deploy(net), rec, first_batch)
+    # before calibration: an exact FP32 rewrite that calibration and the exporters then see
+    equalized = cross_layer_equalization(dmodel) if rec.cross_layer_equalization else None
+    graph = trace(dmodel, torch.zeros(1, 3, size, size))
+    return Built(dmodel, graph, build_plan(graph, rec), equalized, notes)
+
+
+def calibration_set(cfg: PrepareConfig, pre, net, notes: list[str]) -> tuple[object, str]:
+    """(dataset, name of the set used): ``cfg.calib``, or synthetic_bn when it is unavailable and
+    ``cfg.fallback_synthetic``."""
+    try:
+        ds = get_dataset(cfg.calib, pre, data_root=cfg.data_root, limit=cfg.num_calib, seed=cfg.seed, model=net,
+                         progress=cfg.progress)
+        used = str(cfg.calib)
+    except CareQError as e:
+        if not cfg.fallback_synthetic:
+            raise
+        _note(notes, f"calibration set '{cfg.calib}' unavailable ({e}); fell back to data-free "
+                     f"'synthetic_bn' (inputs optimised to match BatchNorm statistics)")
+        used = "synthetic_bn"
+        ds = get_dataset(used, pre, data_root=cfg.data_root, limit=cfg.num_calib or 64, seed=cfg.seed, model=net,
+                         progress=cfg.progress)
+    if cfg.num_calib is not None and len(ds) < cfg.num_calib:
+        _note(notes, f"asked for {cfg.num_calib} calibration images, '{used}' has {len(ds)}; calibrating on {len(ds)}")
+    return ds, used
+
+
+def _first_images(batches, limit: int):
+    """The first ``limit`` images of a loader, as batches."""
+    seen = 0
+    for b in batches:
+        x = b[0] if isinstance(b, (list, tuple)) else b
+        if seen >= limit:
+            return
+        yield x[:limit - seen]
+        seen += x.shape[0]
+
+
+def calibrate_built(built: Built, rec: Recipe, ds, size: int, progress: bool | None = None) -> dict:
+    """Calibrate ``built.plan`` on ``ds`` and, when the recipe says, correct the biases:
+    {"images", "seconds", "bias_correction"}."""
+    def batches():
+        return make_loader(ds, batch_size=rec.batch_size)
+
+    t0 = time.time()
+    with channels_last(built.dmodel):  # ~40% faster forwards (see care_q/utils/layout.py)
+        n = calibrate(built.plan, built.dmodel, batches(), total=None, progress=progress)
+        seconds = round(time.time() - t0, 1)
+        corrected = None
+        if rec.bias_correction:  # after calibration: it measures the fake-quant model (see the module)
+            t0 = time.time()
+            corrected = bias_correction(built.plan, built.dmodel, _first_images(batches(), images_for(size)),
+                                        progress=progress)
+            corrected["seconds"] = round(time.time() - t0, 1)
+    return {"images": n, "seconds": seconds, "bias_correction": corrected}
+
+
+def prepare(cfg: PrepareConfig) -> Prepared:
+    """Load, transform, trace, plan and calibrate (see the module docstring)."""
+    rec = load_recipe(cfg.recipe)
+    notes: list[str] = []
+    net = load_network(cfg.model, cfg.weights, cfg.seed)
+    if cfg.weights is None:
+        _note(notes, RANDOM_WEIGHTS_NOTE)
+    pre = load_sidecar(cfg.weights).with_size(cfg.img_size)
+    size = pre.input_size[1]
+    ds, used = calibration_set(cfg, pre, net, notes)
+    first = next(iter(make_loader(ds, batch_size=rec.batch_size)))[0] if rec.attention == "npu" else None
+    built = build(net, rec, size, first)
+    cal = calibrate_built(built, rec, ds, size, cfg.progress)
+    return Prepared(cfg, rec, net, built.dmodel, built.graph, built.plan, pre, size, used, ds, cal["images"],
+                    cal["seconds"], built.equalization, cal["bias_correction"], notes + built.notes)
+
+
+def held_out_images(prep: Prepared, n: int, source: str | None = None, seed: int | None = None) -> torch.Tensor:
+    """``n`` images of ``source`` (default: the calibration set) drawn with seed ``config.seed + 1``:
+    the images `care-q ptq` verifies its artifacts on. Falls back to the calibration images when
+    the set cannot give them (data-free calibration)."""
+    seed = prep.config.seed + 1 if seed is None else seed
+    try:
+        ds = get_dataset(source or prep.calib, prep.preprocess, data_root=prep.config.data_root, limit=n, seed=seed,
+                         model=prep.net, progress=prep.config.progress)
+    except CareQError:
+        if source is not None:
+            raise
+        ds = prep.calib_dataset
+    return torch.cat([b[0] for b in make_loader(ds, batch_size=50)])[:n]
