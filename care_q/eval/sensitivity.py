@@ -26,7 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from care_q.data import check_classes, get_dataset, make_loader, progress_bar
 from care_q.errors import CareQError
+from care_q.eval.analysis import layer_group
+from care_q.eval.report import write_report
+from care_q.pipeline import PrepareConfig, Prepared, prepare
+from care_q.pipeline.fidelity import fp32_logits, shipped_logits, tensor_sqnr
 from care_q.quant.fakequant import QuantOps
 from care_q.quant.qtypes import DType, sqnr_db
 
@@ -63,8 +68,6 @@ class MixedOps(QuantOps):
 
 
 def group_of(name: str, spec, by: str) -> str:
-    from care_q.eval.analysis import layer_group
-
     if by == "role":
         return spec.role.value
     g = layer_group(name)
@@ -119,17 +122,15 @@ def sensitivity(model: str, *, weights: str | Path | None = None, calib: str = "
                 recipe: str | Path = "ptq_int8", num_calib: int | None = None, num_eval: int = 256,
                 eval_set: str | None = None, data_root=None, img_size: int | None = None, by: str = "block",
                 modes=MODES, seed: int = 0, batch_size: int = 64, out=None, progress: bool | None = None,
-                prepared=None, report: bool = True) -> dict:
+                prepared: Prepared | None = None, report: bool = True) -> dict:
     """Rank layer groups by the damage their quantization does (see the module docstring).
 
+    The plan is `care_q.pipeline.prepare`'s (``prepared``, or prepared here), the one `care-q ptq`
+    ships; its ``full_int8`` row is the TFLite artifact's logits (its exact reference) against FP32.
     ``eval_set``: labelled images to score on (default: ``num_eval`` held-out images of the
-    calibration set; their labels are used when the set has labels for this head).
-    Writes report.md / .json / .html to ``out`` when given.
+    calibration set, the draw `care-q ptq` verifies on; their labels are used when the set has
+    labels for this head). Writes report.md / .json / .html to ``out`` when given.
     """
-    from care_q.data import check_classes, get_dataset, make_loader, progress_bar
-    from care_q.eval.analysis import prepare_plan
-    from care_q.ptq import tensor_sqnr
-
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise CareQError(f"unknown mode(s) {bad or list(modes)}; choose from {list(MODES)}")
@@ -138,33 +139,17 @@ def sensitivity(model: str, *, weights: str | Path | None = None, calib: str = "
     if num_eval < 1:
         raise CareQError(f"num_eval must be >= 1, got {num_eval}")
     t_start = time.time()
-    prep = prepared or prepare_plan(model, weights=weights, calib=calib, recipe=recipe, num_calib=num_calib,
-                                    img_size=img_size, data_root=data_root, seed=seed, progress=progress)
+    prep = prepared or prepare(PrepareConfig(model, weights=weights, recipe=recipe, calib=calib, num_calib=num_calib,
+                                             img_size=img_size, data_root=data_root, seed=seed, progress=progress))
     plan, dmodel = prep.plan, prep.dmodel
-
-    # --- held-out images (and labels, when they fit the head)
-    src = eval_set or calib
-    ds = get_dataset(src, prep.preprocess, data_root=data_root, limit=num_eval, seed=seed + 1, model=prep.net,
-                     progress=progress)
-    labels = None
-    if eval_set is not None:
-        check_classes(ds, prep.net.num_classes, prep.preprocess.label_names, what=f"model '{model}'")
-    xs, ys = [], []
-    for xb, yb in make_loader(ds, batch_size=batch_size):
-        xs.append(xb)
-        ys.append(yb)
-    x = torch.cat(xs)[:num_eval]
-    y = torch.cat(ys)[:num_eval].numpy()
-    classes = getattr(ds, "classes", None)
-    if classes is not None and len(classes) == prep.net.num_classes and (y >= 0).all():
-        labels = y
-
+    src = eval_set or prep.calib
+    x, labels = _eval_images(prep, src, eval_set is not None, num_eval, seed + 1, batch_size, progress)
     groups = layer_groups(plan, by)
     total = 2 + len(groups) * len(modes)
     with progress_bar(f"sensitivity ({len(groups)} groups by {by})", total, enabled=progress) as advance:
-        ref = _logits(dmodel, None, x, batch_size)
+        ref = fp32_logits(prep.net, x)
         advance(1)
-        full = _score(_logits(dmodel, plan, x, batch_size), ref, labels)
+        full = _score(shipped_logits(dmodel, plan, x), ref, labels)
         advance(1)
         fp32 = _score(ref, ref, labels)
         all_q = set().union(*groups.values()) if groups else set()
@@ -179,16 +164,48 @@ def sensitivity(model: str, *, weights: str | Path | None = None, calib: str = "
                                         ref, labels)
                 advance(1)
             rows[g] = row
+    sq = tensor_sqnr(dmodel, plan, x[:min(16, len(x))])  # per-tensor SQNR of the fully quantized model
+    _add_tensor_sqnr(rows, groups, sq)
+    res = {"command": "sensitivity", "model": prep.model, "weights": prep.weights, "img_size": prep.img_size,
+           "recipe": prep.recipe.name, "calib": prep.calib, "calib_images": prep.calib_images,
+           "eval": {"set": str(src), "images": int(x.shape[0]), "labelled": labels is not None},
+           "by": by, "modes": list(modes), "fp32": fp32, "full_int8": full, "groups": rows,
+           "ranking": _ranking(rows, full),
+           "tensor_sqnr_db": {n: {"sqnr_db": v, "group": group_of(n, plan.specs[n], by),
+                                  "role": plan.specs[n].role.value} for n, v in sq.items()},
+           "notes": prep.notes, "seconds": None}
+    res["seconds"] = round(time.time() - t_start, 1)
+    if out is not None and report:
+        write_report(res, out)
+    return res
 
-    # per-tensor SQNR of the fully quantized model, on a few of the images
-    sq = tensor_sqnr(dmodel, plan, x[:min(16, len(x))])
+
+def _eval_images(prep: Prepared, src: str, labelled_set: bool, n: int, seed: int, batch_size: int,
+                 progress: bool | None) -> tuple[torch.Tensor, np.ndarray | None]:
+    """(images, labels or None): ``n`` images of ``src`` drawn with ``seed``; labels when they fit the head."""
+    ds = get_dataset(src, prep.preprocess, data_root=prep.config.data_root, limit=n, seed=seed, model=prep.net,
+                     progress=progress)
+    if labelled_set:
+        check_classes(ds, prep.net.num_classes, prep.preprocess.label_names, what=f"model '{prep.model}'")
+    xs, ys = [], []
+    for xb, yb in make_loader(ds, batch_size=batch_size):
+        xs.append(xb)
+        ys.append(yb)
+    x, y = torch.cat(xs)[:n], torch.cat(ys)[:n].numpy()
+    classes = getattr(ds, "classes", None)
+    fits = classes is not None and len(classes) == prep.net.num_classes and (y >= 0).all()
+    return x, (y if fits else None)
+
+
+def _add_tensor_sqnr(rows: dict, groups: dict, sq: dict) -> None:
     for g, members in groups.items():
         vals = [sq[m] for m in members if m in sq and np.isfinite(sq[m])]
         rows[g]["sqnr_db_mean"] = float(np.mean(vals)) if vals else None
         rows[g]["sqnr_db_min"] = float(np.min(vals)) if vals else None
-        worst = min((m for m in members if m in sq), key=lambda m: sq[m], default=None)
-        rows[g]["worst_tensor"] = worst
+        rows[g]["worst_tensor"] = min((m for m in members if m in sq), key=lambda m: sq[m], default=None)
 
+
+def _ranking(rows: dict, full: dict) -> list[str]:
     def harm(g):
         """Most harmful first: lowest agreement when alone int8 minus what keeping it float recovers;
         ties (common on few images) broken by the logit SQNR, alone (lower first) then all-but (higher first)."""
@@ -199,17 +216,4 @@ def sensitivity(model: str, *, weights: str | Path | None = None, calib: str = "
         s_but = r["all_but"]["logit_sqnr_db"] if "all_but" in r else -np.inf
         return (a - (b - full["agreement"]), s_only, -s_but, g)
 
-    ranking = sorted(rows, key=harm)
-    res = {"command": "sensitivity", "model": model, "weights": prep.weights, "img_size": prep.img_size,
-           "recipe": prep.recipe.name, "calib": prep.calib, "calib_images": prep.calib_images,
-           "eval": {"set": str(src), "images": int(x.shape[0]), "labelled": labels is not None},
-           "by": by, "modes": list(modes), "fp32": fp32, "full_int8": full, "groups": rows, "ranking": ranking,
-           "tensor_sqnr_db": {n: {"sqnr_db": v, "group": group_of(n, plan.specs[n], by),
-                                  "role": plan.specs[n].role.value} for n, v in sq.items()},
-           "notes": prep.notes, "seconds": None}
-    res["seconds"] = round(time.time() - t_start, 1)
-    if out is not None and report:
-        from care_q.eval.report import write_report
-
-        write_report(res, out)
-    return res
+    return sorted(rows, key=harm)
