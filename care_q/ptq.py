@@ -22,10 +22,10 @@ from care_q.data import stage
 from care_q.errors import CareQError
 from care_q.export.fp32_baselines import fp32_baselines
 from care_q.pipeline import MIN_AGREEMENT, ExportConfig, PrepareConfig, Prepared, held_out_images, prepare
-from care_q.pipeline.artifacts import agreement_failure, export_artifacts
+from care_q.pipeline.artifacts import agreement_failure, export_artifacts, resolve_targets
 from care_q.pipeline.fidelity import fp32_logits, recipe_vs_minmax
 from care_q.quant.qtypes import Role
-from care_q.quant.recipe import Recipe, load_recipe
+from care_q.quant.recipe import load_recipe
 from care_q.utils.io import atomic_write_json, atomic_write_text
 
 ATTENTION_ROLES = (Role.ATTN_QK, Role.ATTN_ELU, Role.ATTN_PHI, Role.ATTN_KV, Role.ATTN_KMEAN,
@@ -66,24 +66,10 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
                              min_agreement=min_agreement))
 
 
-def check_targets(rec: Recipe, targets, io: str | None) -> tuple[tuple[str, ...], str]:
-    """(targets, io) of a run: the recipe's unless given; a CareQError when the recipe cannot honour them."""
-    targets = tuple(rec.targets if targets is None else targets)
-    bad = [t for t in targets if t not in rec.targets]
-    if bad:
-        raise CareQError(f"recipe '{rec.name}' cannot honour target(s) {bad}: it supports {list(rec.targets)}")
-    io = io or rec.io
-    if io not in ("float", "int8"):
-        raise CareQError(f"io {io!r}: supported are float and int8")
-    if io != rec.io and rec.io != "float":
-        raise CareQError(f"recipe '{rec.name}' requires io={rec.io}; io={io} contradicts it")
-    return targets, io
-
-
 def run_ptq(cfg: PTQConfig) -> dict:
     """`ptq` with a typed configuration (see `ptq`)."""
     t_start = time.time()
-    targets, io = check_targets(load_recipe(cfg.prepare.recipe), cfg.targets, cfg.io)
+    targets, io = resolve_targets(load_recipe(cfg.prepare.recipe), cfg.targets, cfg.io)
     prep = prepare(cfg.prepare)
     model, progress = cfg.prepare.model, cfg.prepare.progress
     xv = held_out_images(prep, cfg.num_verify)

@@ -26,6 +26,7 @@ from care_q.pipeline.config import ExportConfig
 from care_q.pipeline.fidelity import fidelity, reference_logits
 from care_q.quant.fakequant import QuantOps
 from care_q.quant.plan import QuantPlan
+from care_q.quant.recipe import Recipe
 from care_q.runtime import load_runner
 from care_q.utils.io import atomic_path
 
@@ -83,6 +84,20 @@ def target(name: str) -> Target:
     if name not in TARGETS:
         raise CareQError(f"unknown target '{name}'; choose from {list(TARGETS)}")
     return TARGETS[name]
+
+
+def resolve_targets(rec: Recipe, targets, io: str | None) -> tuple[tuple[str, ...], str]:
+    """(targets, io) of a run: the recipe's unless given; a CareQError when the recipe cannot honour them."""
+    targets = tuple(rec.targets if targets is None else targets)
+    bad = [t for t in targets if t not in rec.targets]
+    if bad:
+        raise CareQError(f"recipe '{rec.name}' cannot honour target(s) {bad}: it supports {list(rec.targets)}")
+    io = io or rec.io
+    if io not in ("float", "int8"):
+        raise CareQError(f"--io {io}: supported are float and int8")
+    if io != rec.io and rec.io != "float":
+        raise CareQError(f"recipe '{rec.name}' requires io={rec.io}; --io {io} contradicts it")
+    return targets, io
 
 
 def emit(name: str, plan: QuantPlan, io: str, path: str | Path, preprocess=None, model_name: str = "care") -> Path:

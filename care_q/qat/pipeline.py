@@ -1,12 +1,12 @@
 """Quantization-aware training: `care_q.qat.qat(...)`, the API behind `care-q qat`.
 
-Pipeline: checkpoint -> deploy form (BatchNorms folded; ``gelu: sigmoid`` substituted) -> traced
-graph -> plan from the (QAT) recipe -> PTQ calibration of that plan, so QAT starts where PTQ of
-the same recipe ends -> fine-tuning of the fake-quant model (`QATOps`: straight-through
+Pipeline: checkpoint -> `care_q.pipeline.build` (deploy form with BatchNorms folded, the
+recipe's substitutions, traced graph, plan) -> `care_q.pipeline.calibrate_built` (PTQ calibration
+of that plan, so QAT starts where PTQ of the same recipe ends) -> fine-tuning of the fake-quant model (`QATOps`: straight-through
 rounding, int4 weights where the recipe says, LSQ scales when ``qat.learn_scales``) with
 distillation from the FP32 model -> learnt scales written into the plan, int4 weights baked ->
-the PTQ exporters (int8 TFLite, QDQ ONNX), each artifact verified in its runtime against the
-fake-quant model -> report.json + report.md.
+`care_q.pipeline.artifacts` (the PTQ exporters: int8 TFLite, QDQ ONNX), each artifact verified
+in its runtime against the fake-quant model -> report.json + report.md.
 
 Loss: ``ce_weight * CE(student, labels) + distill_weight * T^2 * KL(teacher_T || student_T)``,
 logits softened by the temperature T; the teacher is the FP32 deploy form of the same checkpoint.
@@ -40,36 +40,42 @@ from __future__ import annotations
 import math
 import platform
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from care_q.data import check_classes, get_dataset, make_loader, progress_bar, track
 from care_q.errors import CareQError
-from care_q.graph.trace import trace
 from care_q.models import create_model, load_sidecar
+from care_q.pipeline import ExportConfig, build
+from care_q.pipeline.artifacts import agreement_failure, export_artifacts, resolve_targets
+from care_q.pipeline.prepare import calibrate_built
+from care_q.qat.config import (
+    RESUME_KEYS,
+    TARGET_AGREEMENT,
+    QATConfig,
+    check_recipe,
+    export_content,
+    recipe_key,
+    training_content,
+    without_source,
+)
 from care_q.qat.distributed import Dist
 from care_q.qat.ops import QATNet, bake_int4_weights, qparams_from_state, qparams_to_state, weight_bits_of
-from care_q.quant.calibrate import calibrate
+from care_q.qat.report import render_markdown
 from care_q.quant.fakequant import QuantOps
-from care_q.quant.plan import build_plan
+from care_q.quant.observers import HistogramObserver
+from care_q.quant.qtypes import DType, Method, qparams_from_range
 from care_q.quant.recipe import Recipe, load_recipe
-from care_q.train import rng_state as _rng_state
-from care_q.train import set_rng_state as _set_rng_state
+from care_q.train import rng_state, set_rng_state
 from care_q.transforms import deploy
-from care_q.transforms.substitute import apply_substitutions
 from care_q.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_resume_state
 
-MIN_AGREEMENT = 0.99
-TARGET_AGREEMENT = 0.995  # the issue's target, reported next to the measured agreement
-# Settings that must match for --resume to continue a run (the others may change).
-RESUME_KEYS = ("model", "weights", "dataset", "dataset_path", "recipe", "img_size", "epochs", "global_batch",
-               "lr", "seed", "limit", "calib", "calib_images", "total_steps")
-
-
-def _artifact_names(model: str, rec: Recipe) -> dict[str, str]:
-    return {"tflite": f"{model}_{rec.name}.tflite", "onnx": f"{model}_{rec.name}_qdq.onnx"}
+__all__ = ["QATConfig", "QATRun", "TARGET_AGREEMENT", "build_student", "distill_loss", "export_content", "load_qat",
+           "qat", "run_qat", "training_content"]
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, ce_weight: float,
@@ -97,8 +103,6 @@ def _lr_lambda(warmup: int, total: int, schedule: str):
 def top1(forward, loader, device, description: str = "eval", progress: bool | None = None,
          ) -> tuple[float, torch.Tensor]:
     """(top-1 accuracy in percent, predicted classes) of ``forward(x) -> logits`` over a loader of (x, y)."""
-    from care_q.data import track
-
     preds, labels = [], []
     for x, y in track(loader, description, enabled=progress):
         preds.append(forward(x.to(device)).argmax(1).cpu())
@@ -112,61 +116,9 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return 100.0 * float((a == b).double().mean())
 
 
-def _recipe_key(rec: Recipe) -> dict:
-    """What a run was trained under: the recipe's content without its path, checkpoint interval
-    and export-only settings (``tflite``: which TFLite kernel runs a conv; a finished run can be
-    exported again under a changed one)."""
-    j = _without_source("recipe", training_content(rec))  # the content decides, not where the file lies
-    j.get("qat", {}).pop("checkpoint_every", None)  # may change between a run and its resume
-    return j
-
-
-EXPORT_ONLY = ("tflite",)  # recipe sections that change what is exported, not what is trained
-
-
-def training_content(rec: Recipe) -> dict:
-    """``rec.to_json()`` without the export-only settings."""
-    return {k: v for k, v in rec.to_json().items() if k not in EXPORT_ONLY}
-
-
-def export_content(rec: Recipe) -> dict:
-    """The export-only settings of ``rec.to_json()`` (what `training_content` leaves out)."""
-    return {k: v for k, v in rec.to_json().items() if k in EXPORT_ONLY}
-
-
 def _device_name(dev: torch.device) -> str:
     """Where an epoch ran, for the training log: 'cpu', or 'cuda (GPU name)'."""
     return f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else dev.type
-
-
-def _without_source(key: str, value):
-    """A recipe's key without its file path (a moved checkout resumes; so do checkpoints written
-    while the key still held the path)."""
-    return {k: v for k, v in value.items() if k != "source"} if key == "recipe" and isinstance(value, dict) else value
-
-
-def _check_recipe(rec: Recipe) -> None:
-    if rec.kind != "qat" or rec.qat is None:
-        raise CareQError(f"recipe '{rec.name}' ({rec.source}) is a {rec.kind} recipe; care-q qat needs a QAT "
-                         f"recipe (kind: qat, with a 'qat' section), e.g. qat_int8, qat_int8_full, qat_w4a8_mlp")
-    q = rec.qat
-    if not q.freeze_bn:
-        raise CareQError(f"{rec.source}: qat.freeze_bn: false is not supported: QAT trains the deploy form, whose "
-                         f"BatchNorms are folded into the convs (their statistics frozen into the weights); "
-                         f"set freeze_bn: true")
-    for key, value in (("epochs", q.epochs), ("lr", q.lr), ("batch_size", q.batch_size),
-                       ("temperature", q.temperature)):
-        if value <= 0:
-            raise CareQError(f"{rec.source}: qat.{key} must be positive, got {value}")
-    for key, value in (("weight_decay", q.weight_decay), ("distill_weight", q.distill_weight),
-                       ("ce_weight", q.ce_weight), ("warmup_steps", q.warmup_steps),
-                       ("checkpoint_every", q.checkpoint_every)):
-        if value < 0:
-            raise CareQError(f"{rec.source}: qat.{key} must be >= 0, got {value}")
-    if q.ce_weight == 0 and q.distill_weight == 0:
-        raise CareQError(f"{rec.source}: qat.ce_weight and qat.distill_weight are both 0: nothing to train on")
-    if q.scale_lr is not None and q.scale_lr <= 0:
-        raise CareQError(f"{rec.source}: qat.scale_lr must be positive, got {q.scale_lr}")
 
 
 def build_student(net, rec: Recipe, size: int, calib: torch.Tensor | None = None):
@@ -174,9 +126,8 @@ def build_student(net, rec: Recipe, size: int, calib: torch.Tensor | None = None
     recipe's substitutions; ``calib`` images initialise the NPU attention's output scales), the recipe's
     plan traced on the student (uncalibrated), conv -> weight bits."""
     teacher = deploy(net)
-    student, _ = apply_substitutions(deploy(net), rec, calib)  # deploy() builds new modules: independent
-    plan = build_plan(trace(student, torch.zeros(1, 3, size, size)), rec)
-    return teacher.eval(), student, plan, weight_bits_of(plan)
+    built = build(net, rec, size, calib)  # deploy() builds new modules: independent of the teacher's
+    return teacher.eval(), built.dmodel, built.plan, weight_bits_of(built.plan)
 
 
 @dataclass
@@ -200,10 +151,10 @@ def load_qat(checkpoint: str | Path) -> QATRun:
         raise CareQError(f"QAT checkpoint not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     cfg = state["config"]
-    saved = _without_source("recipe", cfg["recipe"])  # older checkpoints keep the path in it
+    saved = without_source("recipe", cfg["recipe"])  # older checkpoints keep the path in it
     source = cfg.get("recipe_source") or cfg["recipe"].get("source")
     rec = load_recipe(source if source and Path(source).exists() else saved["name"])  # else: moved, by name
-    if _recipe_key(rec) != saved:
+    if recipe_key(rec) != saved:
         raise CareQError(f"{path}: recipe {rec.source} changed since the run was started")
     net = create_model(cfg["model"], weights=cfg["weights"])
     teacher, student, plan, bits = build_student(net, rec, cfg["img_size"])
@@ -220,108 +171,95 @@ def qat(model: str, weights: str | Path | None, dataset: str, *, recipe: str | P
         seed: int = 0, eval_dataset: str | None = None, eval_limit: int | None = None, num_verify: int = 200,
         targets: list[str] | None = None, io: str | None = None, img_size: int | None = None,
         limit: int | None = None, workers: int = 0, threads: int = 2, checkpoint_every: int | None = None,
-        min_agreement: float = MIN_AGREEMENT, device: str = "auto", progress: bool | None = None,
+        min_agreement: float = 0.99, device: str = "auto", progress: bool | None = None,
         log=print) -> dict:
     """Fine-tune a CARE checkpoint with quantization in the loop; export and verify. Returns the report.
 
-    ``dataset``: labelled training set (named or ImageFolder path) whose classes must match the
-    checkpoint's head; ``calib`` (default ``dataset``) with ``calib_images`` images calibrates the
-    starting plan; ``eval_dataset`` (``eval_limit`` images) measures FP32 / PTQ / QAT top-1;
-    ``num_verify`` held-out images verify the artifacts (from ``eval_dataset`` when given).
-    ``epochs``, ``lr``, ``batch_size`` (global), ``checkpoint_every`` override the recipe's
-    ``qat`` section. ``targets=[]`` trains without exporting. When ``max_steps`` stops the run
-    before its end, nothing is evaluated or exported (``report["finished"]`` is False).
+    The keyword form of `run_qat(QATConfig(...))`. ``dataset``: labelled training set (named or
+    ImageFolder path) whose classes must match the checkpoint's head; ``calib`` (default ``dataset``)
+    with ``calib_images`` images calibrates the starting plan; ``eval_dataset`` (``eval_limit``
+    images) measures FP32 / PTQ / QAT top-1; ``num_verify`` held-out images verify the artifacts
+    (from ``eval_dataset`` when given). ``epochs``, ``lr``, ``batch_size`` (global),
+    ``checkpoint_every`` override the recipe's ``qat`` section. ``targets=[]`` trains without
+    exporting. When ``max_steps`` stops the run before its end, nothing is evaluated or exported
+    (``report["finished"]`` is False).
 
     Every input problem (a recipe that is not a QAT recipe, weights of another architecture, a
     dataset whose classes do not match the checkpoint, ...) is a CareQError before training.
     """
-    rec = load_recipe(recipe)
-    _check_recipe(rec)
-    q = rec.qat
-    epochs = float(q.epochs if epochs is None else epochs)
-    lr = float(q.lr if lr is None else lr)
-    batch_size = int(q.batch_size if batch_size is None else batch_size)
-    checkpoint_every = int(q.checkpoint_every if checkpoint_every is None else checkpoint_every)
-    if epochs <= 0 or lr <= 0 or batch_size < 1:
-        raise CareQError(f"need epochs > 0, lr > 0 and batch_size >= 1 (got epochs={epochs}, lr={lr}, "
-                         f"batch_size={batch_size})")
-    if max_steps is not None and max_steps < 1:
-        raise CareQError(f"max_steps must be positive, got {max_steps}")
-    if checkpoint_every < 0:
-        raise CareQError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
-    targets = list(rec.targets if targets is None else targets)
-    bad = [t for t in targets if t not in rec.targets]
-    if bad:
-        raise CareQError(f"recipe '{rec.name}' cannot honour target(s) {bad}: it supports {list(rec.targets)}")
-    io = io or rec.io
-    if io not in ("float", "int8"):
-        raise CareQError(f"io {io!r}: supported are float and int8")
-    if io != rec.io and rec.io != "float":
-        raise CareQError(f"recipe '{rec.name}' requires io={rec.io}; io={io} contradicts it")
     if weights is None:
         raise CareQError("qat fine-tunes a trained model: give its weights (an official-format checkpoint)")
-    dist = Dist.from_env(device)
+    cfg = QATConfig(model, Path(weights), dataset, recipe=recipe, epochs=epochs, max_steps=max_steps, lr=lr,
+                    batch_size=batch_size, out=Path(out), resume=resume, calib=calib, calib_images=calib_images,
+                    data_root=data_root, seed=seed, eval_dataset=eval_dataset, eval_limit=eval_limit,
+                    num_verify=num_verify, targets=None if targets is None else tuple(targets), io=io,
+                    img_size=img_size, limit=limit, workers=workers, threads=threads,
+                    checkpoint_every=checkpoint_every, min_agreement=min_agreement, device=device, progress=progress)
+    return run_qat(cfg, log)
+
+
+def run_qat(cfg: QATConfig, log=print) -> dict:
+    """`qat` with a typed configuration."""
+    rec = load_recipe(cfg.recipe)
+    check_recipe(rec)
+    cfg = cfg.resolved(rec)
+    targets, io = resolve_targets(rec, cfg.targets, cfg.io)
+    dist = Dist.from_env(cfg.device)
     try:
-        return _run(dist, model=model, weights=Path(weights), dataset=dataset, rec=rec, epochs=epochs,
-                    max_steps=max_steps, lr=lr, batch_size=batch_size, out=Path(out), resume=resume,
-                    calib=calib or dataset, calib_images=calib_images, data_root=data_root, seed=seed,
-                    eval_dataset=eval_dataset, eval_limit=eval_limit, num_verify=num_verify, targets=targets,
-                    io=io, img_size=img_size, limit=limit, workers=workers, threads=threads,
-                    checkpoint_every=checkpoint_every, min_agreement=min_agreement, progress=progress, log=log)
+        run = _start(cfg, rec, targets, io, dist, log)
+        stopped = _train(run)
+        report = run.report(stopped)
+        if stopped:
+            log(f"stopped at step {run.step}/{run.total_steps} (max_steps {cfg.max_steps}); continue with --resume")
+            dist.barrier()
+            return report
+        error = None
+        if dist.main:
+            try:
+                report = _finish(run, report)
+            except BaseException as e:  # release the other ranks before failing
+                error = e
+        dist.barrier()
+        if error is not None:
+            raise error
+        if report.get("failed_agreement"):
+            raise CareQError(report["failed_agreement"])
+        return report
     finally:
         dist.close()
 
 
-def _run(dist: Dist, *, model, weights, dataset, rec, epochs, max_steps, lr, batch_size, out, resume, calib,
-         calib_images, data_root, seed, eval_dataset, eval_limit, num_verify, targets, io, img_size, limit,
-         workers, threads, checkpoint_every, min_agreement, progress, log) -> dict:
-    from care_q.data import check_classes, get_dataset, make_loader, progress_bar
+@dataclass
+class _Data:
+    """A run's datasets and the checkpoint's model, checked before any training."""
 
-    t_start = time.time()
-    q = rec.qat
-    dev = dist.device
-    show = progress if dist.main else False
-    log = log if dist.main else (lambda *a, **k: None)
-    if batch_size % dist.world:
-        raise CareQError(f"the global batch size {batch_size} is not divisible by the {dist.world} processes")
-    per_rank = batch_size // dist.world
+    net: torch.nn.Module
+    pre: object
+    size: int
+    train_ds: object
+    eval_ds: object
+    cal_ds: object
 
-    # --- inputs, all checked before any training
-    net = create_model(model, weights=weights)
-    pre = load_sidecar(weights).with_size(img_size)
-    size = pre.input_size[1]
-    what = f"checkpoint {weights}"
-    train_ds = get_dataset(dataset, pre, data_root=data_root, limit=limit, seed=seed, train=True, progress=show)
+
+def _data(cfg: QATConfig, show: bool | None) -> _Data:
+    net = create_model(cfg.model, weights=cfg.weights)
+    pre = load_sidecar(cfg.weights).with_size(cfg.img_size)
+    what = f"checkpoint {cfg.weights}"
+    train_ds = get_dataset(cfg.dataset, pre, data_root=cfg.data_root, limit=cfg.limit, seed=cfg.seed, train=True,
+                           progress=show)
     check_classes(train_ds, net.num_classes, pre.label_names, what=what)
     eval_ds = None
-    if eval_dataset is not None:
-        eval_ds = get_dataset(eval_dataset, pre, data_root=data_root, limit=eval_limit, seed=seed, progress=show)
+    if cfg.eval_dataset is not None:
+        eval_ds = get_dataset(cfg.eval_dataset, pre, data_root=cfg.data_root, limit=cfg.eval_limit, seed=cfg.seed,
+                              progress=show)
         check_classes(eval_ds, net.num_classes, pre.label_names, what=what)
-    cal_ds = get_dataset(calib, pre, data_root=data_root, limit=calib_images, seed=seed, model=net, progress=show)
-    n = len(train_ds)
-    steps_per_epoch = n // batch_size
-    if steps_per_epoch == 0:
-        raise CareQError(f"dataset '{dataset}' has {n} images, fewer than the global batch size {batch_size}")
-    total_steps = max(1, round(epochs * steps_per_epoch))
-    warmup = min(int(q.warmup_steps), total_steps)
+    cal_ds = get_dataset(cfg.calib, pre, data_root=cfg.data_root, limit=cfg.calib_images, seed=cfg.seed, model=net,
+                         progress=show)
+    return _Data(net, pre, pre.input_size[1], train_ds, eval_ds, cal_ds)
 
-    config = {"model": model, "weights": str(weights.resolve()), "dataset": str(dataset),
-              "dataset_path": str(train_ds.root), "recipe": _recipe_key(rec), "img_size": int(size),
-              "epochs": epochs, "global_batch": batch_size, "lr": lr, "seed": int(seed), "limit": limit,
-              "calib": str(calib), "calib_images": calib_images, "total_steps": total_steps,
-              "recipe_source": str(rec.source)}  # where the recipe was read (not compared on --resume)
-    ckpt_path = out / "last.pt"
-    state = None
-    if resume:
-        state = load_resume_state(ckpt_path, config, RESUME_KEYS, out, normalize=_without_source)
-    elif ckpt_path.exists():
-        raise CareQError(f"{out} already holds a QAT run ({ckpt_path.name}); pass --resume to continue it, "
-                         f"or choose another --out")
 
-    # --- teacher (FP32) and student (the deploy form the exporters emit), plan, PTQ calibration
-    first = next(iter(make_loader(cal_ds, rec.batch_size)))[0] if rec.attention == "npu" else None
-    teacher, student, plan, bits = build_student(net, rec, size, first)
-    notes: list[str] = []
+def _notes(rec: Recipe, bits: dict[str, int]) -> list[str]:
+    notes = []
     if rec.gelu == "sigmoid":
         notes.append("GELU substituted by x*sigmoid(1.702x) in the student; the teacher keeps the exact GELU")
     if rec.attention == "npu":
@@ -331,304 +269,333 @@ def _run(dist: Dist, *, model, weights, dataset, rec, epochs, max_steps, lr, bat
     if n_int4:
         notes.append(f"{n_int4} of {len(bits)} convs have int4 weights (15 levels per channel, simulated in fake "
                      f"quantization, stored as int8 containers in the artifacts)")
-    t0 = time.time()
+    return notes
+
+
+@dataclass
+class _Run:
+    """Everything one QAT run holds while it trains: inputs, models, optimisation and progress."""
+
+    cfg: QATConfig
+    rec: Recipe
+    targets: tuple[str, ...]
+    io: str
+    dist: Dist
+    log: Callable
+    show: bool | None
+    data: _Data
+    config: dict                    # what the checkpoint records (RESUME_KEYS must match on --resume)
+    total_steps: int
+    steps_per_epoch: int
+    per_rank: int
+    teacher: torch.nn.Module
+    qnet: QATNet
+    plan: object
+    bits: dict
+    notes: list[str]
+    n_cal: int | None
+    t_cal: float | None
+    t_start: float
+    baseline: dict = field(default_factory=dict)
+    fp32_preds: torch.Tensor | None = None
+    opt: torch.optim.Optimizer | None = None
+    sched: object = None
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0
+    history: list = field(default_factory=list)
+    ep: dict = field(default_factory=lambda: {"loss": 0.0, "ce": 0.0, "kd": 0.0, "n": 0, "seconds": 0.0})
+    train_seconds: float = 0.0
+    train_images: int = 0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.cfg.out / "last.pt"
+
+    def save(self) -> None:
+        if self.dist.main:
+            atomic_torch_save({"model": self.qnet.state_dict(), "plan": qparams_to_state(self.plan),
+                               "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                               "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
+                               "rng": rng_state(), "config": self.config, "history": self.history,
+                               "baseline": self.baseline, "calibration_images": self.n_cal,
+                               "calibration_seconds": self.t_cal, "epoch_sums": dict(self.ep),
+                               "fp32_preds": self.fp32_preds}, self.ckpt_path)
+
+    def report(self, stopped: bool) -> dict:
+        cfg, dist = self.cfg, self.dist
+        ips = self.train_images / self.train_seconds if self.train_seconds > 0 else None
+        return {"command": "qat", "model": cfg.model, "weights": str(cfg.weights), "img_size": self.data.size,
+                "recipe": self.rec.to_json(), "io": self.io, "targets": list(self.targets),
+                "dataset": str(cfg.dataset), "finished": not stopped,
+                "train": {"steps": self.step, "total_steps": self.total_steps, "epochs": cfg.epochs,
+                          "steps_per_epoch": self.steps_per_epoch, "global_batch": cfg.batch_size,
+                          "processes": dist.world, "per_process_batch": self.per_rank, "backend": dist.backend,
+                          "device": str(dist.device), "lr": cfg.lr,
+                          "this_session_seconds": round(self.train_seconds, 1),
+                          "this_session_images_per_s": round(ips, 2) if ips else None, "history": self.history},
+                "calibration": {"set": str(cfg.calib), "images": self.n_cal, "seconds": self.t_cal},
+                "checkpoint": str(self.ckpt_path), "notes": self.notes}
+
+
+def _start(cfg: QATConfig, rec: Recipe, targets, io: str, dist: Dist, log) -> _Run:
+    """Inputs checked, the run's state (fresh: built and calibrated; --resume: from its checkpoint),
+    the PTQ baseline, the optimizer; the starting checkpoints written."""
+    t_start = time.time()
+    show = cfg.progress if dist.main else False
+    log = log if dist.main else (lambda *a, **k: None)
+    if cfg.batch_size % dist.world:
+        raise CareQError(f"the global batch size {cfg.batch_size} is not divisible by the {dist.world} processes")
+    data = _data(cfg, show)
+    steps_per_epoch = len(data.train_ds) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise CareQError(f"dataset '{cfg.dataset}' has {len(data.train_ds)} images, fewer than the global batch "
+                         f"size {cfg.batch_size}")
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    config = {"model": cfg.model, "weights": str(cfg.weights.resolve()), "dataset": str(cfg.dataset),
+              "dataset_path": str(data.train_ds.root), "recipe": recipe_key(rec), "img_size": int(data.size),
+              "epochs": cfg.epochs, "global_batch": cfg.batch_size, "lr": cfg.lr, "seed": int(cfg.seed),
+              "limit": cfg.limit, "calib": str(cfg.calib), "calib_images": cfg.calib_images,
+              "total_steps": total_steps,
+              "recipe_source": str(rec.source)}  # where the recipe was read (not compared on --resume)
+    state = None
+    if cfg.resume:
+        state = load_resume_state(cfg.out / "last.pt", config, RESUME_KEYS, cfg.out, normalize=without_source)
+    elif (cfg.out / "last.pt").exists():
+        raise CareQError(f"{cfg.out} already holds a QAT run (last.pt); pass --resume to continue it, "
+                         f"or choose another --out")
+    # teacher (FP32) and student (the deploy form the exporters emit), plan, PTQ calibration
+    first = next(iter(make_loader(data.cal_ds, rec.batch_size)))[0] if rec.attention == "npu" else None
+    teacher = deploy(data.net).eval()
+    built = build(data.net, rec, data.size, first)
+    bits = weight_bits_of(built.plan)
     if state is not None:
-        qparams_from_state(plan, state["plan"])
-        n_cal = state.get("calibration_images")
-        t_cal = state.get("calibration_seconds")
+        qparams_from_state(built.plan, state["plan"])
+        n_cal, t_cal = state.get("calibration_images"), state.get("calibration_seconds")
     else:
-        n_cal = calibrate(plan, student, make_loader(cal_ds, rec.batch_size), progress=show)
-        t_cal = round(time.time() - t0, 1)
-    qnet = QATNet(student, plan, bits, q.learn_scales)
+        cal = calibrate_built(built, rec, data.cal_ds, data.size, show)
+        n_cal, t_cal = cal["images"], cal["seconds"]
+    qnet = QATNet(built.dmodel, built.plan, bits, rec.qat.learn_scales)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    teacher.to(dev)
-    qnet.to(dev)
-
-    def eval_loader(ds):
-        return make_loader(ds, batch_size=max(per_rank, 64), workers=workers)
-
-    baseline = dict(state.get("baseline", {})) if state is not None else {}
-    fp32_preds = state.get("fp32_preds") if state is not None else None
-    # Before the trained weights are loaded, qnet is the PTQ starting point (calibrated plan, original
-    # weights): a fresh run, or a resumed one that was started without this eval set, measures it here.
-    if eval_ds is not None and "fp32_top1" not in baseline and dist.main:
-        qnet.eval()
-        baseline["fp32_top1"], fp32_preds = top1(teacher, eval_loader(eval_ds), dev, "eval fp32", show)
-        baseline["ptq_top1"], ptq_preds = top1(qnet, eval_loader(eval_ds), dev, "eval PTQ (fake-quant)", show)
-        baseline["ptq_fp32_agreement"] = _agreement(ptq_preds, fp32_preds)
-        log(f"before QAT: FP32 top-1 {baseline['fp32_top1']:.2f}%, PTQ ({rec.name}) top-1 "
-            f"{baseline['ptq_top1']:.2f}% on {len(eval_ds)} images (same class as FP32 on "
-            f"{baseline['ptq_fp32_agreement']:.2f}%)")
+    teacher.to(dist.device)
+    qnet.to(dist.device)
+    run = _Run(cfg, rec, targets, io, dist, log, show, data, config, total_steps, steps_per_epoch,
+               cfg.batch_size // dist.world, teacher, qnet, built.plan, bits, _notes(rec, bits), n_cal, t_cal, t_start)
+    _baseline(run, state)
     if state is not None:
         qnet.load_state_dict(state["model"])
+    _optimizer(run, state)
+    if dist.main:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    log(f"QAT {cfg.model} with recipe {rec.name}: {total_steps} steps ({cfg.epochs:g} epochs of {steps_per_epoch}), "
+        f"global batch {cfg.batch_size} ({dist.world} process(es) x {run.per_rank}), lr {cfg.lr:g}, on {dist.device}")
+    if state is None:
+        run.save()  # the calibrated starting point: a run killed before its first checkpoint resumes from here
+        if dist.main:  # kept: the PTQ starting point of this run (`load_qat(OUT/start.pt)`)
+            atomic_torch_save({"model": qnet.state_dict(), "plan": qparams_to_state(built.plan), "config": config,
+                               "step": 0}, cfg.out / "start.pt")
+    return run
 
-    # --- optimisation
+
+def _eval_loader(run: _Run, ds):
+    return make_loader(ds, batch_size=max(run.per_rank, 64), workers=run.cfg.workers)
+
+
+def _baseline(run: _Run, state: dict | None) -> None:
+    """FP32 and PTQ top-1 on the eval set, measured before the trained weights are loaded (qnet is then
+    the PTQ starting point: calibrated plan, original weights); kept from the checkpoint when it has them."""
+    run.baseline = dict(state.get("baseline", {})) if state is not None else {}
+    run.fp32_preds = state.get("fp32_preds") if state is not None else None
+    eval_ds, dev = run.data.eval_ds, run.dist.device
+    if eval_ds is None or "fp32_top1" in run.baseline or not run.dist.main:
+        return
+    b = run.baseline
+    run.qnet.eval()
+    b["fp32_top1"], run.fp32_preds = top1(run.teacher, _eval_loader(run, eval_ds), dev, "eval fp32", run.show)
+    b["ptq_top1"], ptq_preds = top1(run.qnet, _eval_loader(run, eval_ds), dev, "eval PTQ (fake-quant)", run.show)
+    b["ptq_fp32_agreement"] = _agreement(ptq_preds, run.fp32_preds)
+    run.log(f"before QAT: FP32 top-1 {b['fp32_top1']:.2f}%, PTQ ({run.rec.name}) top-1 {b['ptq_top1']:.2f}% on "
+            f"{len(eval_ds)} images (same class as FP32 on {b['ptq_fp32_agreement']:.2f}%)")
+
+
+def _optimizer(run: _Run, state: dict | None) -> None:
+    """AdamW (weight decay on conv/linear weights only) and the per-step schedule; resumed from ``state``."""
+    q, qnet, lr = run.rec.qat, run.qnet, run.cfg.lr
     decay = [p for p in qnet.student.parameters() if p.ndim >= 2]
     no_decay = [p for p in qnet.student.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": q.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if qnet.log_scales is not None:
         groups.append({"params": [qnet.log_scales], "weight_decay": 0.0, "lr": q.scale_lr or lr})
-    opt = torch.optim.AdamW(groups, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, total_steps, q.schedule))
-    epoch, step_in_epoch, step = 0, 0, 0
-    history: list[dict] = []
-    ep = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "n": 0, "seconds": 0.0}  # sums over the current epoch
-    if state is not None:
-        if "optimizer" in state:
-            opt.load_state_dict(state["optimizer"])
-        elif state["step"] < total_steps:  # a finished run's checkpoint may be slimmed for transfer
-            raise CareQError(f"{ckpt_path} has no optimizer state, so its run (step {state['step']} of "
-                             f"{total_steps}) cannot continue; only a finished run can be resumed without it")
-        sched.load_state_dict(state["scheduler"])
-        epoch, step_in_epoch, step = state["epoch"], state["step_in_epoch"], state["step"]
-        history = list(state.get("history", []))
-        ep.update(state.get("epoch_sums", {}))
-        _set_rng_state(state.get("rng", {}))
-        if step >= total_steps:
-            log(f"{out}: the run finished ({step} steps); evaluating and exporting it again")
-        else:
-            log(f"resuming {out} at step {step}/{total_steps} (epoch {epoch + 1}, step {step_in_epoch})")
-    ddp = qnet
+    run.opt = torch.optim.AdamW(groups, lr=lr)
+    warmup = min(int(q.warmup_steps), run.total_steps)
+    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, _lr_lambda(warmup, run.total_steps, q.schedule))
+    if state is None:
+        return
+    if "optimizer" in state:
+        run.opt.load_state_dict(state["optimizer"])
+    elif state["step"] < run.total_steps:  # a finished run's checkpoint may be slimmed for transfer
+        raise CareQError(f"{run.ckpt_path} has no optimizer state, so its run (step {state['step']} of "
+                         f"{run.total_steps}) cannot continue; only a finished run can be resumed without it")
+    run.sched.load_state_dict(state["scheduler"])
+    run.epoch, run.step_in_epoch, run.step = state["epoch"], state["step_in_epoch"], state["step"]
+    run.history = list(state.get("history", []))
+    run.ep.update(state.get("epoch_sums", {}))
+    set_rng_state(state.get("rng", {}))
+    if run.step >= run.total_steps:
+        run.log(f"{run.cfg.out}: the run finished ({run.step} steps); evaluating and exporting it again")
+    else:
+        run.log(f"resuming {run.cfg.out} at step {run.step}/{run.total_steps} (epoch {run.epoch + 1}, "
+                f"step {run.step_in_epoch})")
+
+
+def _train(run: _Run) -> bool:
+    """The training loop, from the run's step to its end or ``max_steps``; True when stopped early."""
+    cfg, dist, q, dev = run.cfg, run.dist, run.rec.qat, run.dist.device
+    ddp = run.qnet
     if dist.active:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(qnet, device_ids=[dist.local_rank] if dev.type == "cuda" else None)
-
-    def save() -> None:
-        if dist.main:
-            atomic_torch_save({"model": qnet.state_dict(), "plan": qparams_to_state(plan),
-                               "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
-                               "step_in_epoch": step_in_epoch, "step": step, "rng": _rng_state(),
-                               "config": config, "history": history, "baseline": baseline,
-                               "calibration_images": n_cal, "calibration_seconds": t_cal,
-                               "epoch_sums": dict(ep), "fp32_preds": fp32_preds}, ckpt_path)
-
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-    log(f"QAT {model} with recipe {rec.name}: {total_steps} steps ({epochs:g} epochs of {steps_per_epoch}), "
-        f"global batch {batch_size} ({dist.world} process(es) x {per_rank}), lr {lr:g}, on {dev}")
-    if state is None:
-        save()  # the calibrated starting point: a run killed before its first checkpoint resumes from here
-        if dist.main:  # kept: the PTQ starting point of this run (`load_qat(OUT/start.pt)`)
-            atomic_torch_save({"model": qnet.state_dict(), "plan": qparams_to_state(plan), "config": config,
-                               "step": 0}, out / "start.pt")
-    stopped = False
+        ddp = DistributedDataParallel(run.qnet, device_ids=[dist.local_rank] if dev.type == "cuda" else None)
     it = None
-    train_seconds, train_images = 0.0, 0
-    qnet.train()
-    with progress_bar(f"QAT {rec.name}", total_steps, enabled=show) as advance:
-        advance(step)
-        while step < total_steps:
-            epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+    run.qnet.train()
+    with progress_bar(f"QAT {run.rec.name}", run.total_steps, enabled=run.show) as advance:
+        advance(run.step)
+        while run.step < run.total_steps:
+            epoch_steps = min(run.steps_per_epoch, run.total_steps - run.epoch * run.steps_per_epoch)
             if it is None:
-                train_ds.set_epoch(epoch)
-                idx = dist.shard(train_ds, epoch, seed, per_rank, step_in_epoch, epoch_steps)
-                it = iter(make_loader(train_ds, per_rank, workers=workers, sampler=idx, drop_last=True))
+                ds = run.data.train_ds
+                ds.set_epoch(run.epoch)
+                idx = dist.shard(ds, run.epoch, cfg.seed, run.per_rank, run.step_in_epoch, epoch_steps)
+                it = iter(make_loader(ds, run.per_rank, workers=cfg.workers, sampler=idx, drop_last=True))
             t_step = time.perf_counter()
             x, y = next(it)
             x, y = x.to(dev), y.to(dev)
             with torch.no_grad():
-                t_logits = teacher(x)
+                t_logits = run.teacher(x)
             loss, ce, kd = distill_loss(ddp(x), t_logits, y, q.ce_weight, q.distill_weight, q.temperature)
             if not dist.all_ok(bool(torch.isfinite(loss))):
-                raise CareQError(f"QAT diverged at step {step + 1} (loss {float(loss)}); try a lower --lr")
-            opt.zero_grad(set_to_none=True)
+                raise CareQError(f"QAT diverged at step {run.step + 1} (loss {float(loss)}); try a lower --lr")
+            run.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            step_in_epoch += 1
-            dt = time.perf_counter() - t_step
-            train_seconds += dt
-            train_images += batch_size
-            for k, v in (("loss", float(loss.detach())), ("ce", ce), ("kd", kd)):
-                ep[k] += v
-            ep["n"] += 1
-            ep["seconds"] += dt
-            advance(1, loss=ep["loss"] / ep["n"], lr=sched.get_last_lr()[0])
-            if step_in_epoch == epoch_steps:
-                rec_ep = {"epoch": epoch + 1, "step": step, "device": _device_name(dev),
-                          **{k: round(dist.mean(ep[k] / ep["n"]), 5) for k in ("loss", "ce", "kd")},
-                          "seconds": round(ep["seconds"], 1),
-                          "images_per_s": round(ep["n"] * batch_size / ep["seconds"], 2) if ep["seconds"] else None}
-                history.append(rec_ep)
-                log(f"epoch {rec_ep['epoch']} step {step}/{total_steps} loss {rec_ep['loss']:.4f} "
-                    f"(ce {rec_ep['ce']:.4f}, kd {rec_ep['kd']:.4f}), {rec_ep['images_per_s']} img/s")
-                epoch += 1
-                step_in_epoch = 0
+            run.opt.step()
+            run.sched.step()
+            _count_step(run, time.perf_counter() - t_step, float(loss.detach()), ce, kd)
+            advance(1, loss=run.ep["loss"] / run.ep["n"], lr=run.sched.get_last_lr()[0])
+            if run.step_in_epoch == epoch_steps:
+                _end_epoch(run)
                 it = None
-                ep = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "n": 0, "seconds": 0.0}
-                save()
-            elif checkpoint_every and step % checkpoint_every == 0:
-                save()
-            if max_steps is not None and step >= max_steps and step < total_steps:
-                if step_in_epoch != 0 and not (checkpoint_every and step % checkpoint_every == 0):
-                    save()
-                stopped = True
-                break
-    images_per_s = train_images / train_seconds if train_seconds > 0 else None
-    report = {"command": "qat", "model": model, "weights": str(weights), "img_size": size, "recipe": rec.to_json(),
-              "io": io, "targets": targets, "dataset": str(dataset), "finished": not stopped,
-              "train": {"steps": step, "total_steps": total_steps, "epochs": epochs,
-                        "steps_per_epoch": steps_per_epoch, "global_batch": batch_size, "processes": dist.world,
-                        "per_process_batch": per_rank, "backend": dist.backend, "device": str(dev), "lr": lr,
-                        "this_session_seconds": round(train_seconds, 1),
-                        "this_session_images_per_s": round(images_per_s, 2) if images_per_s else None,
-                        "history": history},
-              "calibration": {"set": str(calib), "images": n_cal, "seconds": t_cal},
-              "checkpoint": str(ckpt_path), "notes": notes}
-    if stopped:
-        log(f"stopped at step {step}/{total_steps} (max_steps {max_steps}); continue with --resume")
-        dist.barrier()
-        return report
-    error = None
-    if dist.main:
-        try:
-            report = _finish(report, qnet, plan, bits, rec, model, out, io, targets, cal_ds, eval_ds, baseline,
-                             fp32_preds, eval_dataset, calib, data_root, pre, num_verify, seed, net, threads, min_agreement,
-                             show, t_start, log)
-        except BaseException as e:  # release the other ranks before failing
-            error = e
-    dist.barrier()
-    if error is not None:
-        raise error
-    failed = report.get("failed_agreement")
-    if failed:
-        raise CareQError(failed)
-    return report
+            elif cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
+                run.save()
+            if cfg.max_steps is not None and cfg.max_steps <= run.step < run.total_steps:
+                if run.step_in_epoch != 0 and not (cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0):
+                    run.save()
+                return True
+    return False
 
 
-def _finish(report, qnet, plan, bits, rec, model, out, io, targets, cal_ds, eval_ds, baseline, fp32_preds,
-            eval_dataset, calib,
-            data_root, pre, num_verify, seed, net, threads, min_agreement, show, t_start, log) -> dict:
+def _count_step(run: _Run, seconds: float, loss: float, ce: float, kd: float) -> None:
+    run.step += 1
+    run.step_in_epoch += 1
+    run.train_seconds += seconds
+    run.train_images += run.cfg.batch_size
+    for k, v in (("loss", loss), ("ce", ce), ("kd", kd)):
+        run.ep[k] += v
+    run.ep["n"] += 1
+    run.ep["seconds"] += seconds
+
+
+def _end_epoch(run: _Run) -> None:
+    """Log the epoch, reset its sums and checkpoint."""
+    ep, dist = run.ep, run.dist
+    rec_ep = {"epoch": run.epoch + 1, "step": run.step, "device": _device_name(dist.device),
+              **{k: round(dist.mean(ep[k] / ep["n"]), 5) for k in ("loss", "ce", "kd")},
+              "seconds": round(ep["seconds"], 1),
+              "images_per_s": round(ep["n"] * run.cfg.batch_size / ep["seconds"], 2) if ep["seconds"] else None}
+    run.history.append(rec_ep)
+    run.log(f"epoch {rec_ep['epoch']} step {run.step}/{run.total_steps} loss {rec_ep['loss']:.4f} "
+            f"(ce {rec_ep['ce']:.4f}, kd {rec_ep['kd']:.4f}), {rec_ep['images_per_s']} img/s")
+    run.epoch += 1
+    run.step_in_epoch = 0
+    run.ep = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "n": 0, "seconds": 0.0}
+    run.save()
+
+
+def _int8_output(run: _Run, ref_ops) -> None:
+    """The int8 output's parameters: the logits tensor's own with an int8 head, else the logits
+    range of the trained model on the calibration images."""
+    plan = run.plan
+    if plan.quantized(plan.graph.output):
+        plan.output_qparams = plan.qp(plan.graph.output)
+        return
+    obs = HistogramObserver("logits")
+    with torch.no_grad():
+        for x, _ in make_loader(run.data.cal_ds, run.rec.batch_size):
+            obs.update(run.qnet.student(x, ref_ops()))
+    lo, hi = obs.range(Method.MINMAX, DType.INT8, False)
+    plan.output_qparams = qparams_from_range(lo, hi, DType.INT8, False)
+
+
+def _evaluate(run: _Run, ref_ops) -> dict:
+    """FP32 / PTQ (from the start) and QAT top-1 on the eval set, and the QAT model's agreement with FP32."""
+    acc = dict(run.baseline)
+    eval_ds = run.data.eval_ds
+    if eval_ds is None:
+        return acc
+    loader = make_loader(eval_ds, batch_size=64)
+    acc["qat_top1"], preds = top1(lambda x: run.qnet.student(x, ref_ops()), loader, torch.device("cpu"), "eval QAT",
+                                  run.show)
+    acc["eval_set"] = {"name": str(getattr(eval_ds, "name", "")), "images": len(eval_ds)}
+    msg = f"after QAT: top-1 {acc['qat_top1']:.2f}%"
+    if run.fp32_preds is not None:
+        acc["qat_fp32_agreement"] = _agreement(preds, run.fp32_preds)
+        msg += f", same class as FP32 on {acc['qat_fp32_agreement']:.2f}%"
+    if "fp32_top1" in acc:
+        msg += (f" (FP32 {acc['fp32_top1']:.2f}%, PTQ {acc['ptq_top1']:.2f}%: "
+                f"{acc['qat_top1'] - acc['fp32_top1']:+.2f} pt vs FP32)")
+    run.log(msg)
+    return acc
+
+
+def _finish(run: _Run, report: dict) -> dict:
     """Rank 0 after training: write back scales, bake int4, evaluate, export, verify, report."""
-    from care_q.data import get_dataset, make_loader
-    from care_q.ptq import _census, _emit, _verify
-    from care_q.quant.observers import HistogramObserver
-    from care_q.quant.qtypes import DType, Method, qparams_from_range
-
-    qnet.cpu().eval()
-    student = qnet.student
-    ratios = qnet.write_back()
-    baked = bake_int4_weights(plan, bits)
+    cfg, plan = run.cfg, run.plan
+    run.qnet.cpu().eval()
+    ratios = run.qnet.write_back()
+    baked = bake_int4_weights(plan, run.bits)
 
     def ref_ops():  # the exporters' reference, after the write-back and the baking
         return QuantOps(plan, "quant")
 
-    if io == "int8" and plan.quantized(plan.graph.output):  # int8 head: the logits tensor's own parameters
-        plan.output_qparams = plan.qp(plan.graph.output)
-    elif io == "int8":  # the logits range of the trained model, for the int8 output
-        obs = HistogramObserver("logits")
-        with torch.no_grad():
-            for x, _ in make_loader(cal_ds, rec.batch_size):
-                obs.update(student(x, ref_ops()))
-        lo, hi = obs.range(Method.MINMAX, DType.INT8, False)
-        plan.output_qparams = qparams_from_range(lo, hi, DType.INT8, False)
-    acc = dict(baseline)
-    if eval_ds is not None:
-        loader = make_loader(eval_ds, batch_size=64)
-        acc["qat_top1"], preds = top1(lambda x: student(x, ref_ops()), loader, torch.device("cpu"), "eval QAT", show)
-        acc["eval_set"] = {"name": str(getattr(eval_ds, "name", "")), "images": len(eval_ds)}
-        msg = f"after QAT: top-1 {acc['qat_top1']:.2f}%"
-        if fp32_preds is not None:
-            acc["qat_fp32_agreement"] = _agreement(preds, fp32_preds)
-            msg += f", same class as FP32 on {acc['qat_fp32_agreement']:.2f}%"
-        if "fp32_top1" in acc:
-            msg += (f" (FP32 {acc['fp32_top1']:.2f}%, PTQ {acc['ptq_top1']:.2f}%: "
-                    f"{acc['qat_top1'] - acc['fp32_top1']:+.2f} pt vs FP32)")
-        log(msg)
-    report["accuracy"] = acc
+    if run.io == "int8":
+        _int8_output(run, ref_ops)
+    report["accuracy"] = _evaluate(run, ref_ops)
     if ratios:
         r = torch.tensor(list(ratios.values()), dtype=torch.float64)
         report["learnt_scales"] = {"groups": len(ratios), "ratio_to_calibrated": {
             "min": float(r.min()), "median": float(r.median()), "max": float(r.max())}}
     report["int4_convs"] = baked
-
-    # --- verification images: held out from training (the eval set when given)
-    src = eval_dataset if eval_dataset is not None else calib
-    if targets:
-        vds = get_dataset(src, pre, data_root=data_root, limit=num_verify, seed=seed + 1, model=net, progress=show)
-        xv = torch.cat([b[0] for b in make_loader(vds, 50)])[:num_verify]
-    artifacts = {}
-    names = _artifact_names(model, rec)
-    for t in targets:
-        path = out / names[t]
-        _emit(t, plan, io, path, preprocess=pre, model_name=model)
-        v = _verify(path, student, plan, xv.numpy(), threads)
-        artifacts[t] = {"path": str(path), "size_bytes": path.stat().st_size, "verification": v,
-                        "census": _census(path)}
-        log(f"{t}: {path} ({path.stat().st_size / 1e6:.2f} MB), top-1 agreement with the fake-quant model "
-            f"{100 * v['top1_agreement']:.1f}% on {v['images']} images")
-    report.update({"artifacts": artifacts,
-                   "verification_images": {"set": str(src), "images": int(xv.shape[0]) if targets else 0},
-                   "min_agreement": min_agreement, "target_agreement": TARGET_AGREEMENT,
+    # verification images: held out from training (the eval set when given)
+    src = cfg.eval_dataset if cfg.eval_dataset is not None else cfg.calib
+    artifacts, n_verify = {}, 0
+    if run.targets:
+        vds = get_dataset(src, run.data.pre, data_root=cfg.data_root, limit=cfg.num_verify, seed=cfg.seed + 1,
+                          model=run.data.net, progress=run.show)
+        xv = torch.cat([b[0] for b in make_loader(vds, 50)])[:cfg.num_verify]
+        n_verify = int(xv.shape[0])
+        export = ExportConfig(run.targets, run.io, cfg.out, f"{cfg.model}_{run.rec.name}", cfg.num_verify,
+                              cfg.threads, cfg.min_agreement, False)
+        artifacts = export_artifacts(plan, run.qnet.student, export, xv, preprocess=run.data.pre,
+                                     model_name=cfg.model, log=run.log)
+    report.update({"artifacts": artifacts, "verification_images": {"set": str(src), "images": n_verify},
+                   "min_agreement": cfg.min_agreement, "target_agreement": TARGET_AGREEMENT,
                    "tensors": plan.to_json(),
                    "machine": {"platform": platform.platform(), "python": platform.python_version(),
                                "torch": torch.__version__},
-                   "seconds": round(time.time() - t_start, 1)})
-    atomic_write_json(report, out / "report.json")
-    atomic_write_text(render_markdown(report), out / "report.md")
-    failed = {t: a["verification"]["top1_agreement"] for t, a in artifacts.items()
-              if a["verification"]["top1_agreement"] < min_agreement}
-    if failed:
-        report["failed_agreement"] = (
-            "artifact(s) disagree with the fake-quant reference: "
-            + ", ".join(f"{t} {100 * v:.1f}% top-1 agreement" for t, v in failed.items())
-            + f" (< {100 * min_agreement:.1f}%); see {out / 'report.md'}")
+                   "seconds": round(time.time() - run.t_start, 1)})
+    atomic_write_json(report, cfg.out / "report.json")
+    atomic_write_text(render_markdown(report), cfg.out / "report.md")
+    failure = agreement_failure(artifacts, cfg.min_agreement, cfg.out / "report.md")
+    if failure:
+        report["failed_agreement"] = failure
     return report
-
-
-def render_markdown(r: dict) -> str:
-    t = r["train"]
-    L = [f"# care-q QAT report: {r['model']} ({r['img_size']}x{r['img_size']}), recipe `{r['recipe']['name']}`", "",
-         f"- recipe: `{r['recipe']['name']}` ({r['recipe']['source']}), io: {r['io']}",
-         f"- weights: {r['weights']}; training set: `{r['dataset']}`",
-         f"- start: PTQ calibration of the same recipe on `{r['calibration']['set']}`, "
-         f"{r['calibration']['images']} images",
-         f"- training: {t['steps']} steps ({t['epochs']:g} epochs of {t['steps_per_epoch']}), global batch "
-         f"{t['global_batch']} = {t['processes']} process(es) x {t['per_process_batch']}, lr {t['lr']:g}, "
-         f"device {t['device']}" + (f", backend {t['backend']}" if t["backend"] else ""),
-         f"- throughput (this session): {t['this_session_images_per_s']} img/s over "
-         f"{t['this_session_seconds']} s of training steps",
-         f"- total time: {r.get('seconds')} s", ""]
-    for n in r["notes"]:
-        L.append(f"> note: {n}")
-    acc = r.get("accuracy", {})
-    if "qat_top1" in acc:
-        L += ["", f"## Top-1 on `{acc['eval_set']['name']}` ({acc['eval_set']['images']} images)", "",
-              "| model | top-1 | vs FP32 | same class as FP32 |", "|---|---:|---:|---:|"]
-        fp = acc.get("fp32_top1")
-        for label, key, agree in (("FP32 (teacher)", "fp32_top1", None),
-                                  ("PTQ, same recipe (fake-quant)", "ptq_top1", "ptq_fp32_agreement"),
-                                  ("QAT (fake-quant = exported graph)", "qat_top1", "qat_fp32_agreement")):
-            if key in acc:
-                d = f"{acc[key] - fp:+.2f} pt" if fp is not None else ""
-                a = f"{acc[agree]:.2f}%" if agree in acc else ""
-                L.append(f"| {label} | {acc[key]:.2f}% | {d} | {a} |")
-    if t["history"]:
-        L += ["", "## Training", "", "| epoch | step | loss | CE | KL | s | img/s |", "|---:|---:|---:|---:|---:|---:|---:|"]
-        for h in t["history"]:
-            L.append(f"| {h['epoch']} | {h['step']} | {h['loss']:.4f} | {h['ce']:.4f} | {h['kd']:.4f} | "
-                     f"{h['seconds']} | {h['images_per_s']} |")
-    if "learnt_scales" in r:
-        ls = r["learnt_scales"]
-        rt = ls["ratio_to_calibrated"]
-        L += ["", f"Learnt activation scales (LSQ): {ls['groups']} groups, learnt/calibrated ratio min "
-                  f"{rt['min']:.3f}, median {rt['median']:.3f}, max {rt['max']:.3f}."]
-    if r.get("artifacts"):
-        L += ["", "## Artifacts, verified in their runtimes against the fake-quant model", "",
-              f"Verification images: `{r['verification_images']['set']}` ({r['verification_images']['images']}, "
-              f"not used for training). Target agreement {100 * r['target_agreement']:.1f}%.", "",
-              "| target | file | size (MB) | top-1 agreement | logit SQNR (dB) | max abs diff |",
-              "|---|---|---:|---:|---:|---:|"]
-        for tg, a in r["artifacts"].items():
-            v = a["verification"]
-            L.append(f"| {tg} | `{Path(a['path']).name}` | {a['size_bytes'] / 1e6:.2f} | "
-                     f"{100 * v['top1_agreement']:.1f}% | {v['logit_sqnr_db']:.1f} | {v['max_abs_diff']:.3g} |")
-        L += ["", "## Where the ops run (care-q check)", ""]
-        for tg, a in r["artifacts"].items():
-            L += [f"- {tg}: " + line for line in a.get("census", [])]
-    L += ["", "(every tensor's parameters: `report.json` -> `tensors`; resumable state: "
-              f"`{Path(r['checkpoint']).name}`)", ""]
-    return "\n".join(L)
