@@ -41,9 +41,11 @@ def run(args) -> int:
     c = Console(highlight=False)
     for t, a in r["artifacts"].items():
         v = a["verification"]
+        f = v.get("vs_fp32", {})
         c.print(f"[green]{t}[/]: {a['path']} ({a['size_bytes'] / 1e6:.2f} MB), "
-                f"top-1 agreement with fake-quant {100 * v['top1_agreement']:.1f}%, "
-                f"logit SQNR {v['logit_sqnr_db']:.1f} dB")
+                f"top-1 agreement with its fake-quant reference {100 * v['top1_agreement']:.1f}%"
+                + (f"; vs FP32: top-1 agreement {100 * f['top1_agreement']:.1f}%, logit SQNR "
+                   f"{f['logit_sqnr_db']:.1f} dB" if f else ""))
     for t, m in r.get("latency", {}).items():
         c.print(f"{t}: int8 {m['int8']['median_ms']:.2f} ms vs fp32 {m['fp32']['median_ms']:.2f} ms "
                 f"({m['ratio']:.2f}x), size {m['size_ratio']:.2f}x")
