@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from care_q.data import stage
 from care_q.errors import CareQError
 from care_q.export.fp32_baselines import fp32_baselines
 from care_q.pipeline import MIN_AGREEMENT, ExportConfig, PrepareConfig, Prepared, held_out_images, prepare
@@ -27,6 +26,7 @@ from care_q.pipeline.fidelity import fp32_logits, recipe_vs_minmax
 from care_q.quant.qtypes import Role
 from care_q.quant.recipe import load_recipe
 from care_q.utils.io import atomic_write_json, atomic_write_text
+from care_q.utils.progress import stage
 
 ATTENTION_ROLES = (Role.ATTN_QK, Role.ATTN_ELU, Role.ATTN_PHI, Role.ATTN_KV, Role.ATTN_KMEAN,
                    Role.ATTN_DEN, Role.ATTN_NUM, Role.ATTN_OUT)

@@ -26,6 +26,8 @@ from care_q.data import (
     make_loader,
 )
 from care_q.models import PreprocessConfig, load_sidecar
+from care_q.utils import progress
+from care_q.utils.progress import progress_bar, stage, track
 
 CIFAR_PP = PreprocessConfig(input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                             interpolation="bilinear", crop_pct=1.0)
@@ -305,8 +307,6 @@ def test_no_warnings_on_clean_data(tmp_path):
 
 
 def test_stage_reports_its_time_only_when_enabled(capsys):
-    from care_q.data import stage
-
     with stage("writing m.tflite", enabled=False):
         pass
     assert capsys.readouterr().err == ""
@@ -314,3 +314,27 @@ def test_stage_reports_its_time_only_when_enabled(capsys):
         pass
     err = capsys.readouterr().err
     assert err.startswith("done writing m.tflite (") and err.rstrip().endswith(" s)")
+
+
+def test_progress_bar_and_track(capsys):
+    assert list(track(iter("abc"), "letters", enabled=False)) == ["a", "b", "c"]
+    with progress_bar("silent", 3, enabled=False) as advance:
+        assert advance(2, loss=0.5) is None   # a disabled bar takes the same calls
+    assert capsys.readouterr().err == ""
+    assert list(track(range(4), "numbers", enabled=True)) == [0, 1, 2, 3]
+    assert progress._describe({"loss": 1.23456, "lr": 0.001, "epoch": 3}) == "loss 1.235 lr 0.001 epoch 3"
+
+
+def test_progress_lives_in_utils_and_data_imports_one_way():
+    """care_q.data re-exports the progress utilities of care_q.utils.progress; synthetic.py does not
+    import datasets.py (datasets imports synthetic), at module level or inside a function."""
+    import ast
+
+    import care_q.data as data
+    import care_q.data.synthetic as synthetic
+
+    assert (data.progress_bar, data.track, data.stage) == (progress_bar, track, stage)
+    imported = {n.module for n in ast.walk(ast.parse(Path(synthetic.__file__).read_text()))
+                if isinstance(n, ast.ImportFrom)}
+    assert "care_q.utils.progress" in imported
+    assert not any(m.startswith("care_q.data") for m in imported), imported

@@ -75,6 +75,19 @@ def test_summarize_and_tally():
         M.Tally().update(np.array([[np.nan, 1.0]]))
 
 
+def test_one_agreement_and_one_integer_op_list():
+    from care_q.census.onnx_fusion import is_integer_kernel
+    from care_q.utils import metrics as UM
+
+    assert M.agreement is UM.agreement   # training, QAT and evaluation share it
+    assert UM.percent_agreement(np.array([0, 1, 2, 2]), np.array([0, 1, 1, 2])) == 75.0
+    integer = ["QLinearConv", "com.microsoft.QLinearAdd", "com.microsoft.QGemm", "QAttention", "MatMulInteger",
+               "ConvInteger", "MatMulIntegerToFloat", "DynamicQuantizeLinear", "QOrderedMatMul"]
+    other = ["Conv", "MatMul", "com.microsoft.Gelu", "QuantizeLinear", "DequantizeLinear", "QuickGelu", "Softmax"]
+    assert [op for op in integer if not is_integer_kernel(op)] == []
+    assert [op for op in other if is_integer_kernel(op)] == []
+
+
 # ----------------------------------------------------------------------------- fixtures
 
 
@@ -165,6 +178,20 @@ def test_evaluate_end_to_end(setup):
     assert iso["artifacts"]["t_int8_qdq.onnx"]["metrics"]["top1"] == res["artifacts"]["t_int8_qdq.onnx"]["metrics"]["top1"]
     assert iso["artifacts"]["t_int8_qdq.onnx"]["metrics"]["agreement"] == \
         res["artifacts"]["t_int8_qdq.onnx"]["metrics"]["agreement"]
+
+
+def test_onnx_census_and_fusion_agree_on_integer_kernels(setup):
+    """The artifact census and the fusion census read onnxruntime's optimized graph with one list
+    of integer kernels: they count the same ones, and none of them is a float op."""
+    from care_q.census.onnx_fusion import onnx_fusion
+    from care_q.eval.census import artifact_census
+
+    path = setup["arts"] / "t_int8_qdq.onnx"
+    census, fusion = artifact_census(path), onnx_fusion(path)
+    assert census["integer_kernels"] == sum(fusion["integer_ops"].values()) > 0
+    assert census["integer_kernels"] >= census["runtime_census"]["com.microsoft.QLinearConv"] > 0
+    leaves = {op.rsplit(".", 1)[-1] for op in census["float_op_types"]}
+    assert leaves.isdisjoint(fusion["integer_ops"]) and "Gelu" in leaves   # care_test's GELU stays float
 
 
 def test_runtime_abort_is_a_recorded_failure(setup, tmp_path, monkeypatch):

@@ -18,7 +18,9 @@ from care_q.cli import main
 from care_q.data import get_dataset
 from care_q.models import load_sidecar
 from care_q.models.builder import read_state_dict
-from care_q.train import train
+from care_q.train import evaluate_top1, train
+from care_q.utils.metrics import percent_agreement, predict, top1
+from care_q.utils.schedule import lr_lambda
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -124,3 +126,57 @@ def test_existing_run_is_not_overwritten(folder):
     train(out=folder.parent / "once", **kw)
     with pytest.raises(CareQError, match="already holds a training run"):
         train(out=folder.parent / "once", **kw)
+
+
+# ----------------------------------------------------------------------------- schedule and top-1
+
+
+def test_lr_lambda_warmup_then_cosine_or_constant():
+    f = lr_lambda(warmup=2, total=6)  # warmup over steps 0, 1; cosine over steps 2..6
+    assert [f(s) for s in range(8)] == pytest.approx([0.5, 1.0, 1.0, 0.8535534, 0.5, 0.1464466, 0.0, 0.0])
+    g = lr_lambda(warmup=2, total=6, schedule="constant")
+    assert [g(s) for s in range(8)] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert lr_lambda(0, 4)(0) == 1.0 and lr_lambda(0, 4)(2) == pytest.approx(0.5)
+    with pytest.raises(CareQError, match="unknown learning-rate schedule 'linear'"):
+        lr_lambda(2, 6, "linear")
+
+
+class _Fixed(torch.nn.Module):
+    """Predicts class 1 for a positive first pixel, else class 0; counts its calls in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.eval_calls = 0
+
+    def forward(self, x):
+        self.eval_calls += int(not self.training)
+        p = x.reshape(x.shape[0], -1)[:, 0]
+        return torch.stack([-p, p], dim=1)
+
+
+def _batches(signs, labels, batch=3):
+    x = torch.tensor(signs, dtype=torch.float32).reshape(-1, 1, 1, 1)
+    y = torch.tensor(labels)
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(labels), batch)]
+
+
+def test_top1_and_agreement_hand_computed():
+    loader = _batches([1, -1, 1, 1, -1, -1, 1], [1, 0, 0, 1, 1, 0, 1])  # predictions 1 0 1 1 0 0 1
+    preds, labels = predict(_Fixed(), loader, progress=False)
+    assert preds.tolist() == [1, 0, 1, 1, 0, 0, 1] and labels.tolist() == [1, 0, 0, 1, 1, 0, 1]
+    acc, p = top1(_Fixed(), loader, device="cpu", progress=False)
+    assert acc == pytest.approx(500 / 7) and p.tolist() == preds.tolist()   # 5 of 7 right
+    assert percent_agreement(p, torch.tensor([1, 1, 1, 1, 0, 0, 0])) == pytest.approx(500 / 7)
+    net = _Fixed().train()
+    assert evaluate_top1(net, loader, progress=False) == pytest.approx(500 / 7)
+    assert net.training and net.eval_calls == 3   # ran in eval mode (3 batches), left in training mode
+    with pytest.raises(CareQError, match="no images"):
+        predict(_Fixed(), [], progress=False)
+
+
+def test_training_log_top1_rounds_once():
+    """23 of 160 right: the training log's ``100 * 23 / 160`` is 14.375 exactly (history 14.38);
+    `top1`'s ``100 * (23 / 160)`` is one bit lower (what QAT reports, 14.37 at two decimals)."""
+    loader = _batches([1] * 23 + [-1] * 137, [1] * 160, batch=64)
+    assert evaluate_top1(_Fixed(), loader, progress=False) == 14.375
+    assert top1(_Fixed(), loader, progress=False)[0] == 100.0 * (23 / 160) < 14.375

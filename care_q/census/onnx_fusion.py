@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from care_q.errors import CareQError
+from care_q.runtime import load_runner
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 _INTEGER_PREFIXES = ("QLinear", "QGemm", "QAttention", "QOrderedMatMul", "DynamicQuantize")
@@ -46,14 +47,16 @@ def base_name(name: str) -> str:
 
 
 def is_integer_kernel(op_type: str) -> bool:
-    return op_type.startswith(_INTEGER_PREFIXES) or op_type.endswith(_INTEGER_SUFFIXES)
+    """Whether an ONNX op runs in integer arithmetic (care-q's one list of onnxruntime's integer
+    kernels). ``op_type`` may carry its domain, as `care_q.runtime.onnx_op_census` writes it
+    (``com.microsoft.QLinearConv``)."""
+    leaf = op_type.rsplit(".", 1)[-1]
+    return leaf.startswith(_INTEGER_PREFIXES) or leaf.endswith(_INTEGER_SUFFIXES)
 
 
 def onnx_fusion(path: str | Path, threads: int = 1) -> dict:
     """Run onnxruntime's optimizer on `path` and classify the optimized graph's ops (see module doc)."""
     import onnx
-
-    from care_q.runtime import load_runner
 
     path = Path(path)
     if path.suffix.lower() != ".onnx":

@@ -11,11 +11,9 @@ from care_q.data.datasets import (
     list_datasets,
     load_definition,
     make_loader,
-    progress_bar,
-    stage,
-    track,
 )
 from care_q.data.transforms import build_transform
+from care_q.utils.progress import progress_bar, stage, track  # re-exported until every importer uses utils.progress
 
 __all__ = ["DataWarning", "DatasetDef", "DatasetInfo", "ImageFolderSet", "build_transform",
            "check_classes", "get_dataset", "inspect_dataset", "list_datasets", "load_definition",

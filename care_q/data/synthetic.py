@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from care_q.errors import CareQError
 from care_q.models.builder import IMAGENET_MEAN, IMAGENET_STD
+from care_q.utils.progress import progress_bar
 
 DEFAULTS = {"n": 64, "steps": 40, "batch_size": 32, "lr": 0.25, "tv_weight": 0.05}
 
@@ -89,8 +90,6 @@ def synthesize_bn_inputs(model: nn.Module, n: int, img_size: int, steps: int = D
     Batches of ``batch_size`` are optimised independently for ``steps`` Adam steps (cosine-decayed
     ``lr``) from N(0, 1) noise drawn with ``seed``.
     """
-    from care_q.data.datasets import progress_bar
-
     if n < 1 or img_size < 1 or steps < 0 or batch_size < 1:
         raise CareQError(f"synthetic_bn: n, img_size and batch_size must be positive and steps >= 0 "
                          f"(got n={n}, img_size={img_size}, batch_size={batch_size}, steps={steps})")

@@ -7,8 +7,9 @@ TFLite: the op census (`care_q.runtime.tflite_op_census`), the ops whose output 
 (DEQUANTIZE excluded: it is the boundary itself), QUANTIZE/DEQUANTIZE counts and how XNNPACK
 partitioned the graph (`Runner.delegate_info`).
 ONNX: the file's census and the census of the graph onnxruntime actually runs (its optimized
-graph, written by the session): integer kernels (QLinear*, QGemm, *Integer) against the float
-ops that remain between DequantizeLinear and QuantizeLinear.
+graph, written by the session): integer kernels (`care_q.census.onnx_fusion.is_integer_kernel`:
+QLinear*, QGemm, *Integer, ...) against the float ops that remain between DequantizeLinear and
+QuantizeLinear.
 """
 
 from __future__ import annotations
@@ -16,15 +17,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from care_q.census.onnx_fusion import QDQ, is_integer_kernel
 from care_q.errors import CareQError
+from care_q.runtime import load_runner, onnx_op_census, tflite_op_census
 
-_ONNX_QDQ = ("QuantizeLinear", "DequantizeLinear")
 _ONNX_MOVES = ("Reshape", "Transpose", "Split", "Slice", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Shape")
-
-
-def _is_int_onnx(op: str) -> bool:
-    leaf = op.rsplit(".", 1)[-1]
-    return leaf.startswith("QLinear") or leaf in ("QGemm", "QAttention") or leaf.endswith("Integer")
 
 
 def tflite_float_ops(path: str | Path) -> dict[str, int]:
@@ -64,11 +61,7 @@ def detect_source(path: str | Path) -> str:
         return "fp32"
     try:
         if path.suffix.lower() == ".tflite":
-            from care_q.runtime import tflite_op_census
-
             return "int8" if tflite_op_census(path).get("QUANTIZE", 0) else "fp32"
-        from care_q.runtime import onnx_op_census
-
         return "int8" if onnx_op_census(path).get("QuantizeLinear", 0) else "fp32"
     except CareQError:
         return "int8"
@@ -76,8 +69,6 @@ def detect_source(path: str | Path) -> str:
 
 def artifact_census(path: str | Path, threads: int = 1, runner=None) -> dict:
     """Census of one .tflite / .onnx artifact (see the module docstring). Loads it, never runs it."""
-    from care_q.runtime import load_runner, onnx_op_census, tflite_op_census
-
     path = Path(path)
     kind = "tflite" if path.suffix.lower() == ".tflite" else "onnx"
     if kind == "tflite":
@@ -96,9 +87,9 @@ def artifact_census(path: str | Path, threads: int = 1, runner=None) -> dict:
         opt = Path(tmp) / "optimized.onnx"
         load_runner(path, threads=threads, optimized_model_path=opt)
         run_ops = onnx_op_census(opt) if opt.exists() else {}
-    integer = {k: v for k, v in run_ops.items() if _is_int_onnx(k)}
+    integer = {k: v for k, v in run_ops.items() if is_integer_kernel(k)}
     floats = {k: v for k, v in run_ops.items()
-              if not _is_int_onnx(k) and k not in _ONNX_QDQ and k not in _ONNX_MOVES}
+              if not is_integer_kernel(k) and k not in QDQ and k not in _ONNX_MOVES}
     return {"kind": kind, "ops": sum(ops.values()), "census": ops, "runtime_census": run_ops,
             "quantize": ops.get("QuantizeLinear", 0), "dequantize": ops.get("DequantizeLinear", 0),
             "integer_kernels": sum(integer.values()), "float_ops": sum(floats.values()),

@@ -16,10 +16,13 @@ Results are cached per artifact (keyed by the file's content and the image selec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +30,14 @@ import torch
 
 from care_q.errors import CareQError
 from care_q.eval import metrics as M
-from care_q.eval.worker import preprocess_to_dict, run_artifact, run_isolated
-from care_q.runtime import KINDS
-from care_q.utils.io import atomic_path, atomic_write_json
+from care_q.eval.census import artifact_census, detect_source
+from care_q.eval.report import write_report
+from care_q.eval.worker import preprocess_to_dict, run_artifact, run_isolated, save_npz
+from care_q.paths import data_root as resolve_data_root
+from care_q.runtime import KINDS, load_runner
+from care_q.utils.io import atomic_write_json
+from care_q.utils.machine import machine_info
+from care_q.utils.progress import progress_bar
 
 REFERENCE = "pytorch_fp32"
 
@@ -94,8 +102,6 @@ def preflight(name: str, path: Path, model_desc: str, size: int, num_classes: in
               size_source: str = "") -> dict:
     """Load an artifact and check it against the model: a CareQError naming both sides otherwise.
     Returns facts (kind, input shape/layout/dtype, size in bytes)."""
-    from care_q.runtime import load_runner
-
     try:
         runner = load_runner(path, threads=threads)
     except CareQError as e:
@@ -119,8 +125,7 @@ def preflight(name: str, path: Path, model_desc: str, size: int, num_classes: in
 
 @torch.no_grad()
 def reference_logits(net, loader, total: int, progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-    from care_q.data import progress_bar
-
+    """(logits, labels) of the PyTorch model over a loader of (x, y), as NumPy arrays."""
     logits, labels = [], []
     with progress_bar("PyTorch FP32", total, enabled=progress) as advance:
         for x, y in loader:
@@ -130,10 +135,136 @@ def reference_logits(net, loader, total: int, progress: bool | None = None) -> t
     return np.concatenate(logits), np.concatenate(labels).astype(np.int64)
 
 
-def _save_npz(path: Path, **arrays) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+# ----------------------------------------------------------------------------- one evaluation
+
+
+@dataclass
+class _Session:
+    """What every run of an evaluation shares: the working folder (the cache), the images' spec
+    for the worker, the cache key's inputs, how artifacts run."""
+
+    work: Path
+    spec_base: dict
+    key_base: dict
+    names: list[str]
+    isolate: bool
+    timeout: float | None
+    census: bool
+    progress: bool | None
+
+    def key(self, extra: dict) -> str:
+        """The cache key of one result: the images, model, weights and runtime settings, plus ``extra``."""
+        return hashlib.sha1(json.dumps({**self.key_base, **extra}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Reference:
+    """The FP32 PyTorch model's predictions, against which every artifact is measured."""
+
+    path: Path          # the .npz with its logits and the labels (the workers read it)
+    labels: np.ndarray
+    top: np.ndarray     # top-5 classes per image
+    conf: np.ndarray    # top-1 probability per image
+    seconds: float
+
+
+@contextlib.contextmanager
+def _work_dir(out, cache: bool):
+    """``out/.cache`` (kept) with ``out`` and ``cache``, else a temporary folder (removed at the end)."""
+    if out is not None and cache:
+        work = Path(out) / ".cache"
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+        return
+    with tempfile.TemporaryDirectory(prefix="care_q_eval_") as tmp:
+        yield Path(tmp)
+
+
+def _open_images(net, model_desc: str, weights, dataset: str, data_root, limit: int | None,
+                 img_size: int | None, seed: int, progress: bool | None):
+    """(preprocessing, size, where the size came from, dataset): the images at the checkpoint's
+    preprocessing, their classes checked against the model's head."""
+    from care_q.data import check_classes, get_dataset  # slow imports (torchvision, timm)
+    from care_q.models import load_sidecar
+
+    pre = load_sidecar(weights).with_size(img_size)
+    size_source = "--img-size" if img_size else (f"from {pre.source}" if weights else "the default")
+    ds = get_dataset(dataset, pre, data_root=data_root, limit=limit, seed=seed, progress=progress)
+    check_classes(ds, net.num_classes, pre.label_names, what=f"model {model_desc}")
+    return pre, pre.input_size[-1], size_source, ds
+
+
+def _reference(net, ds, batch_size: int, s: _Session, model_desc: str) -> _Reference:
+    """The FP32 PyTorch model (the original module, not the deploy form) over the images; cached."""
+    from care_q.data import make_loader  # slow import (torchvision, timm)
+
+    path = s.work / f"{REFERENCE}-{s.key({'what': 'reference'})}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            logits, labels, seconds = z["logits"], z["labels"], float(z["seconds"])
+    else:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits, labels = reference_logits(net, make_loader(ds, batch_size=batch_size), len(ds), s.progress)
+        seconds = time.perf_counter() - t0
+        save_npz(path, logits=logits, labels=labels, seconds=np.float64(seconds))
+    if logits.shape[1] != net.num_classes:
+        raise CareQError(f"model {model_desc} returned {logits.shape[1]} logits, its head has {net.num_classes}")
+    tally = M.Tally()
+    tally.update(logits)
+    return _Reference(path, labels, tally.top, tally.conf, seconds)
+
+
+def _predictions(name: str, path: Path, s: _Session, ref: _Reference) -> dict:
+    """The artifact's predictions on the images (from the cache, else run in its runtime), or
+    ``{"failure": ...}`` when its runtime fails on them."""
+    spec = {**s.spec_base, "path": str(path), "ref": str(ref.path),
+            "out": str(s.work / f"{Path(name).stem}-{s.key({'artifact': file_digest(path)})}.npz")}
+    if Path(spec["out"]).exists():
+        with np.load(spec["out"]) as z:
+            return {k: z[k] for k in z.files}
+    with progress_bar(name, len(ref.labels), enabled=s.progress) as advance:
+        if s.isolate:
+            return run_isolated(spec, advance, timeout=s.timeout)
+        try:
+            return run_artifact(spec, advance)
+        except Exception as e:  # a runtime error on real images is this artifact's result
+            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return {"failure": {"type": "error", "exception": type(e).__name__,
+                                "message": f"{type(e).__name__}: {text}"[:400]}}
+
+
+def _artifact_entry(name: str, art: dict, facts: dict, s: _Session, ref: _Reference) -> dict:
+    """One artifact's result: path, source, facts, census, and its metrics or its failure."""
+    entry = {"path": str(art["path"]), "source": art["source"] or detect_source(art["path"]), **facts}
+    if s.census:
+        try:
+            entry["census"] = artifact_census(art["path"])
+        except CareQError as e:
+            entry["census"] = {"error": str(e)}
+    res = _predictions(name, art["path"], s, ref)
+    if "failure" in res:
+        entry["failure"] = res["failure"]
+        return entry
+    m = M.summarize(res["top"], ref.labels, ref.top, ref.conf, s.names)
+    sig, noise = float(res["signal"]), float(res["noise"])
+    m["logit_sqnr_db"] = (None if sig == 0 else (float("inf") if noise == 0 else 10 * np.log10(sig / noise)))
+    entry["metrics"] = m
+    entry["seconds"] = round(float(res["seconds"]), 2)
+    return entry
+
+
+def _finish(result: dict, analysis: dict | None, out, report: bool, t_start: float) -> dict:
+    """Add the analysis sections, the machine and the run time; write the report (or report.json)."""
+    if analysis:
+        result["analysis"] = analysis
+    result["machine"] = machine_info()
+    result["seconds"] = round(time.time() - t_start, 1)
+    if out is not None and report:
+        write_report(result, out)
+    elif out is not None:
+        atomic_write_json(result, Path(out) / "report.json")
+    return result
 
 
 # ----------------------------------------------------------------------------- front door
@@ -158,9 +289,7 @@ def evaluate(model: str, *, weights: str | Path | None = None, artifacts=None, d
     Returns: ``reference`` (PyTorch FP32 metrics), ``artifacts`` name -> {path, kind, source,
     size_bytes, census, metrics (see `metrics.summarize`, plus logit_sqnr_db) | failure}.
     """
-    from care_q.data import check_classes, make_loader, progress_bar
-    from care_q.data.datasets import get_dataset
-    from care_q.models import create_model, load_sidecar
+    from care_q.models import create_model  # slow import (timm)
 
     t_start = time.time()
     if threads < 1:
@@ -174,119 +303,27 @@ def evaluate(model: str, *, weights: str | Path | None = None, artifacts=None, d
     if weights is None:
         notes.append("no weights given: the model is randomly initialised, accuracy figures are meaningless")
         warnings.warn(notes[-1], stacklevel=2)
-    pre = load_sidecar(weights).with_size(img_size)
-    size = pre.input_size[-1]
-    size_source = "--img-size" if img_size else (f"from {pre.source}" if weights else "the default")
-
-    # --- the images and the head
-    ds = get_dataset(dataset, pre, data_root=data_root, limit=limit, seed=seed, progress=progress)
-    check_classes(ds, net.num_classes, pre.label_names, what=f"model {model_desc}")
-    names = list(ds.classes)
-
-    # --- every artifact checked before any image runs
+    pre, size, size_source, ds = _open_images(net, model_desc, weights, dataset, data_root, limit, img_size,
+                                              seed, progress)
+    # every artifact checked before any image runs
     facts = {name: preflight(name, a["path"], model_desc, size, net.num_classes, size_source=size_source)
              for name, a in arts.items()}
-
     spec_base = {"dataset": str(dataset), "data_root": str(data_root) if data_root else None, "limit": limit,
                  "seed": seed, "preprocess": preprocess_to_dict(pre), "batch_size": batch_size,
                  "threads": threads, "tflite_delegate": tflite_delegate}
-    from care_q.paths import data_root as resolve_root
-
-    key_base = {**spec_base, "data_root": str(resolve_root(data_root, required=False)), "model": model,
+    key_base = {**spec_base, "data_root": str(resolve_data_root(data_root, required=False)), "model": model,
                 "images": len(ds), "weights": file_digest(Path(weights)) if weights else f"random:{model}"}
-    cache_dir = Path(out) / ".cache" if (out is not None and cache) else None
-    tmp_dir = None
-    if cache_dir is None:
-        import tempfile
-
-        tmp_dir = tempfile.TemporaryDirectory(prefix="care_q_eval_")
-        work = Path(tmp_dir.name)
-    else:
-        work = cache_dir
-    work.mkdir(parents=True, exist_ok=True)
-
-    def key(extra: dict) -> str:
-        return hashlib.sha1(json.dumps({**key_base, **extra}, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    try:
-        # --- reference: the FP32 PyTorch model (the original module, not the deploy form)
-        ref_path = work / f"{REFERENCE}-{key({'what': 'reference'})}.npz"
-        if ref_path.exists():
-            with np.load(ref_path) as z:
-                ref_logits, labels, ref_seconds = z["logits"], z["labels"], float(z["seconds"])
-        else:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                ref_logits, labels = reference_logits(net, make_loader(ds, batch_size=batch_size), len(ds), progress)
-            ref_seconds = time.perf_counter() - t0
-            _save_npz(ref_path, logits=ref_logits, labels=labels, seconds=np.float64(ref_seconds))
-        if ref_logits.shape[1] != net.num_classes:
-            raise CareQError(f"model {model_desc} returned {ref_logits.shape[1]} logits, its head has {net.num_classes}")
-        ref_tally = M.Tally()
-        ref_tally.update(ref_logits)
-        ref_top, ref_conf = ref_tally.top, ref_tally.conf
+    with _work_dir(out, cache) as work:
+        s = _Session(work, spec_base, key_base, list(ds.classes), isolate, timeout, census, progress)
+        ref = _reference(net, ds, batch_size, s, model_desc)
         result = {
             "command": "eval", "model": model, "weights": str(weights) if weights else None, "img_size": size,
-            "dataset": {"name": str(dataset), "images": int(len(labels)), "classes": len(names),
-                        "class_names": names, "limit": limit, "seed": seed},
-            "reference": {"name": REFERENCE, **M.summarize(ref_top, labels), "seconds": round(ref_seconds, 2)},
-            "artifacts": {}, "runtime": {"threads": threads, "batch_size": batch_size,
-                                         "tflite_delegate": tflite_delegate, "isolated": isolate},
+            "dataset": {"name": str(dataset), "images": int(len(ref.labels)), "classes": len(s.names),
+                        "class_names": s.names, "limit": limit, "seed": seed},
+            "reference": {"name": REFERENCE, **M.summarize(ref.top, ref.labels), "seconds": round(ref.seconds, 2)},
+            "artifacts": {name: _artifact_entry(name, a, facts[name], s, ref) for name, a in arts.items()},
+            "runtime": {"threads": threads, "batch_size": batch_size, "tflite_delegate": tflite_delegate,
+                        "isolated": isolate},
             "notes": notes,
         }
-
-        # --- artifacts
-        for name, a in arts.items():
-            from care_q.eval.census import detect_source
-
-            entry = {"path": str(a["path"]), "source": a["source"] or detect_source(a["path"]), **facts[name]}
-            if census:
-                from care_q.eval.census import artifact_census
-
-                try:
-                    entry["census"] = artifact_census(a["path"])
-                except CareQError as e:
-                    entry["census"] = {"error": str(e)}
-            spec = {**spec_base, "path": str(a["path"]), "ref": str(ref_path),
-                    "out": str(work / f"{Path(name).stem}-{key({'artifact': file_digest(a['path'])})}.npz")}
-            if Path(spec["out"]).exists():
-                with np.load(spec["out"]) as z:
-                    res = {k: z[k] for k in z.files}
-            else:
-                with progress_bar(name, len(labels), enabled=progress) as advance:
-                    if isolate:
-                        res = run_isolated(spec, advance, timeout=timeout)
-                    else:
-                        try:
-                            res = run_artifact(spec, advance)
-                        except Exception as e:  # a runtime error on real images is this artifact's result
-                            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                            res = {"failure": {"type": "error", "exception": type(e).__name__,
-                                               "message": f"{type(e).__name__}: {text}"[:400]}}
-            if "failure" in res:
-                entry["failure"] = res["failure"]
-            else:
-                m = M.summarize(res["top"], labels, ref_top, ref_conf, names)
-                sig, noise = float(res["signal"]), float(res["noise"])
-                m["logit_sqnr_db"] = (None if sig == 0 else (float("inf") if noise == 0
-                                                             else 10 * np.log10(sig / noise)))
-                entry["metrics"] = m
-                entry["seconds"] = round(float(res["seconds"]), 2)
-            result["artifacts"][name] = entry
-    finally:
-        if tmp_dir is not None:
-            tmp_dir.cleanup()
-
-    if analysis:
-        result["analysis"] = analysis
-    from care_q.bench.machine import machine_info
-
-    result["machine"] = machine_info()
-    result["seconds"] = round(time.time() - t_start, 1)
-    if out is not None and report:
-        from care_q.eval.report import write_report
-
-        write_report(result, out)
-    elif out is not None:
-        atomic_write_json(result, Path(out) / "report.json")
-    return result
+    return _finish(result, analysis, out, report, t_start)

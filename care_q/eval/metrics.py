@@ -7,8 +7,9 @@ Pure NumPy on arrays, so they can be checked against hand-computed cases:
     agreement(top_ref[:, 0], top[:, 0])         # top-1 agreement with the reference
     confusion_pairs(ref_pred, pred, names)      # most frequent (reference -> artifact) flips
 
-A `Tally` accumulates what these need batch by batch (top-5 indices, the top-1 probability,
-labels and logit SQNR sums against a reference), so a 50k-image run never holds all logits.
+`agreement` is `care_q.utils.metrics.agreement`, which training and QAT use too. A `Tally`
+accumulates what these need batch by batch (top-5 indices, the top-1 probability, labels and
+logit SQNR sums against a reference), so a 50k-image run never holds all logits.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from collections import Counter
 import numpy as np
 
 from care_q.errors import CareQError
+from care_q.utils.metrics import agreement
+
+__all__ = ["Tally", "agreement", "biggest_flips", "confusion_pairs", "drop_points", "softmax_max", "summarize",
+           "topk", "topk_accuracy"]
 
 
 def _as_2d(logits) -> np.ndarray:
@@ -45,14 +50,6 @@ def topk_accuracy(top: np.ndarray, labels, k: int) -> float:
     if k > top.shape[1]:
         raise CareQError(f"top-{k} asked for, but only the top {top.shape[1]} classes were kept")
     return float((top[:, :k] == labels[:, None]).any(axis=1).mean())
-
-
-def agreement(pred_ref, pred) -> float:
-    """Fraction of rows where two top-1 predictions are the same class."""
-    a, b = np.asarray(pred_ref).reshape(-1), np.asarray(pred).reshape(-1)
-    if a.shape != b.shape:
-        raise CareQError(f"cannot compare {a.shape[0]} reference predictions with {b.shape[0]}")
-    return float((a == b).mean())
 
 
 def drop_points(acc_ref: float, acc: float) -> float:

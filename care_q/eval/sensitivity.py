@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from care_q.data import check_classes, get_dataset, make_loader, progress_bar
+from care_q.data import check_classes, get_dataset, make_loader
 from care_q.errors import CareQError
 from care_q.eval.analysis import layer_group
 from care_q.eval.report import write_report
@@ -34,6 +34,7 @@ from care_q.pipeline import PrepareConfig, Prepared, prepare
 from care_q.pipeline.fidelity import fp32_logits, shipped_logits, tensor_sqnr
 from care_q.quant.fakequant import QuantOps
 from care_q.quant.qtypes import DType, sqnr_db
+from care_q.utils.progress import progress_bar
 
 GROUPINGS = ("block", "stage", "role")
 MODES = ("only", "all_but")

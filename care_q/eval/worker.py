@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from care_q.errors import CareQError
+from care_q.eval.metrics import Tally
+from care_q.runtime import load_runner
+from care_q.utils.io import atomic_path
 
 PREPROCESS_FIELDS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
 
@@ -33,14 +36,14 @@ def preprocess_to_dict(pre) -> dict:
 
 
 def preprocess_from_dict(d: dict):
-    from care_q.models import PreprocessConfig
+    from care_q.models import PreprocessConfig  # slow import (timm)
 
     return PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def load_images(spec: dict):
     """The evaluation set of a spec (same seed and limit: the same images, in the same order)."""
-    from care_q.data import get_dataset, make_loader
+    from care_q.data import get_dataset, make_loader  # slow import (torchvision, timm)
 
     ds = get_dataset(spec["dataset"], preprocess_from_dict(spec["preprocess"]), data_root=spec.get("data_root"),
                      limit=spec.get("limit"), seed=spec.get("seed", 0), progress=False)
@@ -51,10 +54,6 @@ def run_artifact(spec: dict, advance: Callable[[int], None] | None = None) -> di
     """Predictions of the artifact ``spec['path']`` on the spec's images, against the reference
     logits in ``spec['ref']`` (.npz with ``logits`` and ``labels``). Writes ``spec['out']``
     (.npz: ``top``, ``conf``, ``signal``, ``noise``, ``seconds``) and returns its contents."""
-    from care_q.eval.metrics import Tally
-    from care_q.runtime import load_runner
-    from care_q.utils.io import atomic_path
-
     ref = np.load(spec["ref"])
     ref_logits, ref_labels = ref["logits"], ref["labels"]
     runner = load_runner(spec["path"], threads=spec.get("threads", 2),
@@ -80,11 +79,15 @@ def run_artifact(spec: dict, advance: Callable[[int], None] | None = None) -> di
         raise CareQError(f"{spec['path']}: saw {seen} images, the reference run saw {len(ref_labels)}")
     res = {"top": tally.top, "conf": tally.conf, "signal": np.float64(tally.signal),
            "noise": np.float64(tally.noise), "seconds": np.float64(time.perf_counter() - t0)}
-    out = Path(spec["out"])
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **res)
+    save_npz(Path(spec["out"]), **res)
     return res
+
+
+def save_npz(path: Path, **arrays) -> None:
+    """``np.savez`` to ``path``, atomically (an interrupted run leaves no partial cache entry)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
 
 def _signal_name(code: int) -> str:

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from care_q.census import check
-from care_q.data import stage
 from care_q.errors import CareQError
 from care_q.export.onnx_qdq import emit_onnx_qdq, save_onnx
 from care_q.export.tflite_int8 import emit_tflite_int8
@@ -29,6 +28,7 @@ from care_q.quant.plan import QuantPlan
 from care_q.quant.recipe import Recipe
 from care_q.runtime import load_runner
 from care_q.utils.io import atomic_path
+from care_q.utils.progress import stage
 
 X86_MACHINES = ("x86_64", "amd64", "i386", "i686")  # platform.machine() of CPUs running MLAS's AVX2 Add
 

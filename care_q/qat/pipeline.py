@@ -37,7 +37,6 @@ evaluation, artifacts, report). See `care_q.qat.distributed`.
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from collections.abc import Callable
@@ -47,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from care_q.data import check_classes, get_dataset, make_loader, progress_bar, track
+from care_q.data import check_classes, get_dataset, make_loader
 from care_q.errors import CareQError
 from care_q.models import create_model, load_sidecar
 from care_q.pipeline import ExportConfig, build
@@ -73,6 +72,9 @@ from care_q.quant.recipe import Recipe, load_recipe
 from care_q.train import rng_state, set_rng_state
 from care_q.transforms import deploy
 from care_q.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_resume_state
+from care_q.utils.metrics import percent_agreement, top1
+from care_q.utils.progress import progress_bar
+from care_q.utils.schedule import lr_lambda
 
 __all__ = ["QATConfig", "QATRun", "TARGET_AGREEMENT", "build_student", "distill_loss", "export_content", "load_qat",
            "qat", "run_qat", "training_content"]
@@ -86,34 +88,6 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Ten
     kd = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1), reduction="batchmean",
                   log_target=True) * (t * t)
     return ce_weight * ce + distill_weight * kd, float(ce.detach()), float(kd.detach())
-
-
-def _lr_lambda(warmup: int, total: int, schedule: str):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        t = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
-    return f
-
-
-@torch.no_grad()
-def top1(forward, loader, device, description: str = "eval", progress: bool | None = None,
-         ) -> tuple[float, torch.Tensor]:
-    """(top-1 accuracy in percent, predicted classes) of ``forward(x) -> logits`` over a loader of (x, y)."""
-    preds, labels = [], []
-    for x, y in track(loader, description, enabled=progress):
-        preds.append(forward(x.to(device)).argmax(1).cpu())
-        labels.append(y)
-    p, y = torch.cat(preds), torch.cat(labels)
-    return 100.0 * float((p == y).double().mean()), p
-
-
-def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Percent of images where two models predict the same class."""
-    return 100.0 * float((a == b).double().mean())
 
 
 def _device_name(dev: torch.device) -> str:
@@ -414,7 +388,7 @@ def _baseline(run: _Run, state: dict | None) -> None:
     run.qnet.eval()
     b["fp32_top1"], run.fp32_preds = top1(run.teacher, _eval_loader(run, eval_ds), dev, "eval fp32", run.show)
     b["ptq_top1"], ptq_preds = top1(run.qnet, _eval_loader(run, eval_ds), dev, "eval PTQ (fake-quant)", run.show)
-    b["ptq_fp32_agreement"] = _agreement(ptq_preds, run.fp32_preds)
+    b["ptq_fp32_agreement"] = percent_agreement(ptq_preds, run.fp32_preds)
     run.log(f"before QAT: FP32 top-1 {b['fp32_top1']:.2f}%, PTQ ({run.rec.name}) top-1 {b['ptq_top1']:.2f}% on "
             f"{len(eval_ds)} images (same class as FP32 on {b['ptq_fp32_agreement']:.2f}%)")
 
@@ -429,7 +403,7 @@ def _optimizer(run: _Run, state: dict | None) -> None:
         groups.append({"params": [qnet.log_scales], "weight_decay": 0.0, "lr": q.scale_lr or lr})
     run.opt = torch.optim.AdamW(groups, lr=lr)
     warmup = min(int(q.warmup_steps), run.total_steps)
-    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, _lr_lambda(warmup, run.total_steps, q.schedule))
+    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lr_lambda(warmup, run.total_steps, q.schedule))
     if state is None:
         return
     if "optimizer" in state:
@@ -548,7 +522,7 @@ def _evaluate(run: _Run, ref_ops) -> dict:
     acc["eval_set"] = {"name": str(getattr(eval_ds, "name", "")), "images": len(eval_ds)}
     msg = f"after QAT: top-1 {acc['qat_top1']:.2f}%"
     if run.fp32_preds is not None:
-        acc["qat_fp32_agreement"] = _agreement(preds, run.fp32_preds)
+        acc["qat_fp32_agreement"] = percent_agreement(preds, run.fp32_preds)
         msg += f", same class as FP32 on {acc['qat_fp32_agreement']:.2f}%"
     if "fp32_top1" in acc:
         msg += (f" (FP32 {acc['fp32_top1']:.2f}%, PTQ {acc['ptq_top1']:.2f}%: "

@@ -23,9 +23,9 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from care_q.data import track
 from care_q.quant.fakequant import QuantOps
 from care_q.quant.plan import QuantPlan
+from care_q.utils.progress import track
 
 # Per-channel means over images x positions: 512 images at 64x64 pin them down (the proxy's
 # 2x2 last stage: 2048 samples per channel); at higher resolutions as many positions take fewer

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from care_q.data import track
 from care_q.quant.fakequant import QuantOps
 from care_q.quant.observers import HistogramObserver
 from care_q.quant.plan import QuantPlan
 from care_q.quant.qtypes import DType, Method, qparams_from_range
+from care_q.utils.progress import track
 
 TOPK = 5
 
