@@ -20,10 +20,10 @@ import torch
 
 from care_q.errors import CareQError
 from care_q.export.fp32_baselines import fp32_baselines
+from care_q.graph.roles import Role
 from care_q.pipeline import MIN_AGREEMENT, ExportConfig, PrepareConfig, Prepared, held_out_images, prepare
 from care_q.pipeline.artifacts import agreement_failure, export_artifacts, resolve_targets
 from care_q.pipeline.fidelity import fp32_logits, recipe_vs_minmax
-from care_q.quant.qtypes import Role
 from care_q.quant.recipe import load_recipe
 from care_q.utils.io import atomic_write_json, atomic_write_text
 from care_q.utils.progress import stage

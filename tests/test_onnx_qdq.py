@@ -21,10 +21,12 @@ import torch
 import care_q
 from care_q.errors import CareQError
 from care_q.export.onnx_qdq import ORT_SESSION_CONFIG, emit_onnx_qdq, save_onnx
+from care_q.graph.roles import Role
 from care_q.graph.trace import trace
-from care_q.quant.fakequant import QuantOps
+from care_q.quant.emulation.onnxruntime import onnxruntime_add_codes, onnxruntime_mul_codes
+from care_q.quant.fakequant import QuantOps, fake_quant
 from care_q.quant.plan import build_plan
-from care_q.quant.qtypes import DType, Method, Role, qparams_from_range
+from care_q.quant.qtypes import DType, Method, qparams_from_range
 from care_q.quant.recipe import Rule, load_recipe
 from care_q.transforms import deploy
 from care_q.transforms.substitute import gelu_to_silu
@@ -228,7 +230,7 @@ def test_int8_io(gelu):
     assert json.loads(meta["care_q.ort_session_config"]) == ORT_SESSION_CONFIG
 
     bare = copy.copy(plan)
-    del bare.output_qparams
+    bare.output_qparams = None
     with pytest.raises(CareQError, match="output_qparams"):
         emit_onnx_qdq(bare, io="int8")
 
@@ -299,7 +301,6 @@ def test_onnxruntime_add_codes_bit_exact(offset):
     """`onnxruntime_add_codes` equals onnxruntime's fused QLinearAdd on every pair of 8-bit codes
     (int8 grids stored as uint8, offset 128, or as int8); rounding the float sum (a + b) to the
     output grid, the plain reference, misses some of the uint8 ones."""
-    from care_q.quant.fakequant import fake_quant, onnxruntime_add_codes
     from care_q.quant.qtypes import QParams
 
     rng = np.random.default_rng(0)
@@ -335,7 +336,6 @@ def test_onnxruntime_add_of_a_constant_bit_exact():
     """x + c as the exporter writes it for int8 (DQ(x) + DQ(127 at |c| / 127) -> Q: a QLinearAdd
     with a scalar) equals `onnxruntime_add_codes` with a scalar code on every input code; the
     same sum rounded from float64 (what an exact integer conv of x + c computes) does not."""
-    from care_q.quant.fakequant import onnxruntime_add_codes
     from care_q.quant.qtypes import QParams
 
     rng = np.random.default_rng(1)
@@ -370,7 +370,6 @@ def test_onnxruntime_mul_codes_bit_exact(offset, tmp_path):
     """`onnxruntime_mul_codes` equals onnxruntime's fused QLinearMul on every pair of 8-bit codes
     and on a broadcast (the normaliser's (B, h, 1, N) reciprocal times the (B, h, D, N) numerator);
     the float product rounded to the output grid misses some."""
-    from care_q.quant.fakequant import fake_quant, onnxruntime_mul_codes
     from care_q.quant.qtypes import QParams
 
     rng = np.random.default_rng(3)

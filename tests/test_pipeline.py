@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -69,7 +70,7 @@ def test_prepare_is_deterministic_and_seeded(data_root, one_torch_thread):
     assert a.plan.to_json() == b.plan.to_json()
     wa, wc = a.net.state_dict(), c.net.state_dict()
     assert any(not torch.equal(wa[k], wc[k]) for k in wa if wa[k].is_floating_point())  # random weights from seed
-    with pytest.raises(Exception):  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seed = 2
 
 

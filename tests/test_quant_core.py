@@ -8,12 +8,15 @@ import pytest
 import torch
 
 from care_q import CareQError, create_model
+from care_q.graph.roles import Role
 from care_q.graph.trace import trace
+from care_q.quant.emulation.integer import integer_product
 from care_q.quant.observers import HistogramObserver
 from care_q.quant.plan import build_plan
-from care_q.quant.qtypes import DType, Method, Role, qparams_from_range, sqnr_db
+from care_q.quant.qtypes import DType, Method, qparams_from_range, sqnr_db
 from care_q.quant.recipe import list_recipes, load_recipe, parse_recipe
 from care_q.transforms import deploy
+from care_q.transforms.substitute import apply_substitutions
 
 
 def _obs(sample, n=10, size=200_000, seed=0):
@@ -196,6 +199,91 @@ def test_plan_roles_and_constraints(graph):
     assert any("rule" in w for w in s[f"{name}.den"].why)
 
 
+# one tensor per op kind and role of the deploy form: (recipe, tensor) -> role
+A, H = "stages.2.blocks.0.attn", "stages.2.blocks.0.attn.h0"
+EXPECTED_ROLES = {
+    "ptq_int8": {  # exact linear attention, GELU, int8 head
+        "input": Role.INPUT, "stem": Role.CONV, "stages.1.downsample": Role.CONV,
+        "stages.0.blocks.0.split:0": Role.CONV, "stages.0.blocks.0.dwatt": Role.CONV,
+        "stages.0.blocks.0.feats": Role.CONV, "stages.0.blocks.0.inter1_act": Role.GELU,
+        "stages.0.blocks.0.inter1_res": Role.RESIDUAL, "stages.0.blocks.0.cat": Role.RESIDUAL,
+        "stages.0.blocks.0.ls_res": Role.LAYER_SCALE, "stages.0.blocks.0.skip": Role.RESIDUAL,
+        "stages.0.blocks.0.out": Role.RESIDUAL,
+        f"{A}.qk": Role.ATTN_QK, f"{A}.qk_split:1": Role.CONV, f"{A}.v": Role.CONV, f"{A}.q": Role.CONV,
+        f"{A}.elu_k": Role.ATTN_ELU, f"{A}.phi_q": Role.ATTN_PHI, f"{A}.kTv": Role.ATTN_KV, f"{A}.kv": Role.ATTN_KV,
+        f"{A}.k_mean": Role.ATTN_KMEAN, f"{A}.den": Role.ATTN_DEN, f"{A}.den_eps": Role.ATTN_DEN,
+        f"{A}.num": Role.ATTN_NUM, f"{A}.out": Role.ATTN_OUT, f"{A}.merge": Role.ATTN_OUT,
+        "head.pool": Role.POOL, "head.act": Role.HEAD, "head.norm": Role.HEAD, "head.fc": Role.HEAD,
+    },
+    "ptq_int8_reciprocal": {f"{A}.den_inv": Role.ATTN_DEN_INV, f"{A}.out": Role.ATTN_OUT,
+                            f"{A}.den_eps": Role.ATTN_DEN},
+    "npu_int8": {  # SiLU for GELU, the NPU attention
+        "stages.0.blocks.0.inter2_act": Role.GELU, f"{A}.qk": Role.ATTN_QK, f"{A}.phi_aff": Role.ATTN_ELU,
+        f"{A}.phi_sig": Role.ATTN_ELU, f"{A}.phi_exp": Role.ATTN_ELU, f"{A}.phi_relu": Role.ATTN_ELU,
+        f"{A}.phi": Role.ATTN_PHI, f"{A}.phi_split:0": Role.CONV, f"{H}.q": Role.CONV,
+        f"{H}.kv_prod": Role.ATTN_KV, f"{H}.kv": Role.ATTN_KV, f"{H}.num_prod": Role.ATTN_NUM,
+        f"{H}.num": Role.ATTN_NUM, f"{H}.l2": Role.ATTN_OUT, f"{H}.out": Role.ATTN_OUT, f"{A}.heads": Role.ATTN_OUT,
+        f"{A}.out": Role.ATTN_OUT,
+    },
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(EXPECTED_ROLES))
+def test_plan_roles_come_from_the_producing_op(recipe):
+    torch.manual_seed(0)
+    rec = load_recipe(recipe)
+    model, _ = apply_substitutions(deploy(create_model("care_test", num_classes=10)), rec,
+                                   torch.randn(2, 3, 32, 32))
+    graph = trace(model, torch.zeros(1, 3, 32, 32))
+    roles = {n: s.role for n, s in build_plan(graph, rec).specs.items()}
+    assert {t: roles[t] for t in EXPECTED_ROLES[recipe]} == EXPECTED_ROLES[recipe]
+    tagged = {n.name for n in graph.nodes if n.role is not None}
+    assert "stem" not in tagged and f"{A}.qk" in tagged  # conv is the default, not a tag
+    if recipe == "ptq_int8":  # the divisor guard is found by role: one per attention block
+        assert [n.name for n in graph.nodes if build_plan(graph, rec).divisor_guard(n)] == [
+            f"stages.{s}.blocks.{b}.attn.den_eps" for s, b in ((2, 0), (2, 1), (3, 0))]
+
+
+class _Tiny(torch.nn.Module):
+    """Tensor names that the CARE deploy form gives roles to, without its tags."""
+
+    def forward(self, x, ops):
+        x = ops.input("input", x)
+        den = ops.add_const("blk.attn.den", x, 1.0)
+        out = ops.tag(Role.RESIDUAL, ops.mul_const("blk.attn.kv", den, 2.0))
+        return ops.output("logits", ops.add("head.fc", out, den))
+
+
+def test_roles_do_not_come_from_names():
+    graph = trace(_Tiny(), torch.zeros(1, 4, 2, 2))
+    roles = {n: s.role for n, s in build_plan(graph, parse_recipe("name: x\n", "<r>")).specs.items()}
+    assert roles == {"input": Role.INPUT, "blk.attn.den": Role.CONV, "blk.attn.kv": Role.RESIDUAL,
+                     "head.fc": Role.CONV}
+
+
+def test_trace_refuses_two_roles_for_one_tensor():
+    class Twice(torch.nn.Module):
+        def forward(self, x, ops):
+            y = ops.tag(Role.GELU, ops.gelu("g", ops.input("input", x)))
+            return ops.output("logits", ops.tag(Role.HEAD, y))
+
+    with pytest.raises(RuntimeError, match="'g' tagged gelu and head"):
+        trace(Twice(), torch.zeros(1, 2))
+
+
+def test_plan_declares_what_calibration_attaches(graph):
+    from care_q.quant.calibrate import calibrate
+
+    plan = build_plan(graph, load_recipe("ptq_int8"))
+    assert (plan.observers, plan.output_qparams, plan.logit_floor, plan.float_weights) == ({}, None, None, frozenset())
+    torch.manual_seed(0)
+    model = deploy(create_model("care_test", num_classes=10))
+    calibrate(plan, model, [torch.randn(8, 3, 32, 32)], progress=False)
+    assert set(plan.observers) >= {"input", "stem", "stages.2.blocks.0.attn.den"}
+    assert plan.output_qparams == plan.qp(graph.output)  # int8 head: the logits' own parameters
+    assert plan.logit_floor is not None and plan.logit_floor < float(plan.observers[graph.output].max)
+
+
 def test_reciprocal_range_is_capped_at_one_over_the_divisors_lsb():
     """1 / den: the calibrated range, capped at 1 / one LSB of den (the largest value the guarded
     int8 divisor allows; float normalisers below one LSB, which calibration sees, would stretch it)."""
@@ -268,7 +356,6 @@ def test_integer_product_is_exact(x_max, k):
     """float32 where |sum| < 2^24 is provable, hi/lo split or float64 otherwise: always the exact sum."""
     import numpy as np
 
-    from care_q.quant.fakequant import integer_product
 
     g = torch.Generator().manual_seed(k)
     x = torch.randint(-x_max, x_max + 1, (3, k), generator=g).double()
@@ -282,7 +369,6 @@ def test_integer_product_is_exact(x_max, k):
 def test_integer_product_split_bounds_the_low_part():
     # small codes (31 = 16 + 15) over a long sum: the split's low part (15 per term) alone
     # exceeds 2^24 in float32 (20,000 x 127 x 15 = 38.1M): it must fall back to float64
-    from care_q.quant.fakequant import integer_product
 
     x = torch.full((1, 20_000), 31.0, dtype=torch.float64)
     w = torch.full((20_000, 1), 127.0, dtype=torch.float64)

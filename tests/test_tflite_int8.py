@@ -10,6 +10,20 @@ from care_q import create_model
 from care_q.export.tflite_int8 import emit_tflite_int8
 from care_q.graph.trace import trace
 from care_q.quant.calibrate import calibrate
+from care_q.quant.emulation.tflite import (
+    multiply_by_quantized_multiplier,
+    tflite_conv_requant_codes,
+    tflite_div_codes,
+    tflite_l2norm_codes,
+    tflite_quantize_multiplier,
+    tflite_relu_codes,
+)
+from care_q.quant.emulation.xnnpack import (
+    xnnpack_add_codes,
+    xnnpack_mean_codes,
+    xnnpack_mul_codes,
+    xnnpack_sigmoid_table,
+)
 from care_q.quant.fakequant import QuantOps, weight_scales
 from care_q.quant.plan import build_plan
 from care_q.quant.recipe import load_recipe
@@ -118,7 +132,6 @@ def test_xnnpack_int8_add_emulation(tmp_path, scales, naive_differs):
     from ai_edge_litert import schema_py_generated as fb
 
     from care_q.export.tflite_builder import TFLiteBuilder, options
-    from care_q.quant.fakequant import xnnpack_add_codes
 
     s_a, s_b, s_o = scales
     za, zb, zo = 3, -7, -2
@@ -288,7 +301,6 @@ def test_tflite_int8_l2_normalization_emulation():
 
     from care_q.export.tflite_builder import options
     from care_q.graph.ops import FloatOps
-    from care_q.quant.fakequant import tflite_l2norm_codes
 
     rng = np.random.default_rng(0)
     zp, d = 19, 16
@@ -317,7 +329,6 @@ def test_xnnpack_int8_mean_emulation(axes, keep, scales, float_misses):
     from ai_edge_litert import schema_py_generated as fb
 
     from care_q.export.tflite_builder import options
-    from care_q.quant.fakequant import xnnpack_mean_codes
 
     s_in, z_in, s_out, z_out = scales
     rng = np.random.default_rng(1)
@@ -342,7 +353,6 @@ def test_xnnpack_int8_logistic_emulation(s_in, z_in):
     precision, one float32 step above it from torch.sigmoid."""
     from ai_edge_litert import schema_py_generated as fb
 
-    from care_q.quant.fakequant import xnnpack_sigmoid_table
 
     codes = np.arange(-128, 128, dtype=np.int8).reshape(1, 256)
     got = _run_one_op(fb.BuiltinOperator.LOGISTIC, [((1, 256), s_in, z_in)], ((1, 256), 1 / 256, -128), [codes])[0]
@@ -361,7 +371,6 @@ def test_xnnpack_int8_mul_emulation(scales, shapes):
     from ai_edge_litert import schema_py_generated as fb
 
     from care_q.export.tflite_builder import options
-    from care_q.quant.fakequant import xnnpack_mul_codes
 
     s_a, z_a, s_b, z_b, s_o, z_o = scales
     rng = np.random.default_rng(2)
@@ -388,7 +397,6 @@ def test_tflite_int8_relu_emulation(scales, float_misses):
     """RELU with its own output parameters (TFLite's kernel; XNNPACK takes float RELU only)."""
     from ai_edge_litert import schema_py_generated as fb
 
-    from care_q.quant.fakequant import tflite_relu_codes
 
     s_in, z_in, s_out, z_out = scales
     codes = np.arange(-128, 128, dtype=np.int8).reshape(1, 256)
@@ -470,7 +478,6 @@ def test_tflite_int8_large_depthwise_runs_in_tflite_and_is_emulated(tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
     from care_q.export.tflite_builder import TFLiteBuilder, options
-    from care_q.quant.fakequant import _multiply_by_quantized_multiplier, tflite_conv_requant_codes, tflite_quantize_multiplier
 
     rng = np.random.default_rng(0)
     c, s_in, z_in, s_out, z_out = 16, 0.05, 7, 0.11, -3
@@ -507,7 +514,7 @@ def test_tflite_int8_large_depthwise_runs_in_tflite_and_is_emulated(tmp_path):
           for s in s_w]
     m = torch.tensor([q for q, _ in qs]).reshape(1, -1, 1, 1)
     e = torch.tensor([k for _, k in qs]).reshape(1, -1, 1, 1)
-    ref_kernel = (_multiply_by_quantized_multiplier(acc.long(), m, e) + z_out).clamp(-128, 127).permute(0, 2, 3, 1)
+    ref_kernel = (multiply_by_quantized_multiplier(acc.long(), m, e) + z_out).clamp(-128, 127).permute(0, 2, 3, 1)
     assert (ref_kernel.numpy() != got).sum() > 10
 
 
@@ -541,7 +548,6 @@ def test_tflite_int8_div_emulation(scales, float_misses):
     from ai_edge_litert import schema_py_generated as fb
 
     from care_q.export.tflite_builder import options
-    from care_q.quant.fakequant import tflite_div_codes
 
     s_a, z_a, s_b, z_b, s_o, z_o = scales
     grid = np.arange(-128, 128)

@@ -48,7 +48,7 @@ class MixedOps(QuantOps):
     head's linear) and no divisor guard; everything else is exactly `QuantOps`."""
 
     def _float_weights(self, name) -> bool:
-        return self.mode == "quant" and name in getattr(self.plan, "float_weights", ())
+        return self.mode == "quant" and name in self.plan.float_weights
 
     def conv(self, name, x, conv):
         if self._float_weights(name):
@@ -94,12 +94,8 @@ def float_except(plan, keep: set[str]):
     (`MixedOps`); the tensors in ``keep`` keep their parameters."""
     specs = {n: (s if n in keep or s.dtype == DType.FLOAT else dataclasses.replace(s, dtype=DType.FLOAT))
              for n, s in plan.specs.items()}
-    new = dataclasses.replace(plan, specs=specs, consts=dict(getattr(plan, "consts", {})))
-    new.float_weights = frozenset(n for n in plan.specs if n not in keep)
-    for attr in ("observers", "output_qparams", "logit_floor"):
-        if hasattr(plan, attr):
-            setattr(new, attr, getattr(plan, attr))
-    return new
+    return dataclasses.replace(plan, specs=specs, consts=dict(plan.consts),
+                               float_weights=frozenset(n for n in plan.specs if n not in keep))
 
 
 @torch.no_grad()

@@ -52,7 +52,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from care_q.errors import CareQError
-from care_q.quant.fakequant import SIGMOID_QPARAMS, scalar_const, weight_qmax, weight_scales
+from care_q.quant.fakequant import weight_scales
+from care_q.quant.layout_policy import SIGMOID_QPARAMS, scalar_const, weight_qmax
 from care_q.quant.plan import QuantPlan
 from care_q.quant.qtypes import DType, QParams
 from care_q.utils.io import atomic_path
@@ -244,7 +245,7 @@ class _Emitter:
         else:
             if qin is None or qin.dtype != DType.INT8:
                 raise CareQError("io=int8 needs an int8 input tensor in the plan")
-            qout = getattr(self.plan, "output_qparams", None)
+            qout = self.plan.output_qparams
             if qout is None:
                 raise CareQError("io=int8 needs plan.output_qparams (the logits range): calibrate with "
                                  "care_q.quant.calibrate.calibrate")

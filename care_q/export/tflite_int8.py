@@ -28,7 +28,9 @@ from ai_edge_litert import schema_py_generated as fb
 
 from care_q.errors import CareQError
 from care_q.export.tflite_builder import TFLiteBuilder, options
-from care_q.quant.fakequant import SIGMOID_QPARAMS, scalar_const, tflite_builtin_dwconv, weight_qmax, weight_scales
+from care_q.export.tflite_metadata import app_metadata, append_associated_files
+from care_q.quant.fakequant import weight_scales
+from care_q.quant.layout_policy import SIGMOID_QPARAMS, scalar_const, tflite_builtin_dwconv, weight_qmax
 from care_q.quant.plan import QuantPlan
 from care_q.quant.qtypes import DType
 
@@ -137,6 +139,9 @@ class _Emitter:
             pass
         elif self.io != "float":
             qp = self.plan.output_qparams
+            if qp is None:
+                raise CareQError("io=int8 needs plan.output_qparams (the logits range): calibrate with "
+                                 "care_q.quant.calibrate.calibrate")
             q = b.tensor("logits_int8", b.shape_of(out), np.int8, qp.scale[0], qp.zero_point[0])
             b.op(OP.QUANTIZE, [out], [q], version=2)
             out = q
@@ -212,7 +217,7 @@ class _Emitter:
 
     def op_add_const(self, n):
         # x + c as a 1x1 depthwise conv (weight 1, bias c) over the last axis: see
-        # care_q.quant.fakequant.QuantOps.add_const for why not an ADD.
+        # care_q.quant.fakequant.QuantOps.add_const for why not an ADD (care_q.quant.layout_policy).
         x, b = self.idx[n.inputs[0]], self.b
         value = float(self.plan.consts.get(n.name, n.attrs["value"]))
         shape = b.shape_of(x)
@@ -419,8 +424,6 @@ def emit_tflite_int8(plan: QuantPlan, io: str = "float", debug_outputs: bool = F
     e = _Emitter(plan, io, debug_outputs)
     if preprocess is None:
         return e.emit()
-    from care_q.export.tflite_metadata import app_metadata, append_associated_files
-
     meta, files = app_metadata(preprocess, model_name, f"{model_name} int8 (care-q, recipe {plan.recipe.name})",
                                "input_float" if io == "float" else plan.graph.input, "logits")
     e.b.metadata.append(("TFLITE_METADATA", meta))

@@ -1,5 +1,4 @@
-"""The deploy form's op vocabulary and its interpretations (float, recording, fake-quant)."""
+"""The deploy form's op vocabulary (`ops`), its tensor roles (`roles`) and its recorded graph (`trace`).
 
-from care_q.graph.ops import FloatOps, Ops
-
-__all__ = ["FloatOps", "Ops"]
+Nothing is imported here, so `care_q.graph.roles` (which recipes need) loads without torch.
+"""

@@ -6,8 +6,12 @@ by different backends:
 
 - `FloatOps` (here): plain PyTorch, the FP32 deploy form.
 - `care_q.graph.trace.TraceOps`: records a graph for the exporters.
-- `care_q.quant.fakequant.FakeQuantOps`: observes (calibration) or fake-quantizes every
+- `care_q.quant.fakequant.QuantOps`: observes (calibration) or fake-quantizes every
   named tensor (the PyTorch reference of the int8 artifacts, and QAT).
+
+A tensor's role (`care_q.graph.roles.Role`, what recipes address) is given where the op producing
+it is called: ``ops.tag(Role.ATTN_PHI, ops.add_const(...))``. `tag` computes nothing; the tracer
+records the role on the producing node.
 
 Tensors are NCHW for images and (B, heads, N, D) for attention tokens, as in PyTorch; the
 exporters own the target layouts.
@@ -19,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from care_q.graph.roles import Role
+
 
 class Ops:
     """Interface; `FloatOps` is the reference semantics of every op."""
@@ -27,6 +33,10 @@ class Ops:
         return x
 
     def output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def tag(self, role: Role, x):
+        """``x`` (a tensor, or the tuple a split returns), whose producing op gives it ``role``."""
         return x
 
     # --- linear ops with weights ---------------------------------------------------

@@ -2,7 +2,8 @@
 
 `trace(model, x)` runs `DeployCARE.forward(x, TraceOps())` on a real input and returns a
 `Graph`: nodes in execution order, each with its op kind, input and output tensor names,
-attributes and (for conv/linear) the module holding the weights, plus every tensor's shape.
+attributes, the role its outputs were given (`Ops.tag`, None if none) and (for conv/linear)
+the module holding the weights, plus every tensor's shape.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from care_q.graph.ops import Ops
+from care_q.graph.roles import Role
 
 
 @dataclass
@@ -22,6 +24,7 @@ class Node:
     outputs: list[str]
     attrs: dict = field(default_factory=dict)
     module: object | None = None
+    role: Role | None = None
 
 
 @dataclass
@@ -62,6 +65,7 @@ class TraceOps(Ops):
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._names: dict[int, str] = {}
         self._keep: list[torch.Tensor] = []  # keeps ids unique while tracing
+        self._producer: dict[str, Node] = {}
         self.input_name = self.output_name = None
 
     def _name_of(self, t: torch.Tensor) -> str:
@@ -79,9 +83,20 @@ class TraceOps(Ops):
             self._names[id(t)] = n
             self._keep.append(t)
             self.shapes[n] = tuple(t.shape)
-        self.nodes.append(Node(op, name, [self._name_of(t) for t in inputs], out_names,
-                               attrs or {}, module))
+        node = Node(op, name, [self._name_of(t) for t in inputs], out_names, attrs or {}, module)
+        self.nodes.append(node)
+        self._producer.update((n, node) for n in out_names)
         return outputs
+
+    def tag(self, role, x):
+        first = x[0] if isinstance(x, (list, tuple)) else x
+        node = self._producer.get(self._name_of(first))
+        if node is None:
+            raise RuntimeError(f"tensor '{self._name_of(first)}' has no producing op to give role {role.value}")
+        if node.role is not None and node.role != role:
+            raise RuntimeError(f"'{node.name}' tagged {node.role.value} and {role.value}")
+        node.role = Role(role)
+        return x
 
     def input(self, name, x):
         self._names[id(x)] = name

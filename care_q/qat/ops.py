@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from care_q.errors import CareQError
+from care_q.graph.roles import Role
 from care_q.quant.fakequant import QuantOps
 from care_q.quant.plan import QuantPlan
 from care_q.quant.qtypes import DType, QParams
@@ -134,7 +135,7 @@ class QATOps(QuantOps):
         learnt = self._learnt(name)
         if learnt is None:
             return super().add_const(name, x, value)
-        if name.endswith(".den_eps"):  # the divisor guard, with the current (learnt) scale
+        if self.plan.specs[name].role == Role.ATTN_DEN:  # the divisor guard, with the current (learnt) scale
             value = max(float(value), DIVISOR_GUARD_LSB * float(torch.exp(self.log_scales[learnt[0]].detach())))
         return self._out(name, x + value)
 
@@ -152,10 +153,9 @@ DIVISOR_GUARD_LSB = 1.0  # QuantPlan.finalize's divisor guard: den + eps >= 1 LS
 
 def refresh_divisor_guards(plan: QuantPlan) -> None:
     """Recompute the plan's divisor-guard constants after its parameters changed (LSQ write-back)."""
-    consts = plan.__dict__.setdefault("consts", {})
     for n in plan.graph.nodes:
-        if n.op == "add_const" and n.name.endswith(".den_eps") and plan.quantized(n.outputs[0]):
-            consts[n.name] = max(float(n.attrs["value"]), DIVISOR_GUARD_LSB * plan.qp(n.outputs[0]).scale[0])
+        if plan.divisor_guard(n) and plan.quantized(n.outputs[0]):
+            plan.consts[n.name] = max(float(n.attrs["value"]), DIVISOR_GUARD_LSB * plan.qp(n.outputs[0]).scale[0])
 
 
 # ----------------------------------------------------------------------------- module
@@ -229,10 +229,10 @@ def _qp_from_dict(d: dict) -> QParams:
 
 def qparams_to_state(plan: QuantPlan) -> dict:
     """The plan's calibrated state as plain containers (loadable with ``weights_only=True``)."""
-    out = getattr(plan, "output_qparams", None)
+    out = plan.output_qparams
     return {"qparams": {k: _qp_to_dict(v) for k, v in plan.qparams.items()},
             "output_qparams": _qp_to_dict(out) if out is not None else None,
-            "consts": {k: float(v) for k, v in getattr(plan, "consts", {}).items()}}
+            "consts": {k: float(v) for k, v in plan.consts.items()}}
 
 
 def qparams_from_state(plan: QuantPlan, state: dict) -> None:
@@ -246,5 +246,5 @@ def qparams_from_state(plan: QuantPlan, state: dict) -> None:
     plan.qparams = {k: _qp_from_dict(v) for k, v in state["qparams"].items()}
     if state.get("output_qparams") is not None:
         plan.output_qparams = _qp_from_dict(state["output_qparams"])
-    plan.__dict__.setdefault("consts", {}).clear()
+    plan.consts.clear()
     plan.consts.update(state.get("consts", {}))

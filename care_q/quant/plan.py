@@ -21,8 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from care_q.errors import CareQError
+from care_q.graph.roles import Role
 from care_q.graph.trace import Graph
-from care_q.quant.qtypes import DType, Method, QParams, Role, qparams_from_range
+from care_q.quant.qtypes import DType, Method, QParams, qparams_from_range
 from care_q.quant.recipe import Recipe
 
 SHARED_OPS = ("split", "cat", "to_heads", "from_heads", "to_tokens", "from_tokens")
@@ -53,27 +54,12 @@ class TensorSpec:
                 "why": self.why}
 
 
-def role_of(op: str, name: str) -> Role:
-    leaf = name.rsplit(".", 1)[-1]
-    if name.startswith("head.") or name == "logits":
-        return Role.POOL if op == "global_pool" else Role.HEAD
-    if op == "input":
+def role_of(node) -> Role:
+    """A tensor's role: the one its producing op gave it in the deploy form (`care_q.graph.ops.Ops.tag`);
+    ``input`` for the graph input (no producer), ``conv`` where the op gave none."""
+    if node is None:
         return Role.INPUT
-    table = {"qk": Role.ATTN_QK, "elu_q": Role.ATTN_ELU, "elu_k": Role.ATTN_ELU,
-             "phi_q": Role.ATTN_PHI, "phi_k": Role.ATTN_PHI, "kTv": Role.ATTN_KV, "kv": Role.ATTN_KV,
-             "k_mean": Role.ATTN_KMEAN, "den": Role.ATTN_DEN, "den_eps": Role.ATTN_DEN,
-             "den_inv": Role.ATTN_DEN_INV,
-             "num": Role.ATTN_NUM, "out": Role.ATTN_OUT if ".attn." in name else Role.RESIDUAL,
-             "inter1_res": Role.RESIDUAL, "skip": Role.RESIDUAL, "cat": Role.RESIDUAL,
-             "ls_res": Role.LAYER_SCALE, "inter1_act": Role.GELU, "inter2_act": Role.GELU,
-             "merge": Role.ATTN_OUT,
-             # the NPU attention (care_q.transforms.substitute.npu_attention)
-             "phi_aff": Role.ATTN_ELU, "phi_sig": Role.ATTN_ELU, "phi_exp": Role.ATTN_ELU,
-             "phi_relu": Role.ATTN_ELU, "phi": Role.ATTN_PHI, "kv_prod": Role.ATTN_KV,
-             "num_prod": Role.ATTN_NUM, "l2": Role.ATTN_OUT, "heads": Role.ATTN_OUT}
-    if leaf in table:
-        return table[leaf]
-    return Role.CONV
+    return node.role or Role.CONV
 
 
 class _UnionFind:
@@ -95,18 +81,29 @@ class _UnionFind:
 
 @dataclass
 class QuantPlan:
+    """Every tensor's settings (`specs`), its parameter groups, and what calibration adds."""
+
     graph: Graph
     recipe: Recipe
     specs: dict[str, TensorSpec]
     groups: dict[str, list[str]]
-    qparams: dict[str, QParams] = field(default_factory=dict)
-    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
-    consts: dict[str, float] = field(default_factory=dict)
+    qparams: dict[str, QParams] = field(default_factory=dict)          # group root -> parameters
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # group root -> observed range
+    consts: dict[str, float] = field(default_factory=dict)             # add_const node -> emitted value
+    # set by care_q.quant.calibrate.calibrate: the observers of every tensor it saw (name -> observer)
+    observers: dict = field(default_factory=dict, repr=False)
+    # int8 output parameters of the logits for io=int8 (calibrate; QAT's state)
+    output_qparams: QParams | None = None
+    # int8 logits: the range's lower end is raised to this (calibrate: the lowest 5th-largest logit)
+    logit_floor: float | None = None
+    # tensors whose conv / linear weights stay float (care_q.eval.sensitivity.float_except)
+    float_weights: frozenset[str] = frozenset()
+    _inputs: dict[str, list[str]] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def graph_inputs(self) -> dict[str, list[str]]:
         """Node name -> its input tensor names."""
-        if not hasattr(self, "_inputs"):
+        if self._inputs is None:
             self._inputs = {n.name: n.inputs for n in self.graph.nodes}
         return self._inputs
 
@@ -135,7 +132,7 @@ class QuantPlan:
             if obs is None:
                 raise CareQError(f"tensor group '{root}' saw no calibration data")
             lo, hi = obs.range(spec.method, spec.dtype, spec.symmetric, spec.percentile)
-            floor = getattr(self, "logit_floor", None)
+            floor = self.logit_floor
             if floor is not None and root == self.specs[self.graph.output].group and not spec.symmetric:
                 lo = max(lo, min(floor, hi))  # int8 logits: only the top classes need resolution
             self.ranges[root] = (float(obs.min), float(obs.max))
@@ -143,11 +140,15 @@ class QuantPlan:
         self._floor_add_input_scales()
         self.consts = {}
         for n in self.graph.nodes:
-            if n.op == "add_const" and n.name.endswith(".den_eps") and self.quantized(n.outputs[0]):
+            if self.divisor_guard(n) and self.quantized(n.outputs[0]):
                 # divisor guard: one LSB (x >= 0, so x + guard never rounds to the zero point;
                 # a whole LSB also avoids the rounding ties that 1.5 LSB would create)
                 self.consts[n.name] = max(float(n.attrs["value"]), self.qp(n.outputs[0]).scale[0])
         self._reciprocal_ranges()
+
+    def divisor_guard(self, node) -> bool:
+        """Whether ``node`` adds the guard to the attention normaliser (``den + eps``)."""
+        return node.op == "add_const" and self.specs[node.outputs[0]].role == Role.ATTN_DEN
 
     def _reciprocal_ranges(self) -> None:
         """1 / x of an int8 divisor (the normaliser, at least one LSB by its guard) never exceeds
@@ -208,7 +209,7 @@ def build_plan(graph: Graph, recipe: Recipe) -> QuantPlan:
         node = producer[name]
         op = node.op if node else "input"
         base = node.name if node else name
-        role = role_of(op, base)
+        role = role_of(node)
         spec = TensorSpec(name, role, op, recipe.act_dtype, recipe.method, recipe.percentile,
                           why=[f"default: {recipe.act_dtype.value} {recipe.method.value}"])
         for rule in recipe.rules:

@@ -1,4 +1,7 @@
-"""Shared vocabulary of care-q's quantization: dtypes, methods, roles, quantization parameters."""
+"""Shared vocabulary of care-q's quantization: dtypes, methods, quantization parameters.
+
+Tensor roles are the deploy form's vocabulary: `care_q.graph.roles.Role`.
+"""
 
 from __future__ import annotations
 
@@ -29,27 +32,6 @@ class Method(str, Enum):
     PERCENTILE = "percentile"
     MSE = "mse"
     ENTROPY = "entropy"
-
-
-class Role(str, Enum):
-    """Tensor classes of the CARE deploy form; recipes address tensors by these."""
-
-    INPUT = "input"
-    CONV = "conv"                  # conv / linear outputs not covered below
-    RESIDUAL = "residual"          # residual-stream adds, block outputs
-    LAYER_SCALE = "layer_scale"    # gamma * inner residual
-    GELU = "gelu"
-    ATTN_QK = "attn_qk"            # q, k projections (pre-kernel)
-    ATTN_ELU = "attn_elu"          # elu(q), elu(k)
-    ATTN_PHI = "attn_phi"          # elu(x) + 1 kernels
-    ATTN_KV = "attn_kv"            # k^T v product and kv = k^T v / N
-    ATTN_KMEAN = "attn_kmean"      # mean of phi(k) over tokens
-    ATTN_DEN = "attn_den"          # normaliser q . mean(k) (+ eps)
-    ATTN_DEN_INV = "attn_den_inv"  # 1 / normaliser (recipe substitutions.normaliser: reciprocal)
-    ATTN_NUM = "attn_num"          # q @ kv
-    ATTN_OUT = "attn_out"          # normalised attention output
-    POOL = "pool"                  # global average pool before the head
-    HEAD = "head"                  # head tensors (float on every target)
 
 
 @dataclass(frozen=True)

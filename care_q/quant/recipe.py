@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import yaml
 
 from care_q.errors import CareQError
-from care_q.paths import RECIPES_DIR
-from care_q.quant.qtypes import DType, Method, Role
+from care_q.graph.roles import Role
+from care_q.paths import RECIPES_DIR, yaml_files
+from care_q.quant.qtypes import DType, Method
 
 TARGETS = ("tflite", "onnx")
 
@@ -97,7 +99,7 @@ class Recipe:
     source: str = "<built-in>"
     head: str = "float"  # int8: the classifier's LayerNorm output, weights and logits int8 (static int8 FC)
     # builtin: depthwise convs of more than 25 taps (CARE's 7x7) run in TFLite's own int8 kernel, not
-    # XNNPACK's (a runtime-made bias keeps XNNPACK off them); see care_q.quant.fakequant.tflite_builtin_dwconv
+    # XNNPACK's (a runtime-made bias keeps XNNPACK off them); see care_q.quant.layout_policy.tflite_builtin_dwconv
     tflite_large_dwconv: str = "xnnpack"
 
     def to_json(self) -> dict:
@@ -292,16 +294,17 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         tflite_large_dwconv=large_dw)
 
 
-def list_recipes() -> list[Path]:
-    return sorted(RECIPES_DIR.glob("*.yaml"))
+def list_recipes() -> list[Traversable]:
+    """The recipes shipped in the package (``care_q/recipes/*.yaml``), sorted by name."""
+    return yaml_files(RECIPES_DIR)
 
 
-def load_recipe(name_or_path: str | Path) -> Recipe:
-    """A recipe by name (`recipes/<name>.yaml`) or by path."""
-    p = Path(name_or_path)
-    if p.suffix not in (".yaml", ".yml"):
+def load_recipe(name_or_path: str | Path | Traversable) -> Recipe:
+    """A recipe by name (``care_q/recipes/<name>.yaml``, package data) or by path."""
+    p = name_or_path if isinstance(name_or_path, Traversable) else Path(name_or_path)
+    if Path(p.name).suffix not in (".yaml", ".yml"):
         p = RECIPES_DIR / f"{name_or_path}.yaml"
-    if not p.exists():
-        known = ", ".join(x.stem for x in list_recipes())
+    if not p.is_file():
+        known = ", ".join(x.name.removesuffix(".yaml") for x in list_recipes())
         raise CareQError(f"unknown recipe '{name_or_path}' (no file {p}); known recipes: {known}")
     return parse_recipe(p.read_text(), str(p))

@@ -14,7 +14,8 @@
   axis instead of ``x.mean((2, 3))``.
 
 The forward is written against `care_q.graph.ops.Ops` so calibration, fake quantization and
-export interpret the very same graph, tensor names included.
+export interpret the very same graph, tensor names included. Each op call that produces a tensor
+a recipe may address by role wraps it in ``ops.tag(Role...., ...)`` (untagged: ``conv``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from care_q.graph.ops import FloatOps, Ops
+from care_q.graph.roles import Role
 from care_q.models.care import CARE, CAREBlock, Head
 
 # ----------------------------------------------------------------------------- folding
@@ -108,31 +110,35 @@ class DeployAttention(nn.Module):
             return self.forward_npu(att, ops, n)
         hw = (att.shape[2], att.shape[3])
         tokens = hw[0] * hw[1]
-        q, k = ops.split(f"{n}.qk_split", ops.conv(f"{n}.qk", att, self.qk), [self.mem_dim] * 2)
+        qk = ops.tag(Role.ATTN_QK, ops.conv(f"{n}.qk", att, self.qk))
+        q, k = ops.split(f"{n}.qk_split", qk, [self.mem_dim] * 2)
         v = ops.to_heads(f"{n}.v", att, self.num_heads)
         q, k = ops.to_heads(f"{n}.q", q, self.num_heads), ops.to_heads(f"{n}.k", k, self.num_heads)
-        phi_q = ops.add_const(f"{n}.phi_q", ops.elu(f"{n}.elu_q", q), 1.0)   # elu + 1 kernels
-        phi_k = ops.add_const(f"{n}.phi_k", ops.elu(f"{n}.elu_k", k), 1.0)
-        kv = ops.matmul(f"{n}.kTv", phi_k, v, transpose_a=True)            # (B, h, D, D)
-        kv = ops.mul_const(f"{n}.kv", kv, 1.0 / tokens)
-        k_mean = ops.mean_tokens(f"{n}.k_mean", phi_k)                    # (B, h, 1, D)
-        den = ops.matmul(f"{n}.den", phi_q, k_mean, transpose_b=True)     # (B, h, N, 1)
-        den = ops.add_const(f"{n}.den_eps", den, self.eps)
-        num = ops.matmul(f"{n}.num", phi_q, kv)                          # (B, h, N, D)
+        elu_q = ops.tag(Role.ATTN_ELU, ops.elu(f"{n}.elu_q", q))
+        phi_q = ops.tag(Role.ATTN_PHI, ops.add_const(f"{n}.phi_q", elu_q, 1.0))   # elu + 1 kernels
+        elu_k = ops.tag(Role.ATTN_ELU, ops.elu(f"{n}.elu_k", k))
+        phi_k = ops.tag(Role.ATTN_PHI, ops.add_const(f"{n}.phi_k", elu_k, 1.0))
+        kv = ops.tag(Role.ATTN_KV, ops.matmul(f"{n}.kTv", phi_k, v, transpose_a=True))   # (B, h, D, D)
+        kv = ops.tag(Role.ATTN_KV, ops.mul_const(f"{n}.kv", kv, 1.0 / tokens))
+        k_mean = ops.tag(Role.ATTN_KMEAN, ops.mean_tokens(f"{n}.k_mean", phi_k))       # (B, h, 1, D)
+        den = ops.tag(Role.ATTN_DEN, ops.matmul(f"{n}.den", phi_q, k_mean, transpose_b=True))  # (B, h, N, 1)
+        den = ops.tag(Role.ATTN_DEN, ops.add_const(f"{n}.den_eps", den, self.eps))  # the divisor guard
+        num = ops.tag(Role.ATTN_NUM, ops.matmul(f"{n}.num", phi_q, kv))             # (B, h, N, D)
         if self.normaliser == "reciprocal":
-            out = ops.mul(f"{n}.out", num, ops.reciprocal(f"{n}.den_inv", den))
+            out = ops.mul(f"{n}.out", num, ops.tag(Role.ATTN_DEN_INV, ops.reciprocal(f"{n}.den_inv", den)))
         else:
             out = ops.div(f"{n}.out", num, den)
-        return ops.from_heads(f"{n}.merge", out, hw)
+        return ops.tag(Role.ATTN_OUT, ops.from_heads(f"{n}.merge", ops.tag(Role.ATTN_OUT, out), hw))
 
     def forward_npu(self, att: torch.Tensor, ops: Ops, n: str) -> torch.Tensor:
         """The NPU form (see `care_q.transforms.substitute.npu_attention`): a positive kernel from
         RELU/LOGISTIC, the products as MUL + MEAN per head, the normaliser as an L2 normalisation."""
         hw = (att.shape[2], att.shape[3])
-        qk = ops.conv(f"{n}.qk", att, self.qk)
-        e = ops.mul_const(f"{n}.phi_exp", ops.sigmoid(f"{n}.phi_sig", ops.conv(f"{n}.phi_aff", qk, self.phi_aff)),
-                          self.phi_exp_scale)
-        phi = ops.add(f"{n}.phi", ops.relu(f"{n}.phi_relu", qk), e)
+        qk = ops.tag(Role.ATTN_QK, ops.conv(f"{n}.qk", att, self.qk))
+        aff = ops.tag(Role.ATTN_ELU, ops.conv(f"{n}.phi_aff", qk, self.phi_aff))
+        e = ops.tag(Role.ATTN_ELU, ops.mul_const(f"{n}.phi_exp", ops.tag(Role.ATTN_ELU, ops.sigmoid(f"{n}.phi_sig", aff)),
+                                                 self.phi_exp_scale))
+        phi = ops.tag(Role.ATTN_PHI, ops.add(f"{n}.phi", ops.tag(Role.ATTN_ELU, ops.relu(f"{n}.phi_relu", qk)), e))
         d = self.mem_dim // self.num_heads
         qk_heads = ops.split(f"{n}.phi_split", phi, [d] * (2 * self.num_heads))  # q heads, then k heads
         vs = ops.split(f"{n}.v", att, [d] * self.num_heads) if self.num_heads > 1 else (att,)
@@ -142,11 +148,14 @@ class DeployAttention(nn.Module):
             q = ops.to_tokens(f"{h}.q", qk_heads[i], "col")                 # (B, N, D, 1)
             k = ops.to_tokens(f"{h}.k", qk_heads[self.num_heads + i], "col")
             v = ops.to_tokens(f"{h}.v", vs[i], "row")                       # (B, N, 1, D)
-            kv = ops.mean_axis(f"{h}.kv", ops.mul(f"{h}.kv_prod", k, v), 1)   # (B, 1, D, D)
-            num = ops.mean_axis(f"{h}.num", ops.mul(f"{h}.num_prod", q, kv), 2)  # (B, N, 1, D)
-            outs.append(ops.from_tokens(f"{h}.out", ops.l2_norm(f"{h}.l2", num), hw))
-        heads = ops.cat(f"{n}.heads", outs) if len(outs) > 1 else outs[0]
-        return ops.mul_const(f"{n}.out", heads, self.out_scale)
+            kv = ops.tag(Role.ATTN_KV, ops.mul(f"{h}.kv_prod", k, v))
+            kv = ops.tag(Role.ATTN_KV, ops.mean_axis(f"{h}.kv", kv, 1))        # (B, 1, D, D)
+            num = ops.tag(Role.ATTN_NUM, ops.mul(f"{h}.num_prod", q, kv))
+            num = ops.tag(Role.ATTN_NUM, ops.mean_axis(f"{h}.num", num, 2))    # (B, N, 1, D)
+            out = ops.tag(Role.ATTN_OUT, ops.l2_norm(f"{h}.l2", num))
+            outs.append(ops.tag(Role.ATTN_OUT, ops.from_tokens(f"{h}.out", out, hw)))
+        heads = ops.tag(Role.ATTN_OUT, ops.cat(f"{n}.heads", outs)) if len(outs) > 1 else outs[0]
+        return ops.tag(Role.ATTN_OUT, ops.mul_const(f"{n}.out", heads, self.out_scale))
 
 
 class DeployBlock(nn.Module):
@@ -185,17 +194,18 @@ class DeployBlock(nn.Module):
         c2 = ops.conv(f"{n}.dwconv2", c2, self.dwconv2)
         feats = ops.cat(f"{n}.feats", [att, c1, c2])
         act = ops.gelu if self.act == "gelu" else ops.silu
-        h = act(f"{n}.inter1_act", ops.conv(f"{n}.inter1_fc1", feats, self.inter1_fc1))
+        h = ops.tag(Role.GELU, act(f"{n}.inter1_act", ops.conv(f"{n}.inter1_fc1", feats, self.inter1_fc1)))
         h = ops.conv(f"{n}.inter1_fc2", ops.conv(f"{n}.inter1_conv", h, self.inter1_conv), self.inter1_fc2)
-        feats = ops.add(f"{n}.inter1_res", h, feats)
-        cat = ops.cat(f"{n}.cat", [mem, feats])
-        h = act(f"{n}.inter2_act", ops.conv(f"{n}.inter2_fc1", cat, self.inter2_fc1))
+        feats = ops.tag(Role.RESIDUAL, ops.add(f"{n}.inter1_res", h, feats))
+        cat = ops.tag(Role.RESIDUAL, ops.cat(f"{n}.cat", [mem, feats]))
+        h = ops.tag(Role.GELU, act(f"{n}.inter2_act", ops.conv(f"{n}.inter2_fc1", cat, self.inter2_fc1)))
         h = ops.conv(f"{n}.inter2_conv", h, self.inter2_conv)
         if self.last:
             return h
         y = ops.conv(f"{n}.inter2_fc2", h, self.inter2_fc2)
-        skip = ops.add(f"{n}.skip", x, ops.mul_const(f"{n}.ls_res", cat, self.gamma))
-        return ops.add(f"{n}.out", y, skip)
+        skip = ops.tag(Role.RESIDUAL, ops.add(f"{n}.skip", x, ops.tag(Role.LAYER_SCALE,
+                                                                       ops.mul_const(f"{n}.ls_res", cat, self.gamma))))
+        return ops.tag(Role.RESIDUAL, ops.add(f"{n}.out", y, skip))
 
 
 class DeployCARE(nn.Module):
@@ -242,9 +252,10 @@ class DeployCARE(nn.Module):
     def forward(self, x: torch.Tensor, ops: Ops | None = None) -> torch.Tensor:
         ops = ops or FloatOps()
         x = self.forward_features(x, ops)
-        x = ops.gelu("head.act", ops.global_pool("head.pool", x))
-        x = ops.layer_norm("head.norm", x, self.ln_eps)
-        return ops.output("logits", ops.linear("head.fc", x, self.fc))
+        x = ops.tag(Role.POOL, ops.global_pool("head.pool", x))
+        x = ops.tag(Role.HEAD, ops.gelu("head.act", x))
+        x = ops.tag(Role.HEAD, ops.layer_norm("head.norm", x, self.ln_eps))
+        return ops.output("logits", ops.tag(Role.HEAD, ops.linear("head.fc", x, self.fc)))
 
 
 def deploy(model: CARE) -> DeployCARE:
