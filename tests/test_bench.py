@@ -160,7 +160,7 @@ def test_memory_probe_reports_crash(tmp_path, arts, monkeypatch):
 
 
 def test_suite_definition(tmp_path):
-    from care_q.bench.suite import SUITE, load_suite
+    from care_q.bench.schema import SUITE, load_suite
 
     s = load_suite(SUITE, shared=tmp_path)
     assert s["accuracy"]["weights"] == str(tmp_path / "models" / "care_s0_cifar10_64.pth")
@@ -195,13 +195,16 @@ def test_ptq_time_runs_the_users_command_fresh_and_checks_the_budget(tmp_path, m
     (FP32 files left by an earlier run would skip their export), wall time against the target."""
     import subprocess
 
-    from care_q.bench import suite as S
+    from care_q.bench import ptq_time as S
     from care_q.bench.benchmarks import ptq_time_blocks
+    from care_q.bench.schema import SUITE, load_suite
+    from care_q.bench.steps import Steps
+    from care_q.bench.targets import time_checks
 
-    cfg = S.load_suite(S.SUITE, shared=tmp_path)
+    cfg = load_suite(SUITE, shared=tmp_path)
     P = cfg["ptq_time"]
     assert (P["model"], P["calib"], P["num_calib"], P["target_seconds"]) == ("care_s1", "imagenet_1k_subset", None, 300)
-    assert S.load_suite(S.SUITE, quick=True, shared=tmp_path)["ptq_time"]["num_calib"] == 64
+    assert load_suite(SUITE, quick=True, shared=tmp_path)["ptq_time"]["num_calib"] == 64
     seen = []
 
     def fake_run(argv, env, stdout, stderr):
@@ -215,48 +218,51 @@ def test_ptq_time_runs_the_users_command_fresh_and_checks_the_budget(tmp_path, m
         return subprocess.CompletedProcess(argv, 0)
 
     monkeypatch.setattr(S.subprocess, "run", fake_run)
-    steps = S.Steps(tmp_path / "bench", log=lambda m: None)
+    steps = Steps(tmp_path / "bench", log=lambda m: None)
     r = S.run_ptq_time(cfg, P, tmp_path / "bench", steps, "/data")
     assert seen == [(["-m", "care_q", "ptq", "--model", "care_s1", "--calib", "imagenet_1k_subset", "--out",
                       str(tmp_path / "bench" / "ptq_time" / "care_s1" / "out")], None)]
     assert r["command"] == "care-q ptq --model care_s1 --calib imagenet_1k_subset"
     assert r["stages"]["other (model, data, tracing, SQNR, report)"] == 10.0
     assert S.run_ptq_time(cfg, P, tmp_path / "bench", steps, "/data") == r and len(seen) == 1  # cached
-    monkeypatch.setattr(S, "_code_digest", lambda: "changed")
+    monkeypatch.setattr(S, "package_digest", lambda: "changed")
     S.run_ptq_time(cfg, P, tmp_path / "bench", steps, "/data")
     assert seen[1][1] is None  # code changed: timed again, from an empty folder
     (tmp_path / "bench" / "ptq_time" / "care_s1.step.json").unlink()  # killed before it finished: same config
     S.run_ptq_time(cfg, P, tmp_path / "bench", steps, "/data")
     assert seen[2][1] is None  # the killed run's FP32 files are not reused either
-    [t] = S._time_targets({**r, "seconds": 301.0}, P)
+    [t] = time_checks({**r, "seconds": 301.0}, P)
     assert t["ok"] is False and t["target"] == "<= 300"
-    assert S._time_targets(r, P)[0]["ok"] is True and "from process start" in str(ptq_time_blocks({"ptq_time": r}))
-    assert S._time_targets({"command": "c", "seconds": 3.0, "failure": "exit code 2: x"}, P)[0]["ok"] is None
+    assert time_checks(r, P)[0]["ok"] is True and "from process start" in str(ptq_time_blocks({"ptq_time": r}))
+    assert time_checks({"command": "c", "seconds": 3.0, "failure": "exit code 2: x"}, P)[0]["ok"] is None
 
 
 def test_rows_and_targets_of_the_x86_recipe(tmp_path):
     """The x86 recipe's ONNX gets its own row and target lines where the suite has it, none otherwise."""
-    from care_q.bench.suite import DEFAULT_TARGETS, _method_paths, _rows, _targets
+    from care_q.bench.artifacts import method_paths
+    from care_q.bench.targets import DEFAULT_TARGETS, method_rows, target_checks
 
     def lat(x86):
-        methods = _method_paths("care_s0", tmp_path / "fp32", tmp_path / "ptq", {}, x86)
+        methods = method_paths("care_s0", tmp_path / "fp32", tmp_path / "ptq", {}, x86)
         ratio = {"care_s0_int8_qdq.onnx": 0.9, "care_s0_int8_x86_qdq.onnx": 0.8}
         stats = {f: {"ratio": r} for f, r in ratio.items()}
         return {"care_s0": {"methods": methods, "bench": {"artifacts": {}, "latency": {"onnxruntime": stats}}}}
 
-    rows = _rows(None, lat(tmp_path / "ptq_x86"))
+    rows = method_rows(None, lat(tmp_path / "ptq_x86"))
     x86 = [r for r in rows if r["method"] == "careq_onnx_x86"]
     assert len(x86) == 1 and x86[0]["latency"]["care_s0"]["file"] == "care_s0_int8_x86_qdq.onnx"
-    t = {c["what"]: c["value"] for c in _targets(rows, DEFAULT_TARGETS, None, ["care_s0"])}
+    t = {c["what"]: c["value"] for c in target_checks(rows, DEFAULT_TARGETS, None, ["care_s0"])}
     assert t["care-q int8 ONNX QDQ, x86 recipe: latency / FP32, care_s0 (batch 1)"] == 0.8
     assert t["care-q int8 ONNX QDQ: latency / FP32, care_s0 (batch 1)"] == 0.9
-    rows = _rows(None, lat(None))
+    rows = method_rows(None, lat(None))
     assert "careq_onnx_x86" not in {r["method"] for r in rows}
-    assert not any("x86" in c["what"] for c in _targets(rows, DEFAULT_TARGETS, None, ["care_s0"]))
+    assert not any("x86" in c["what"] for c in target_checks(rows, DEFAULT_TARGETS, None, ["care_s0"]))
 
 
 def test_suite_qat_section(tmp_path):
-    from care_q.bench.suite import SUITE, _qat_targets, load_suite, qat_epochs
+    from care_q.bench.qat_steps import qat_epochs
+    from care_q.bench.schema import SUITE, load_suite
+    from care_q.bench.targets import qat_checks
 
     s = load_suite(SUITE, shared=tmp_path)
     assert s["qat"]["recipes"] == ["npu_int8", "qat_w4a8_mlp", "qat_int8"] and s["qat"]["limit"] is None
@@ -283,13 +289,13 @@ def test_suite_qat_section(tmp_path):
     qt = {"qat_int8": {"accuracy": {"fp32_top1": 75.5, "ptq_top1": 75.0, "qat_top1": 75.45}},
           "qat_w4a8_mlp": {"accuracy": {"fp32_top1": 75.5, "ptq_top1": 71.5, "qat_top1": 73.0}},
           "npu_int8": {"accuracy": {"fp32_top1": 75.5, "ptq_top1": 70.0, "qat_top1": 74.0}}}
-    t = _qat_targets(qt, {"epochs": 1, "target_drop_pt": 0.1})
+    t = qat_checks(qt, {"epochs": 1, "target_drop_pt": 0.1})
     assert [round(c["value"], 4) for c in t] == [0.05, 0.375, 1.5] and [c["ok"] for c in t] == [True, False, False]
     # issue 5: every recipe's artifacts agree with its fake-quant model on >= 99.5%; the worst one is the check
     assert s["qat"]["num_verify"] == 1000
     qt["qat_int8"]["artifacts"] = {"tflite": {"agreement": 1.0}, "onnx": {"agreement": 0.994}}
     qt["npu_int8"]["artifacts"] = {"tflite": {"agreement": 0.995}}
-    t = _qat_targets(qt, {"epochs": 1, "target_drop_pt": 0.1, "num_verify": 1000})
+    t = qat_checks(qt, {"epochs": 1, "target_drop_pt": 0.1, "num_verify": 1000})
     agree = [(c["what"], c["value"], c["ok"]) for c in t if "agreement" in c["what"]]
     assert agree == [("QAT qat_int8: lowest artifact top-1 agreement with the fake-quant model, % (onnx, 1000 images)",
                       pytest.approx(99.4), False),
@@ -298,7 +304,7 @@ def test_suite_qat_section(tmp_path):
 
 
 def test_steps_cache_and_resume(tmp_path):
-    from care_q.bench.suite import Steps
+    from care_q.bench.steps import Steps
 
     calls = []
     steps = Steps(tmp_path, log=lambda m: None)
@@ -335,7 +341,7 @@ def test_other_load_counts_other_processes_only():
     import sys
     import time
 
-    from care_q.bench.host import OtherLoad, busy_warning
+    from care_q.utils.machine import OtherLoad, busy_warning
 
     quiet = OtherLoad()
     time.sleep(0.6)
@@ -358,24 +364,40 @@ def test_other_load_counts_other_processes_only():
     cores = len(os.sched_getaffinity(0))
     assert other > 0.6 / cores  # one spinning process of `cores`
     assert "other processes used" in busy_warning({"other_cpu_share": other})
+
+
+def test_busy_warning():
+    """Other processes' share of the cores decides; older results fall back on the load average."""
+    from care_q.utils.machine import busy_warning
+
+    assert busy_warning({"other_cpu_share": 0.2}).startswith("other processes used 20% of the cores")
+    assert busy_warning({"other_cpu_share": 0.15}) is None
     assert busy_warning({"other_cpu_share": 0.02, "load_avg": {"start": 9.0}}) is None
+    old = {"load_avg": {"start": 3.0, "end": None}, "machine": {"usable_cores": 2}}
+    assert busy_warning(old).startswith("the machine was busy during this measurement (load average up to 3.0 on 2 cores)")
+    assert busy_warning({**old, "load_avg": {"start": 1.5, "end": 2.0}}) is None
 
 
-def test_content_stamp_ignores_mtime(tmp_path):
-    """The proxy's cache key survives a re-provisioned shared/ (same bytes, new mtime), not new bytes."""
-    import os
+def test_file_key_is_the_content(tmp_path):
+    """An input file is keyed by its bytes: the proxy's cache key survives a re-provisioned shared/
+    (same bytes, new mtime) and a copy elsewhere, not new bytes."""
+    import hashlib
 
-    from care_q.bench.suite import _content_stamp
+    from care_q.bench.keys import file_key
 
     f = tmp_path / "w.pth"
     f.write_bytes(b"weights")
-    a = _content_stamp(f)
+    a = file_key(f)
+    assert a == {"size": 7, "sha256": hashlib.sha256(b"weights").hexdigest()}
     os.utime(f, (1, 1))
-    assert _content_stamp(f) == a
+    assert file_key(f) == a
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(f, tmp_path / "elsewhere" / "w.pth")
+    assert file_key(tmp_path / "elsewhere" / "w.pth") == a
     f.write_bytes(b"weightz")
-    assert _content_stamp(f) != a and _content_stamp(None) is None
+    assert file_key(f) != a and file_key(None) is None
     with pytest.raises(CareQError, match="file not found"):
-        _content_stamp(tmp_path / "missing.pth")
+        file_key(tmp_path / "missing.pth")
 
 
 def test_qat_table_reports_where_a_finished_run_was_trained():
@@ -407,7 +429,9 @@ def test_adopt_qat_seeds_the_step_folder(tmp_path):
 
     import torch
 
-    from care_q.bench.suite import SUITE, adopt_qat, load_suite, main, qat_step_config
+    from care_q.bench.qat_steps import adopt_qat, qat_step_config
+    from care_q.bench.schema import SUITE, load_suite
+    from care_q.bench.suite import main
 
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "care_s0_cifar10_64.pth").write_bytes(b"w")
@@ -432,3 +456,210 @@ def test_adopt_qat_seeds_the_step_folder(tmp_path):
     with pytest.raises(CareQError, match="is not a care-q QAT checkpoint"):
         adopt_qat(cfg, root, "qat_int8", ckpt)
     assert main(["--shared", str(tmp_path), "--out", str(root), "--adopt-qat", "qat_int8"]) == 2
+
+
+# ----------------------------------------------------------------------------- cache keys
+
+
+def _package_copy(dst: Path) -> Path:
+    from care_q.bench.keys import PACKAGE_DIR
+
+    shutil.copytree(PACKAGE_DIR, dst / "care_q", ignore=shutil.ignore_patterns("__pycache__"))
+    return dst / "care_q"
+
+
+def _touch(f: Path) -> None:
+    f.write_bytes(f.read_bytes() + b"\n# one more line\n")
+
+
+def test_code_digest_follows_the_modules_a_step_runs(tmp_path):
+    """A byte more in a module a step's code reaches changes that step's key; a module it does
+    not reach leaves the key alone; the same sources elsewhere give the same digests."""
+    from care_q.bench.keys import STEP_CODE, closure, code_digest
+
+    pkg = _package_copy(tmp_path / "a")
+    files = {f.relative_to(pkg).as_posix() for f in closure(*STEP_CODE["fp32"], package_dir=pkg)}
+    assert {"export/fp32.py", "models/care.py", "models/timm_registry.py", "export/__init__.py"} <= files
+    assert "eval/report.py" not in files and "bench/benchmarks.py" not in files
+    qat_train = {f.relative_to(pkg).as_posix() for f in closure(*STEP_CODE["qat_train"], package_dir=pkg)}
+    assert "quant/fakequant.py" in qat_train and not any(f.startswith(("export/", "eval/")) for f in qat_train)
+
+    kinds = sorted(STEP_CODE)
+    before = {k: code_digest(k, pkg) for k in kinds}
+    elsewhere = shutil.copytree(pkg, tmp_path / "b" / "care_q")
+    assert before == {k: code_digest(k, elsewhere) for k in kinds}  # no path in the digest
+    _touch(pkg / "bench" / "benchmarks.py")         # the report's tables: no step runs them
+    _touch(pkg / "commands" / "ptq.py")
+    assert {k: code_digest(k, pkg) for k in kinds} == before
+    _touch(pkg / "export" / "onnx_qdq.py")          # an exporter: PTQ and QAT's export, not training nor FP32
+    after = {k: code_digest(k, pkg) for k in kinds}
+    changed = {k for k in kinds if after[k] != before[k]}
+    assert {"ptq", "qat"} <= changed and not {"weights", "fp32", "qat_train"} & changed
+    _touch(pkg / "models" / "care.py")              # the model: every step
+    assert all(code_digest(k, pkg) != after[k] for k in kinds)
+
+
+def test_closure_reads_every_kind_of_import(tmp_path):
+    """Relative imports, `from package import submodule`, imports inside functions and module
+    names spelled as strings (importlib) all count; a package's __init__ comes with its modules."""
+    from care_q.bench.keys import closure
+
+    pkg = tmp_path / "care_q"
+    (pkg / "sub").mkdir(parents=True)
+    sources = {"__init__.py": "import care_q.never\n", "a.py": "from . import b\nfrom .sub import c\n",
+               "b.py": "def f():\n    from care_q.sub.d import g\n", "sub/__init__.py": "", "sub/c.py": "x = 1\n",
+               "sub/d.py": "LAZY = {'e': 'care_q.e'}\n", "e.py": "", "never.py": "", "other.py": "import care_q.a\n"}
+    for name, text in sources.items():
+        (pkg / name).write_text(text)
+    got = [f.relative_to(pkg).as_posix() for f in closure(["care_q.a"], package_dir=pkg)]
+    assert got == ["__init__.py", "a.py", "b.py", "e.py", "sub/__init__.py", "sub/c.py", "sub/d.py"]
+    got = [f.relative_to(pkg).as_posix() for f in closure(["care_q.a"], ["care_q.sub"], package_dir=pkg)]
+    assert got == ["__init__.py", "a.py", "b.py"]
+    with pytest.raises(CareQError, match="no module care_q.gone"):
+        closure(["care_q.gone"], package_dir=pkg)
+
+
+def test_keys_are_the_same_in_another_process(tmp_path):
+    """No hash seed, dict order or path in a key: two fresh interpreters agree with this one (on a
+    frozen copy of the sources)."""
+    import subprocess
+    import sys
+
+    from care_q.bench import keys
+
+    pkg = _package_copy(tmp_path)
+    script = ("import json, sys; from pathlib import Path; from care_q.bench import keys as k; p = Path(sys.argv[1]); "
+              "print(json.dumps([{n: k.code_digest(n, p) for n in sorted(k.STEP_CODE)}, k.package_digest(p), "
+              "k.dataset_key('cifar10_train'), k.json_digest(k.recipe_content('ptq_int8'))]))")
+    here = json.loads(json.dumps([{n: keys.code_digest(n, pkg) for n in sorted(keys.STEP_CODE)}, keys.package_digest(pkg),
+                                  keys.dataset_key("cifar10_train"), keys.json_digest(keys.recipe_content("ptq_int8"))]))
+    assert len(here[0]["ptq"]) == 64 and here[2]["definition"] and "source" not in keys.recipe_content("ptq_int8")
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", script, str(pkg)], capture_output=True, text=True, check=True,
+                             cwd="/", env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        assert json.loads(out) == here
+
+
+@pytest.fixture
+def fake_steps(monkeypatch):
+    """The suite's accuracy and latency sections with every expensive call replaced by a fake that
+    records its arguments and writes the files the real one would."""
+    from types import SimpleNamespace
+
+    from care_q.bench import accuracy, artifacts, latency_suite
+
+    calls = []
+
+    def rec(step, **kw):
+        calls.append((step, kw))
+
+    def export_fp32(net, out_dir, name, img, num_samples, threads):
+        rec("fp32", name=name, img=img, samples=num_samples)
+        arts = {}
+        for fmt in ("onnx", "tflite"):
+            p = Path(out_dir) / f"{name}_fp32.{fmt}"
+            p.write_bytes(b"fp32")
+            arts[fmt] = {"path": str(p), "size_bytes": 4, "verify": {"ok": True}, "exporter": "fake", "seconds": 1.0}
+        return {"ok": True, "artifacts": arts}
+
+    def ptq(model, *, recipe, out, targets=None, **kw):
+        rec("ptq", model=model, recipe=recipe, targets=targets, **kw)
+        files = {"onnx": Path(out) / f"{model}_int8_qdq.onnx", "tflite": Path(out) / f"{model}_int8.tflite"}
+        files = {t: f for t, f in files.items() if targets is None or t in targets}
+        for f in files.values():
+            f.write_bytes(recipe.encode())
+        return {"model": model, "calibration": {"images": kw["num_calib"], "set": kw["calib"]},
+                "artifacts": {t: {"path": str(f)} for t, f in files.items()}, "seconds": 1.0}
+
+    def run_baselines(onnx, tflite, x, out_dir, names, prefix, threads, cache, say):
+        rec("baselines", names=names, shape=x.shape)
+        out = {}
+        for n in names:
+            p = Path(out_dir) / artifacts.artifact_file(n, prefix)
+            p.write_bytes(n.encode())
+            out[n] = {"ok": True, "path": str(p)}
+        return out
+
+    def calibration_images(model, **kw):
+        rec("calibration_images", **kw)
+        return np.zeros((kw["num_calib"], 3, kw.get("img_size", 64), kw.get("img_size", 64)), np.float32)
+
+    def save_checkpoint(net, path):
+        rec("random_weights", path=path)
+        Path(path).write_bytes(b"random")
+
+    monkeypatch.setattr(artifacts, "export_fp32", export_fp32)
+    monkeypatch.setattr(artifacts, "ptq", ptq)
+    monkeypatch.setattr(artifacts, "run_baselines", run_baselines)
+    monkeypatch.setattr(artifacts, "calibration_images", calibration_images)
+    monkeypatch.setattr(artifacts, "create_model", lambda *a, **k: None)
+    monkeypatch.setattr(latency_suite, "create_model", lambda *a, **k: None)
+    monkeypatch.setattr(latency_suite, "randomize_like_trained", lambda net, seed: net)
+    monkeypatch.setattr(latency_suite, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(latency_suite, "bench", lambda arts, **kw: rec("bench", files=sorted(arts), **kw) or {"n": 1})
+    monkeypatch.setattr(accuracy, "load_sidecar", lambda w: SimpleNamespace(input_size=(3, 64, 64)))
+    monkeypatch.setattr(accuracy, "evaluate", lambda model, **kw: rec("eval", files=sorted(kw["artifacts"])) or {"e": 1})
+    monkeypatch.setattr(accuracy, "prepare_plan", lambda model, **kw: rec("prepare_plan", **kw) or "plan")
+    monkeypatch.setattr(accuracy, "quant_analysis", lambda prep, **kw: {"plan": prep, **kw})
+    return calls
+
+
+def test_accuracy_and_latency_run_one_sequence_and_resume(tmp_path, fake_steps, monkeypatch):
+    """Both sections make their artifacts through the same steps (FP32, PTQ, baselines, x86 recipe),
+    with their own arguments; a second run reuses every step; a changed module reruns only the
+    steps whose code reaches it; a killed step reruns alone."""
+    from care_q.bench import latency_suite
+    from care_q.bench.accuracy import run_accuracy
+    from care_q.bench.latency_suite import run_latency
+    from care_q.bench.schema import SUITE, load_suite
+    from care_q.bench.steps import Steps
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "care_s0_cifar10_64.pth").write_bytes(b"trained")
+    cfg = load_suite(SUITE, quick=True, shared=tmp_path)
+    A, Lc, root = cfg["accuracy"], cfg["latency"], tmp_path / "bench"
+
+    def run_both():
+        steps = Steps(root, log=lambda m: None)
+        acc = run_accuracy(cfg, A, root, steps, "/data", False)
+        lat = run_latency(cfg, Lc, A, root, steps, "/data", False)
+        return steps, acc, lat
+
+    steps, acc, lat = run_both()
+    calls = list(fake_steps)
+    ptqs = [kw for name, kw in calls if name == "ptq"]
+    common = {"model": "care_s0", "data_root": "/data", "threads": 2, "progress": False, "seed": 0,
+              "latency_runs": 0, "min_agreement": 0.0}
+    assert ptqs[0] == {**common, "recipe": "ptq_int8", "targets": None, "weights": Path(A["weights"]),
+                       "calib": "cifar10_train", "num_calib": 200}
+    assert ptqs[1] == {**ptqs[0], "recipe": "ptq_int8_x86", "targets": ["onnx"]}
+    lat_weights = root / "latency" / "care_s0" / "weights" / "care_s0_random.pth"
+    assert ptqs[2] == {**common, "recipe": "ptq_int8", "targets": None, "weights": lat_weights,
+                       "calib": "imagenet_1k_subset", "num_calib": 8, "img_size": 224, "num_verify": 16}
+    assert ptqs[3] == {**ptqs[2], "recipe": "ptq_int8_x86", "targets": ["onnx"]}
+    assert [kw for name, kw in calls if name == "fp32"] == [{"name": "care_s0", "img": 64, "samples": 8},
+                                                            {"name": "care_s0", "img": 224, "samples": 2}]
+    assert [kw.get("img_size") for name, kw in calls if name == "calibration_images"] == [None, 224]
+    files = ["care_s0_aeq_int8.tflite", "care_s0_fp32.onnx", "care_s0_fp32.tflite", "care_s0_int8.tflite",
+             "care_s0_int8_qdq.onnx", "care_s0_int8_x86_qdq.onnx", "care_s0_nncf_int8.onnx", "care_s0_ort_qdq.onnx"]
+    assert [kw["files"] for name, kw in calls if name in ("eval", "bench")] == [files, files]
+    x86 = root / "proxy" / "ptq_x86" / "care_s0_int8_x86_qdq.onnx"
+    assert acc["methods"]["careq_onnx_x86"]["path"] == str(x86) and x86.read_bytes() == b"ptq_int8_x86"
+    assert acc["fp32"]["onnx"] == {"path": str(root / "proxy" / "fp32" / "care_s0_fp32.onnx"), "size_bytes": 4,
+                                   "verify": {"ok": True}, "exporter": "fake"}
+    assert acc["analysis"] == {"plan": "plan", "num_images": 16, "data_root": "/data", "seed": 1}
+    assert lat["care_s0"]["bench"] == {"n": 1} and len(steps.timings) == 12 and steps.cached == []
+
+    fake_steps.clear()
+    steps, acc2, lat2 = run_both()                    # everything cached
+    assert fake_steps == [] and (acc2, lat2) == (acc, lat) and len(steps.cached) == 12
+
+    real = latency_suite.code_digest
+    monkeypatch.setattr(latency_suite, "code_digest", lambda kind: "edited" if kind == "bench" else real(kind))
+    steps, *_ = run_both()                            # the timing harness changed: only the timing reruns
+    assert [name for name, _ in fake_steps] == ["bench"] and set(steps.timings) - set(steps.cached) == {
+        "latency/care_s0/bench"}
+    fake_steps.clear()
+    (root / "proxy" / "eval.step.json").unlink()      # killed while evaluating
+    steps, *_ = run_both()
+    assert [name for name, _ in fake_steps] == ["eval"] and len(steps.cached) == 11

@@ -183,10 +183,11 @@ def test_host_litert_bench_real_run(tmp_path):
     from care_q.export.tflite_builder import TFLiteBuilder, options
 
     b = TFLiteBuilder()
-    x = b.tensor("x", (1, 8, 8, 4), np.float32)
-    w = b.const("w", np.ones((4, 3, 3, 4), np.float32))
-    bias = b.const("b", np.zeros(4, np.float32))
-    y = b.tensor("y", (1, 8, 8, 4), np.float32)
+    # 2.4 M multiply-adds: well above the tool's 0.01 ms rounding (an 8x8x4 conv reads 0.00 ms)
+    x = b.tensor("x", (1, 32, 32, 16), np.float32)
+    w = b.const("w", np.ones((16, 3, 3, 16), np.float32))
+    bias = b.const("b", np.zeros(16, np.float32))
+    y = b.tensor("y", (1, 32, 32, 16), np.float32)
     b.inputs.append(x)
     b.outputs.append(y)
     b.op(fb.BuiltinOperator.CONV_2D, [x, w, bias], [y], fb.BuiltinOptions.Conv2DOptions,
@@ -196,4 +197,5 @@ def test_host_litert_bench_real_run(tmp_path):
     p.write_bytes(b.to_bytes())
     res = run_host_litert_bench([p], threads=1, runs=3, rounds=1, warmup_runs=1)
     r = res["results"]["conv"]
-    assert r["count"] == 3 and 0 < r["min_ms"] <= r["avg_ms"] <= r["max_ms"] < 1000
+    eps = 1e-9  # the average is a weighted mean of rounded values: equal runs give it a last-bit error
+    assert r["count"] == 3 and 0 < r["min_ms"] <= r["avg_ms"] + eps and r["avg_ms"] <= r["max_ms"] + eps < 1000

@@ -90,7 +90,7 @@ def failure_text(f: dict) -> str:
 def machine_blocks(m: dict | None) -> list:
     if not m:
         return []
-    from care_q.bench.machine import describe
+    from care_q.utils.machine import describe
 
     vers = ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v)
     load = f"; load average {m['load_avg']}" if m.get("load_avg") else ""
@@ -227,7 +227,7 @@ def bench_blocks(res: dict, title: bool = True) -> list:
                   f"the order rotated every round; median and p90 per artifact",
                   "ratio: median / median of the FP32 artifact of the same runtime and input size, same run",
                   f"total time: {res.get('seconds')} s"]))
-    from care_q.bench.host import busy_warning
+    from care_q.utils.machine import busy_warning
 
     warn = busy_warning(res)
     if warn:
@@ -292,12 +292,16 @@ def analysis_blocks(a: dict) -> list:
     ls = a["logit_sqnr_db"]
     bad = ls.get("minmax_nonfinite") or 0.0
     naive = (f"{num(ls['minmax'], '.1f')} dB" if not bad else
-             f"no finite SQNR: {100 * bad:.3g}% of its logits are inf or NaN (with no divisor guard a normaliser rounds to "
-             f"its zero point and the division overflows; ai-edge-quantizer's int8 DIV aborts there)")
+             f"no finite SQNR: {100 * bad:.3g}% of its logits are inf or NaN (a normaliser rounds to its zero point "
+             f"and the division overflows; ai-edge-quantizer's int8 DIV aborts there)")
     out = [H(2, f"Quantization analysis: recipe `{a['recipe']}`, calibrated on {a['calib_images']} images of "
                 f"`{a['calib']}`"),
-           P(f"Logit SQNR, fake-quant vs FP32 on {a['images']} held-out images: recipe "
+           P(f"Logit SQNR, fake-quant vs the deploy form in float on {a['images']} held-out images: recipe "
              f"{num(ls['recipe'], '.1f')} dB, one global min/max everywhere {naive}.")]
+    if a.get("shipped_vs_fp32"):
+        s = a["shipped_vs_fp32"]
+        out.append(P(f"The shipped plan (the TFLite artifact's exact reference) vs FP32 on the same images: logit SQNR "
+                     f"{num(s['logit_sqnr_db'], '.1f')} dB, top-1 agreement {pct(s['top1_agreement'])}."))
     by_role: dict[str, list] = {}
     for v in a["sqnr_db"].values():
         by_role.setdefault(v["role"], []).append(v)

@@ -1,0 +1,60 @@
+"""The suite's ``latency:`` section: each model at deployment resolution with random (trained-like)
+weights goes through the same artifacts as the accuracy proxy (`care_q.bench.artifacts`), then
+`care_q.bench.host.bench` times them all together in one interleaved measurement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from care_q.bench.artifacts import ModelRun, make_artifacts
+from care_q.bench.host import bench
+from care_q.bench.keys import code_digest
+from care_q.bench.steps import Steps
+from care_q.eval.evaluate import file_digest
+from care_q.models import create_model, randomize_like_trained, save_checkpoint
+
+NUM_VERIFY = 16  # ptq's verification images for a latency model (its weights are random: agreement only)
+
+
+def latency_run(model: str, Lc: dict, A: dict, root: Path) -> ModelRun:
+    """A latency model as a `ModelRun`: random weights, the section's input size and calibration."""
+    prefix = f"latency/{model}"
+    return ModelRun(prefix=prefix, model=model, weights=root / prefix / "weights" / f"{model}_random.pth",
+                    img_size=Lc["img_size"], calib=Lc["calib"], num_calib=Lc["num_calib"], recipe=A["recipe"],
+                    x86_recipe=A.get("onnx_x86_recipe"), baselines=tuple(Lc["baselines"]), fp32_samples=2,
+                    size_arg=Lc["img_size"], num_verify=NUM_VERIFY)
+
+
+def run_latency(cfg: dict, Lc: dict, A: dict, root: Path, steps: Steps, data_root, progress) -> dict:
+    out = {}
+    seed, threads = cfg["seed"], cfg["threads"]
+    for model in Lc["models"]:
+        run = latency_run(model, Lc, A, root)
+        wpath = run.weights
+
+        def weights(model=model, wpath=wpath):
+            torch.manual_seed(seed)
+            # trained-like layer scales/BN/LN (the official init's 1e-6 layer scales push XNNPACK's int8
+            # ADDs out of range); no sidecar: ImageNet preprocessing, size from img_size
+            save_checkpoint(randomize_like_trained(create_model(model), seed), wpath)
+            return {"path": str(wpath)}
+
+        steps.run(f"{run.prefix}/weights", {"model": model, "seed": seed, "init": "like_trained",
+                                            "code": code_digest("weights")}, weights, wpath.parent)
+        made = make_artifacts(run, root, steps, seed=seed, threads=threads, data_root=data_root, progress=progress)
+        arts = made["artifacts"]
+        delegates = list(Lc["tflite_delegates"]) + [x for x in Lc["slow_delegates"] if model in Lc["slow_models"]
+                                                    and x not in Lc["tflite_delegates"]]
+        bench_cfg = {"threads": threads, "runs": Lc["runs"], "warmup": Lc["warmup"], "delegates": delegates,
+                     "slow_runs": Lc["slow_runs"], "code": code_digest("bench"),
+                     "artifacts": {n: file_digest(Path(a["path"])) for n, a in arts.items()}}
+
+        def do_bench(arts=arts, delegates=delegates):
+            return bench(arts, threads=threads, runs=Lc["runs"], warmup=Lc["warmup"], tflite_delegates=tuple(delegates),
+                         slow_runs=Lc["slow_runs"], memory=True, progress=progress, report=False)
+
+        out[model] = {"methods": made["methods"], "baselines": made["baselines"],
+                      "bench": steps.run(f"{run.prefix}/bench", bench_cfg, do_bench)}
+    return out
