@@ -25,8 +25,10 @@ from care_q.pipeline import MIN_AGREEMENT, ExportConfig, PrepareConfig, Prepared
 from care_q.pipeline.artifacts import agreement_failure, export_artifacts, resolve_targets
 from care_q.pipeline.fidelity import fp32_logits, recipe_vs_minmax
 from care_q.quant.recipe import load_recipe
+from care_q.runtime import load_runner
 from care_q.utils.io import atomic_write_json, atomic_write_text
 from care_q.utils.progress import stage
+from care_q.utils.timing import measure
 
 ATTENTION_ROLES = (Role.ATTN_QK, Role.ATTN_ELU, Role.ATTN_PHI, Role.ATTN_KV, Role.ATTN_KMEAN,
                    Role.ATTN_DEN, Role.ATTN_NUM, Role.ATTN_OUT)
@@ -121,9 +123,6 @@ def _report(cfg: PTQConfig, prep: Prepared, io: str, targets, xv, artifacts: dic
 def _latency(net, out: Path, name: str, size: int, artifacts: dict, threads: int, runs: int,
              progress: bool | None = None) -> dict:
     """int8 vs FP32 latency per runtime (FP32 files next to the int8 ones; see fp32_baselines)."""
-    from care_q.bench.latency import measure
-    from care_q.runtime import load_runner
-
     with stage(f"FP32 {' + '.join(artifacts)} for the latency comparison", progress):
         fp32 = fp32_baselines(net, out, name, size, list(artifacts))
     res = {}

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from care_q.bench.latency import measure, measure_rotated, rotations, summarize
 from care_q.errors import CareQError
+from care_q.utils.timing import measure, measure_rotated, rotations, summarize
 
 SIZE = 32
 

@@ -7,7 +7,7 @@ Settings: every .onnx runs in onnxruntime's CPU EP (``onnxruntime``), every .tfl
 TFLite delegate asked for (``tflite/xnnpack``; ``tflite/builtin``: TFLite's own CPU kernels,
 no delegate; ``tflite/reference``: the reference kernels, very slow). Within one setting and
 input shape the artifacts are timed together: warm-up, then rounds in which each runs once, the
-order rotated every round (`care_q.bench.latency.measure_rotated`), so machine drift hits all
+order rotated every round (`care_q.utils.timing.measure_rotated`), so machine drift hits all
 alike; median and p90 over the rounds. ``ratio`` is the median over that of the FP32 artifact
 of the same runtime and input shape (a file named ``*fp32*``, else one without quantize ops).
 
@@ -25,7 +25,6 @@ import os
 import time
 from pathlib import Path
 
-from care_q.bench.latency import measure_rotated
 from care_q.bench.memory import bench_input, probe
 from care_q.data import progress_bar
 from care_q.errors import CareQError
@@ -34,6 +33,7 @@ from care_q.eval.evaluate import find_artifacts
 from care_q.eval.report import write_report
 from care_q.runtime import TFLITE_DELEGATES, load_runner
 from care_q.utils.machine import OtherLoad, load_avg, machine_info
+from care_q.utils.timing import measure_rotated
 
 
 def _is_fp32(entry: dict) -> bool:
