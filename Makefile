@@ -6,7 +6,7 @@ export CARE_Q_DATA ?= $(abspath ../shared/data)
 SHARED  ?= $(abspath ../shared)
 OUT     ?= out
 
-.PHONY: setup test lint demo bench bench-quick clean
+.PHONY: setup test lint demo bench bench-quick wheel clean
 
 $(BIN)/care-q: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,7 @@ test: $(BIN)/care-q
 
 lint: $(BIN)/care-q
 	$(BIN)/ruff check care_q tests eval
+	$(BIN)/lint-imports   # the layers in pyproject.toml [tool.importlinter]
 
 demo: $(BIN)/care-q
 	$(BIN)/care-q ptq --model care_s0 --weights $(SHARED)/models/care_s0_cifar10_64.pth \
@@ -33,5 +34,8 @@ bench: $(BIN)/care-q
 bench-quick: $(BIN)/care-q
 	$(BIN)/python -m care_q.bench.suite --quick --shared $(SHARED) --out $(OUT)/bench-quick
 
+wheel: $(BIN)/care-q  # dist/care_q-*.whl, recipes and dataset definitions included (tests/test_packaging.py installs one)
+	$(BIN)/pip wheel --no-deps --no-build-isolation -q -w dist .
+
 clean:
-	rm -rf $(OUT) .pytest_cache .ruff_cache
+	rm -rf $(OUT) .pytest_cache .ruff_cache build dist

@@ -1,12 +1,12 @@
 """care-q: quantization and compression of CARE Transformers for phones and NPUs."""
 
 from care_q.errors import CareQError
+from care_q.version import __version__
 
 # torch and timm load on first use of the model API (`care-q --help` and `care-q recipes` start
 # in a fraction of a second instead of ~6 s)
 _LAZY = {"create_model": "care_q.models", "list_models": "care_q.models"}
 
-__version__ = "0.1.0"
 
 
 def check(path, targets=("xnnpack", "nnapi", "edgetpu"), runtime: bool = True):

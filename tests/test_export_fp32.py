@@ -20,9 +20,9 @@ from care_q import create_model
 from care_q.cli import main
 from care_q.errors import CareQError
 from care_q.models import save_checkpoint
-from care_q.models.profile import model_info
 from care_q.runtime import load_runner
 from care_q.transforms import deploy
+from care_q.transforms.profile import model_info
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_tflite_artifact_and_xnnpack(exported):
     assert info["undelegated_ops"] == {} and info["partitions"] == 1
     assert "SELECT" not in census and "GREATER_EQUAL" not in census
     assert census["BATCH_MATMUL"] == 36 and census["CONV_2D"] + census["DEPTHWISE_CONV_2D"] > 100
-    # The converter's own MAC estimate agrees with care_q.models.profile (it also counts a few
+    # The converter's own MAC estimate agrees with care_q.transforms.profile (it also counts a few
     # elementwise ops).
     macs = model_info(exported["model"], img_size=64)["macs"]
     assert art["converter_macs"] is None or abs(art["converter_macs"] / macs - 1) < 0.05

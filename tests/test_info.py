@@ -1,4 +1,4 @@
-"""Parameters and MACs (care_q.models.profile) and `care-q info`."""
+"""Parameters and MACs (care_q.transforms.profile) and `care-q info`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from care_q import create_model
 from care_q.cli import main
 from care_q.models import CARE_CONFIGS
-from care_q.models.profile import model_info
+from care_q.transforms.profile import model_info
 
 
 def _attention_matmul_macs(cfg, img_size: int) -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from care_q.census.partitions import edgetpu_cut, limit_partitions, partition
+from care_q.census.groundtruth import xnnpack_partitions
+from care_q.census.onnx_fusion import onnx_fusion
+from care_q.census.partitions import Segment, edgetpu_cut, limit_partitions, partition
 from care_q.census.report import CensusReport, OpInfo, TargetResult
 from care_q.census.rules_edgetpu import EdgeTpuRules
 from care_q.census.rules_nnapi import DEFAULT_FL, FL_TO_SDK, MAX_PARTITIONS, NnapiRules
@@ -59,7 +61,6 @@ def check(path: str | Path, targets=TARGETS, runtime: bool = True) -> CensusRepo
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        from care_q.census.onnx_fusion import onnx_fusion
 
         return CensusReport(path, "onnx", onnx=onnx_fusion(path))
     if suffix != ".tflite":
@@ -106,7 +107,6 @@ def _nnapi(graph: TFLiteGraph, total: int, fl: int) -> TargetResult:
 
 
 def _edgetpu(graph: TFLiteGraph, total: int) -> TargetResult:
-    from care_q.census.partitions import Segment
 
     rules = EdgeTpuRules(graph)
     verdicts = {op.index: rules.check(op) for op in graph.ops}
@@ -122,7 +122,6 @@ def _edgetpu(graph: TFLiteGraph, total: int) -> TargetResult:
 
 def _compare_runtime(path: Path, res: TargetResult) -> dict:
     """Load the file in ai-edge-litert and compare its XNNPACK partitions with the census's."""
-    from care_q.census.groundtruth import xnnpack_partitions
 
     got = xnnpack_partitions(path)
     predicted_fatal = bool(res.fatal)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from care_q.runtime import capture_stderr
+
 
 def xnnpack_partitions(path: str | Path, threads: int = 1) -> dict:
     """``{"partitions": [[op indices], ...], "delegated": [...], "total_nodes": M}``, or
     ``{"error": message}`` when the interpreter cannot prepare the delegate (a load error)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from care_q.runtime import capture_stderr
 
     log = [""]
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from care_q.census.tflite_reader import Op, Tensor, TFLiteGraph
 from care_q.census.verdict import Verdict, no, ok
+from care_q.errors import CareQError
 
 FL_TO_SDK = {1: 27, 2: 28, 3: 29, 4: 30, 5: 31, 6: 1000006, 7: 1000007, 8: 1000008}
 DEFAULT_FL = 8
@@ -39,7 +40,6 @@ def _fl_name(sdk: int) -> str:
 class NnapiRules:
     def __init__(self, graph: TFLiteGraph, feature_level: int = DEFAULT_FL):
         if feature_level not in FL_TO_SDK:
-            from care_q.errors import CareQError
 
             raise CareQError(f"unknown NNAPI feature level {feature_level}; choose 1..8")
         self.g = graph

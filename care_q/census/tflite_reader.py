@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from care_q.census.macs import op_macs
 from care_q.errors import CareQError
 
 _FILE_ID = b"TFL3"
@@ -216,7 +217,6 @@ def _convert(model, path: Path, nbytes: int, fb) -> TFLiteGraph:
                         (model.description.decode() if isinstance(model.description, bytes)
                          else model.description or ""),
                         len(model.subgraphs))
-    from care_q.census.macs import op_macs
 
     for op in graph.ops:
         op.macs = op_macs(op, graph)

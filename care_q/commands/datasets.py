@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import argparse
 
+from rich.console import Console
+from rich.table import Table
+
+from care_q.paths import data_root
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "datasets", help="list named datasets / calibration sets and whether they are found",
-        description="List the sets defined in calibration/*.yaml with their folder under the data root, "
+        description="List the sets defined in care_q/data/sets/*.yaml with their folder under the data root, "
                     "found/missing, and image and class counts (from the file listing).")
     p.add_argument("--data-root", default=None, help="data root (default: $CARE_Q_DATA)")
     return p
 
 
 def run(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from care_q.data import inspect_dataset, list_datasets
-    from care_q.paths import data_root
+    from care_q.data import inspect_dataset, list_datasets  # imports torch (seconds): only when run
 
     root = data_root(args.data_root, required=args.data_root is not None)
     table = Table(title=f"datasets (data root: {root if root is not None else 'not set'})")

@@ -26,7 +26,7 @@ def run(args) -> int:
 
     from care_q.errors import CareQError
     from care_q.models import create_model, load_sidecar
-    from care_q.models.profile import model_info
+    from care_q.transforms.profile import model_info
 
     img_size = args.img_size or load_sidecar(args.weights).input_size[-1]
     if img_size < 32 or img_size % 32:

@@ -1,4 +1,4 @@
-"""Data: named datasets and calibration sets (``calibration/*.yaml``), transforms, synthetic data."""
+"""Data: named datasets and calibration sets (``care_q/data/sets/*.yaml``), transforms, synthetic data."""
 
 from care_q.data.datasets import (
     DatasetDef,

@@ -1,4 +1,4 @@
-"""Named datasets and calibration sets: definitions in `calibration/<name>.yaml`, ImageFolder data.
+"""Named datasets and calibration sets: definitions in `care_q/data/sets/<name>.yaml` (package data), ImageFolder data.
 
 A definition is data, not code (see `DEF_KEYS`). Folder sets are looked up under the data root
 (``--data-root``, else ``$CARE_Q_DATA``); a folder path given instead of a name is read as an
@@ -24,12 +24,9 @@ palette or alpha images are converted to RGB, counted and warned about.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import time
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,10 +35,13 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from care_q.data.synthetic import synthetic_dataset
+from care_q.data.transforms import build_transform
 from care_q.errors import CareQError
 from care_q.models import PreprocessConfig
-from care_q.paths import CALIBRATION_DIR
+from care_q.paths import DATASETS_DIR, yaml_files
 from care_q.paths import data_root as resolve_data_root
+from care_q.utils.progress import progress_bar
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp")
 VALIDATE_MAX = 20_000
@@ -61,7 +61,7 @@ class DataWarning(UserWarning):
 
 @dataclass
 class DatasetDef:
-    """A named set, as read from ``calibration/<name>.yaml``."""
+    """A named set, as read from ``care_q/data/sets/<name>.yaml``."""
 
     name: str
     kind: str = "imagefolder"
@@ -173,15 +173,15 @@ def load_definition(path: str | Path) -> DatasetDef:
 
 
 def list_datasets(directory: str | Path | None = None) -> list[DatasetDef]:
-    """Every definition in ``calibration/`` (or ``directory``), sorted by name."""
-    directory = Path(directory) if directory is not None else CALIBRATION_DIR
+    """Every definition shipped in ``care_q/data/sets/`` (or in ``directory``), sorted by name."""
+    directory = Path(directory) if directory is not None else DATASETS_DIR
     if not directory.is_dir():
         raise CareQError(f"calibration set folder {directory} not found")
-    return [load_definition(p) for p in sorted(directory.glob("*.yaml"))]
+    return [load_definition(p) for p in yaml_files(directory)]
 
 
 def get_definition(name: str, directory: str | Path | None = None) -> DatasetDef | None:
-    directory = Path(directory) if directory is not None else CALIBRATION_DIR
+    directory = Path(directory) if directory is not None else DATASETS_DIR
     path = directory / f"{name}.yaml"
     if os.sep in name or "/" in name or not path.is_file():
         return None
@@ -419,8 +419,6 @@ def get_dataset(name_or_path: str | os.PathLike, preprocess: PreprocessConfig, d
     if defn.kind == "synthetic":
         if train:
             raise CareQError(f"dataset '{defn.name}' is data-free calibration data; it cannot train")
-        from care_q.data.synthetic import synthetic_dataset
-
         return synthetic_dataset(defn, preprocess, model=model, limit=limit, seed=seed,
                                  progress=progress)
     folder = Path(defn.paths[0]) if root is None else defn.resolve(root)
@@ -429,8 +427,6 @@ def get_dataset(name_or_path: str | os.PathLike, preprocess: PreprocessConfig, d
         raise CareQError(f"dataset '{defn.name}' at {folder} has {len(classes)} class folders, but "
                          f"the set has {defn.num_classes} classes (labels are the sorted folder "
                          f"index, so a missing or extra class would shift labels)")
-    from care_q.data.transforms import build_transform
-
     samples, skipped, modes = _select(defn.name, classes, files, defn.per_class, limit, seed,
                                       validate, progress)
     if skipped:
@@ -543,73 +539,3 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, worker
     return Loader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
                   sampler=sampler, num_workers=workers, drop_last=drop_last, generator=gen,
                   persistent_workers=False)
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-@contextlib.contextmanager
-def progress_bar(description: str, total: int | None, enabled: bool | None = None):
-    """Yield ``advance(n, **fields)``; a rich bar on stderr when it is a terminal (or ``enabled``).
-
-    Extra fields are shown after the bar (e.g. ``loss=1.23``).
-    """
-    console = _console()
-    if enabled is None:
-        enabled = console.is_terminal
-    if not enabled:
-        yield lambda n=1, **fields: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                  console=console, transient=True) as prog:
-        task = prog.add_task(description, total=total, info="")
-
-        def advance(n=1, **fields):
-            info = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                            for k, v in fields.items())
-            prog.update(task, advance=n, **({"info": info} if fields else {}))
-
-        yield advance
-
-
-@contextlib.contextmanager
-def stage(description: str, enabled: bool | None = None):
-    """A step without a count (an export, a verification): a spinner on stderr while it runs and,
-    when it is done, one line with its time; nothing when stderr is not a terminal (or not ``enabled``)."""
-    console = _console()
-    if enabled is None:
-        enabled = console.is_terminal
-    if not enabled:
-        yield
-        return
-    t0 = time.time()
-    with console.status(description):
-        yield
-    console.print(f"[green]done[/] {description} ({time.time() - t0:.1f} s)", highlight=False)
-
-
-def track(iterable: Iterable, description: str, total: int | None = None,
-          enabled: bool | None = None) -> Iterator:
-    """Iterate with a progress bar (see `progress_bar`)."""
-    if total is None and hasattr(iterable, "__len__"):
-        total = len(iterable)
-    with progress_bar(description, total, enabled) as advance:
-        for item in iterable:
-            yield item
-            advance(1)

@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from care_q.errors import CareQError
-from care_q.utils.io import atomic_path
+from care_q.eval.census import artifact_census
+from care_q.runtime import capture_stderr, load_runner
+from care_q.utils.io import atomic_path, atomic_write_json
 
 BASELINES = ("ort_quantize_static", "nncf", "ai_edge_quantizer")
 SUFFIX = {"ort_quantize_static": "_ort_qdq.onnx", "nncf": "_nncf_int8.onnx", "ai_edge_quantizer": "_aeq_int8.tflite"}
@@ -55,7 +57,6 @@ def failure(e: BaseException, stage: str) -> dict:
 @contextlib.contextmanager
 def _quiet():
     """Silence the tools' warnings, logging and progress output (stdout and native stderr)."""
-    from care_q.runtime import capture_stderr
 
     buf = io.StringIO()
     root = logging.getLogger()
@@ -175,7 +176,6 @@ def run_baseline(name: str, fp32: Path, x: np.ndarray, path: Path, threads: int 
     """One baseline: quantize, then load the artifact (not run it). Never raises for a tool failure."""
     from importlib import metadata
 
-    from care_q.runtime import load_runner
 
     kind, package, fn = TOOLS[name]
     try:
@@ -205,7 +205,6 @@ def run_baseline(name: str, fp32: Path, x: np.ndarray, path: Path, threads: int 
                           "message": f"does not load: {_first_line(e)}"}
         return res
     if census:
-        from care_q.eval.census import artifact_census
 
         try:
             res["census"] = artifact_census(path)
@@ -223,7 +222,6 @@ def run_baselines(fp32_onnx, fp32_tflite, x: np.ndarray, out_dir, names=BASELINE
     """Run each baseline in ``names`` on the FP32 artifacts with calibration images ``x``
     (float32 NCHW). Artifacts go to ``out_dir/<prefix><suffix>``. With ``cache``, an artifact that
     already exists is reused (the caller keys the folder by checkpoint and calibration images)."""
-    from care_q.utils.io import atomic_write_json
 
     bad = [n for n in names if n not in TOOLS]
     if bad:

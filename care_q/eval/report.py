@@ -16,7 +16,10 @@ import math
 import re
 from pathlib import Path
 
+from care_q.errors import CareQError
+from care_q.eval import plots
 from care_q.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from care_q.utils.machine import busy_warning, describe
 
 # ----------------------------------------------------------------------------- blocks
 
@@ -90,7 +93,6 @@ def failure_text(f: dict) -> str:
 def machine_blocks(m: dict | None) -> list:
     if not m:
         return []
-    from care_q.utils.machine import describe
 
     vers = ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v)
     load = f"; load average {m['load_avg']}" if m.get("load_avg") else ""
@@ -119,7 +121,6 @@ def eval_table(res: dict) -> list:
 
 
 def eval_blocks(res: dict, title: bool = True) -> list:
-    from care_q.eval import plots
 
     ds = res["dataset"]
     out = []
@@ -168,7 +169,6 @@ def tradeoff_points(eval_res: dict, bench_res: dict, setting: dict | None = None
 
 
 def tradeoff_figure(points: list[dict], caption: str = "Top-1 drop vs latency relative to FP32 in the same runtime"):
-    from care_q.eval import plots
 
     missing = [p["label"] for p in points if p.get("drop") is None or p.get("ratio") is None]
     if missing:
@@ -180,7 +180,6 @@ def load_peer_report(path, command: str) -> dict:
     """A report.json of another command (``path``: the file or its folder), checked to be ``command``'s."""
     import json
 
-    from care_q.errors import CareQError
 
     p = Path(path)
     if p.is_dir():
@@ -216,7 +215,6 @@ def confusion_blocks(res: dict, top: int = 5) -> list:
 
 
 def bench_blocks(res: dict, title: bool = True) -> list:
-    from care_q.eval import plots
 
     out = []
     if title:
@@ -227,7 +225,6 @@ def bench_blocks(res: dict, title: bool = True) -> list:
                   f"the order rotated every round; median and p90 per artifact",
                   "ratio: median / median of the FP32 artifact of the same runtime and input size, same run",
                   f"total time: {res.get('seconds')} s"]))
-    from care_q.utils.machine import busy_warning
 
     warn = busy_warning(res)
     if warn:
@@ -287,7 +284,6 @@ def device_blocks(dev: dict) -> list:
 
 def analysis_blocks(a: dict) -> list:
     """Per-tensor SQNR and attention histograms (from `care_q.eval.analysis.quant_analysis`)."""
-    from care_q.eval import plots
 
     ls = a["logit_sqnr_db"]
     bad = ls.get("minmax_nonfinite") or 0.0
@@ -333,7 +329,6 @@ def analysis_blocks(a: dict) -> list:
 
 
 def sensitivity_blocks(res: dict, title: bool = True) -> list:
-    from care_q.eval import plots
 
     out = []
     if title:

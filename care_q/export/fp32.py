@@ -31,7 +31,9 @@ import torch
 import torch.nn as nn
 
 from care_q.errors import CareQError
+from care_q.models.care import CARE
 from care_q.runtime import capture_stderr, load_runner, onnx_op_census, tflite_op_census
+from care_q.transforms.deploy import DeployCARE, deploy
 from care_q.utils.io import atomic_path
 
 FORMATS = ("onnx", "tflite")
@@ -59,8 +61,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colour codes in exporter messa
 
 
 def _to_deploy(model: nn.Module) -> nn.Module:
-    from care_q.models.care import CARE
-    from care_q.transforms.deploy import DeployCARE, deploy
 
     if isinstance(model, CARE):
         return deploy(model).eval()

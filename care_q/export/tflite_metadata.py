@@ -24,6 +24,8 @@ import zipfile
 
 import flatbuffers
 
+from care_q.version import __version__
+
 METADATA_NAME = "TFLITE_METADATA"
 LABELS_FILE = "labels.txt"
 MIN_PARSER_VERSION = "1.0.0"
@@ -113,8 +115,6 @@ def app_metadata(pre, model_name: str, description: str, input_name: str, output
                  ) -> tuple[bytes, dict[str, bytes]]:
     """(``TFLITE_METADATA`` bytes, files to pack) for a checkpoint's preprocessing (`PreprocessConfig`):
     its mean/std, and its label names when the sidecar has them."""
-    from care_q import __version__
-
     labels = list(pre.label_names) if pre.label_names else None
     meta = metadata_flatbuffer(name=model_name, description=description, version=f"care-q {__version__}",
                                input_name=input_name, output_name=output_name, mean=tuple(pre.mean),

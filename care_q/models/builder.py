@@ -16,6 +16,7 @@ import torch
 
 from care_q.errors import CareQError
 from care_q.models.care import CARE, CARE_CONFIGS, checkpoint_filter_fn
+from care_q.utils.io import atomic_torch_save, atomic_write_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -203,7 +204,6 @@ def create_model(name: str, weights: str | Path | None = None, num_classes: int 
 
 def save_checkpoint(model: CARE, path: str | Path, preprocess: PreprocessConfig | None = None) -> None:
     """Write an official-format checkpoint ``{'model': state_dict}`` (+ sidecar JSON), atomically."""
-    from care_q.utils.io import atomic_torch_save, atomic_write_json
 
     path = Path(path)
     atomic_torch_save({"model": model.state_dict()}, path)

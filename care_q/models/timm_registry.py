@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from timm.models import register_model
 
+from care_q.errors import CareQError
 from care_q.models.builder import IMAGENET_MEAN, IMAGENET_STD, create_model
 
 
@@ -14,7 +15,6 @@ def _cfg(**kw) -> dict:
 
 def _make(name: str, pretrained: bool, num_classes: int | None, checkpoint_path: str | None, **kw):
     if pretrained and not checkpoint_path:
-        from care_q.errors import CareQError
 
         raise CareQError(f"no pretrained weights can be downloaded for {name}; pass "
                          f"checkpoint_path=<official checkpoint> instead")

@@ -12,6 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from care_q.errors import CareQError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
@@ -100,7 +102,6 @@ def load_resume_state(path: str | Path, config: dict, keys, out: str | Path, nor
     (``normalize(key, value)``, when given, maps both sides first: older checkpoints' forms)."""
     import torch
 
-    from care_q.errors import CareQError
 
     path = Path(path)
     if not path.exists():

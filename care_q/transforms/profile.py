@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 
 from care_q.graph.ops import FloatOps
+from care_q.models.builder import create_model
+from care_q.transforms.deploy import deploy
 
 MAC_TYPES = ("conv", "dwconv", "linear", "matmul")
 
@@ -58,9 +60,6 @@ def model_info(model_or_name: nn.Module | str, img_size: int = 224, weights=None
     """``params`` (of the model as given: the official two-head CARE for a name), ``macs`` for one
     image of ``img_size`` x ``img_size``, ``macs_by_type`` (conv, dwconv, linear, matmul) and
     ``deploy_params`` (the deploy form: BNs folded, heads merged)."""
-    from care_q.models.builder import create_model
-    from care_q.transforms.deploy import deploy
-
     model = create_model(model_or_name, weights=weights, num_classes=num_classes) \
         if isinstance(model_or_name, str) else model_or_name
     d = deploy(model)

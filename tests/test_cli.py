@@ -1,0 +1,140 @@
+"""The `care-q` command line: one-line warnings, errors, and `care-q ptq` end to end in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+import care_q.commands.recipes as recipes_command
+from care_q import CareQError
+from care_q.cli import main, warning_line
+
+CARE_Q = Path(sys.executable).with_name("care-q")  # the console script of this environment
+
+
+def test_warning_line_is_one_line():
+    assert warning_line("ptq", UserWarning("set 'x' unavailable\n  fell back to 'synthetic_bn'\n")) == \
+        "care-q ptq: warning: set 'x' unavailable; fell back to 'synthetic_bn'"
+
+
+def _warning_run(args) -> int:
+    warnings.warn("calibration set 'x' unavailable\n    fell back", UserWarning, stacklevel=1)
+    return 0
+
+
+def test_warnings_print_as_one_line_and_the_hook_is_restored(monkeypatch, capsys):
+    monkeypatch.setattr(recipes_command, "run", _warning_run)
+    before = warnings.showwarning
+    assert main(["recipes"]) == 0
+    assert capsys.readouterr().err == "care-q recipes: warning: calibration set 'x' unavailable; fell back\n"
+    assert warnings.showwarning is before
+
+
+@pytest.mark.parametrize("exc,rc,err", [
+    (KeyboardInterrupt, 130, "care-q recipes: interrupted\n"),
+    (None, 2, "care-q recipes: warning: first\ncare-q recipes: error: broken\n"),
+])
+def test_the_hook_is_restored_after_an_error(monkeypatch, capsys, exc, rc, err):
+    def run(args):
+        if exc is not None:
+            raise exc
+        warnings.warn("first", UserWarning, stacklevel=1)
+        raise CareQError("broken")
+
+    monkeypatch.setattr(recipes_command, "run", run)
+    before = warnings.showwarning
+    assert main(["recipes"]) == rc
+    assert capsys.readouterr().err == err
+    assert warnings.showwarning is before
+
+
+def test_recipes_lists_the_shipped_recipes(capsys):
+    assert main(["recipes"]) == 0
+    rows = [line.split("│")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    names = [r for r in rows if r]
+    assert names == ["npu_int8", "ptq_a16w8_attention", "ptq_int8", "ptq_int8_full", "ptq_int8_reciprocal",
+                     "ptq_int8_x86", "qat_int8", "qat_int8_full", "qat_w4a8_mlp"]
+
+
+def test_unavailable_set_without_fallback_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc = main(["ptq", "--model", "care_test", "--img-size", "32", "--calib", "cifar10_train", "--data-root",
+               str(tmp_path / "empty"), "--num-calib", "8", "--threads", "1", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2
+    assert err == ["care-q ptq: warning: no --weights: the weights are random, so accuracy figures are meaningless "
+                   "(latency, size and runtime agreement are still valid)",
+                   f"care-q ptq: error: dataset 'cifar10_train' not found under data root {tmp_path / 'empty'}: "
+                   f"looked for {tmp_path / 'empty' / 'cifar10' / 'train'}"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ----------------------------------------------------------------------------- care-q ptq in a subprocess
+
+
+@pytest.fixture(scope="module")
+def ptq_cli(tmp_path_factory):
+    """`care-q ptq` as a user runs it: a calibration set that is not there, --fallback-synthetic, both
+    targets, --latency-runs 2 (care_test at 32x32, random weights, 8 calibration and 16 verification images)."""
+    assert CARE_Q.is_file(), f"{CARE_Q}: the environment has no care-q script (pip install -e .)"
+    tmp = tmp_path_factory.mktemp("cli")
+    (tmp / "empty").mkdir()
+    out = tmp / "out"
+    env = {**os.environ, "COLUMNS": "300"}
+    env.pop("CARE_Q_DATA", None)
+    cmd = [str(CARE_Q), "ptq", "--model", "care_test", "--img-size", "32", "--calib", "cifar10_train",
+           "--data-root", str(tmp / "empty"), "--fallback-synthetic", "--num-calib", "8", "--num-verify", "16",
+           "--latency-runs", "2", "--threads", "1", "--out", str(out)]
+    p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, p, json.loads((out / "report.json").read_text())
+
+
+def test_cli_fallback_warns_in_one_line(ptq_cli):
+    out, p, report = ptq_cli
+    empty = out.parent / "empty"
+    assert [line for line in p.stderr.splitlines() if "warning" in line.lower()] == [
+        "care-q ptq: warning: no --weights: the weights are random, so accuracy figures are meaningless "
+        "(latency, size and runtime agreement are still valid)",
+        f"care-q ptq: warning: calibration set 'cifar10_train' unavailable (dataset 'cifar10_train' not found under "
+        f"data root {empty}: looked for {empty / 'cifar10' / 'train'}); fell back to data-free 'synthetic_bn' "
+        f"(inputs optimised to match BatchNorm statistics)"]
+    assert "ptq(" not in p.stderr and ".py:" not in p.stderr  # no Python source line, no file:line
+    assert report["calibration"]["set"] == "synthetic_bn" and report["calibration"]["images"] == 8
+    assert "fell back to data-free 'synthetic_bn'" in report["notes"][1]
+
+
+def test_cli_artifacts_are_verified(ptq_cli):
+    out, p, report = ptq_cli
+    assert sorted(report["artifacts"]) == ["onnx", "tflite"]
+    for t, name in (("tflite", "care_test_int8.tflite"), ("onnx", "care_test_int8_qdq.onnx")):
+        a = report["artifacts"][t]
+        assert Path(a["path"]) == out / name and (out / name).stat().st_size == a["size_bytes"] > 100_000
+        v = a["verification"]
+        assert v["images"] == 16 and v["max_abs_diff"] == 0.0 and v["top1_agreement"] == 1.0, (t, v)
+        line = next(x for x in p.stdout.splitlines() if x.startswith(f"{t}: {out / name} "))
+        assert f"({a['size_bytes'] / 1e6:.2f} MB)" in line and "100.0%" in line, line  # agreement with the reference
+    assert f"report: {out}/report.md" in p.stdout
+
+
+def test_cli_latency_section(ptq_cli):
+    out, p, report = ptq_cli
+    md = (out / "report.md").read_text()
+    assert "## Latency (batch 1, this machine)" in md
+    assert sorted(report["latency"]) == ["onnx", "tflite"]
+    for t, m in report["latency"].items():
+        fp32 = out / ("care_test_fp32.tflite" if t == "tflite" else "care_test_fp32.onnx")
+        assert m["fp32_size_bytes"] == fp32.stat().st_size
+        assert m["ratio"] == pytest.approx(m["int8"]["median_ms"] / m["fp32"]["median_ms"])
+        assert m["size_ratio"] == pytest.approx(report["artifacts"][t]["size_bytes"] / fp32.stat().st_size)
+        assert 0.2 < m["size_ratio"] < 0.5  # int8 weights: about a third of the FP32 file at this size
+        assert f"| {t} | {m['fp32']['median_ms']:.2f} | {m['int8']['median_ms']:.2f} | {m['ratio']:.2f}x | " \
+               f"{m['size_ratio']:.2f}x |" in md
+        line = next(x for x in p.stdout.splitlines() if x.startswith(f"{t}: int8 "))
+        assert f"{m['int8']['median_ms']:.2f} ms" in line and f"({m['ratio']:.2f}x)" in line, line
