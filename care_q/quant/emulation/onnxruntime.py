@@ -1,5 +1,5 @@
 """onnxruntime's 8-bit QLinear kernels on x86 (MLAS), what DQ-op-Q patterns of a QDQ model
-become, bit for bit (tests/test_onnx_qdq.py). Codes are integer-valued tensors minus zero points;
+become, bit for bit (tests/export/test_onnx_qdq.py). Codes are integer-valued tensors minus zero points;
 MLAS works on the *stored* codes (an int8 grid stored as uint8: code + ``offset``)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def onnxruntime_add_codes(ia: torch.Tensor, ib: torch.Tensor, qa: QParams, qb: Q
     with fused multiply-adds: ``r_a = s_a / s_o``, ``r_b = s_b / s_o``,
     ``fixed = z_o - fma(r_a, z_a, r_b * z_b)``, ``c = rne(fma(a, r_a, fma(b, r_b, fixed)))``,
     saturated; ``ib`` may be a scalar (QLinearAdd of a constant: the same arithmetic). Bit for
-    bit against onnxruntime 1.32 over every code pair (tests/test_onnx_qdq.py). Each fma is
+    bit against onnxruntime 1.32 over every code pair (tests/export/test_onnx_qdq.py). Each fma is
     exact in float64 (8-bit codes times a float32: 32 significant bits; the sum spans < 53)
     and then rounded once to float32, as the instruction is."""
     f32 = _F32

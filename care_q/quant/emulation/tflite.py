@@ -1,5 +1,5 @@
 """TFLite's own int8 kernels (the ones XNNPACK does not take, or is kept off) as ai-edge-litert
-runs them, bit for bit (tests/test_tflite_int8.py): DIV, L2_NORMALIZATION, RELU, and the
+runs them, bit for bit (tests/export/test_tflite_int8.py): DIV, L2_NORMALIZATION, RELU, and the
 requantization of the optimized depthwise conv. Sources are files of google-ai-edge/LiteRT
 (tflite/kernels/...), built on gemmlowp's fixed point (`care_q.quant.emulation.fixedpoint`).
 Codes are integer-valued tensors minus zero points."""

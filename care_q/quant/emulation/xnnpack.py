@@ -1,5 +1,5 @@
 """XNNPACK's int8 kernels as ai-edge-litert's XNNPACK delegate runs them (ADD, MUL, MEAN,
-LOGISTIC), bit for bit (tests/test_tflite_int8.py). Sources are files of google/XNNPACK and
+LOGISTIC), bit for bit (tests/export/test_tflite_int8.py). Sources are files of google/XNNPACK and
 google-ai-edge/LiteRT. Codes are integer-valued tensors minus zero points."""
 
 from __future__ import annotations

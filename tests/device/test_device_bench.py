@@ -1,7 +1,7 @@
 """On-device benchmark plumbing (`care_q.device.adb`), with no device: the parser on recorded
 outputs and a fake `runner` standing in for subprocess.run to check the exact adb command lines.
 
-tests/data/benchmark_model_*.txt are written by hand in the format TFLite's benchmark_model prints
+tests/recorded/benchmark_model_*.txt are written by hand in the format TFLite's benchmark_model prints
 (tflite/tools/benchmark/benchmark_model.cc and benchmark_tflite_model.cc in the LiteRT
 repository): their numbers are invented, only the format is real."""
 
@@ -19,7 +19,7 @@ from care_q.device.adb import parse_benchmark_output, parse_device, run_device_b
 from care_q.device.litert_host import run_host_litert_bench
 from care_q.errors import CareQError
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "recorded"
 
 
 def _text(name: str) -> str:

@@ -315,7 +315,7 @@ def test_nnapi_keeps_three_largest_partitions(tmp_path):
 # ----------------------------------------------------------------------------- a real care-q artifact
 @pytest.fixture(scope="module")
 def care_test_int8(tmp_path_factory):
-    """care_test int8 TFLite at 32x32, built as tests/test_tflite_int8.py builds it."""
+    """care_test int8 TFLite at 32x32, built as tests/export/test_tflite_int8.py builds it."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = deploy(create_model("care_test", num_classes=10))
