@@ -313,15 +313,21 @@ def test_nnapi_keeps_three_largest_partitions(tmp_path):
 
 
 # ----------------------------------------------------------------------------- a real care-q artifact
-@pytest.fixture(scope="module")
-def care_test_int8(tmp_path_factory):
-    """care_test int8 TFLite at 32x32, built as tests/export/test_tflite_int8.py builds it."""
+def _calibrated_care_test_plan(images: int, batch: int):
+    """ptq_int8's plan of a seeded care_test at 32x32, calibrated on ``images`` random images."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = deploy(create_model("care_test", num_classes=10))
     plan = build_plan(trace(model, torch.zeros(1, 3, SIZE, SIZE)), load_recipe("ptq_int8"))
-    cal = torch.randn(32, 3, SIZE, SIZE)
-    calibrate(plan, model, [cal[i:i + 16] for i in range(0, 32, 16)], progress=False)
+    cal = torch.randn(images, 3, SIZE, SIZE)
+    calibrate(plan, model, [cal[i:i + batch] for i in range(0, images, batch)], progress=False)
+    return plan
+
+
+@pytest.fixture(scope="module")
+def care_test_int8(tmp_path_factory):
+    """care_test int8 TFLite at 32x32, built as tests/export/test_tflite_int8.py builds it."""
+    plan = _calibrated_care_test_plan(32, 16)
     path = tmp_path_factory.mktemp("census") / "care_test_int8.tflite"
     path.write_bytes(emit_tflite_int8(plan, io="float"))
     return path
@@ -382,12 +388,7 @@ def test_cli_check_json(care_test_int8, tmp_path, capsys):
 def test_onnx_qdq_fusion_census(tmp_path):
     from care_q.export.onnx_qdq import emit_onnx_qdq, save_onnx
 
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = deploy(create_model("care_test", num_classes=10))
-    plan = build_plan(trace(model, torch.zeros(1, 3, SIZE, SIZE)), load_recipe("ptq_int8"))
-    cal = torch.randn(16, 3, SIZE, SIZE)
-    calibrate(plan, model, [cal[:8], cal[8:]], progress=False)
+    plan = _calibrated_care_test_plan(16, 8)
     path = save_onnx(emit_onnx_qdq(plan), tmp_path / "care_test_qdq.onnx")
     r = check(path)
     o = r.onnx
