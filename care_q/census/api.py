@@ -12,13 +12,16 @@ from care_q.census.rules_edgetpu import EdgeTpuRules
 from care_q.census.rules_nnapi import DEFAULT_FL, FL_TO_SDK, MAX_PARTITIONS, NnapiRules
 from care_q.census.rules_xnnpack import XnnpackRules
 from care_q.census.tflite_reader import TFLiteGraph, read_tflite
+from care_q.census.vela import check_config, is_vela_target, vela_result
 from care_q.errors import CareQError
 
-TARGETS = ("xnnpack", "nnapi", "edgetpu")
+TARGETS = ("xnnpack", "nnapi", "edgetpu")          # rule-based; "all" is these three
+_CHOOSE = f"choose from {', '.join(TARGETS)}, nnapi:FL<1-8>, all or an Ethos-U config for Vela (e.g. ethos-u55-128)"
 
 
 def parse_targets(targets) -> list[tuple[str, int | None]]:
-    """'xnnpack' | 'nnapi' | 'nnapi:6' | 'nnapi:FL6' | 'edgetpu' | 'all' (or a sequence of them)
+    """'xnnpack' | 'nnapi' | 'nnapi:6' | 'nnapi:FL6' | 'edgetpu' | 'all' | a Vela accelerator config
+    ('ethos-u55-128', 'ethos-u85-256', ...; compiled, not rule-based) (or a sequence of them)
     -> [(name, feature_level or None)], in the given order, duplicates dropped."""
     if isinstance(targets, str):
         targets = [t for t in targets.split(",") if t.strip()]
@@ -36,17 +39,19 @@ def parse_targets(targets) -> list[tuple[str, int | None]]:
                                      f"choose 1..8 (e.g. nnapi:6 or nnapi:FL6)")
                 fl = int(level)
             elif t != "nnapi":
-                raise CareQError(f"unknown target '{raw}'; choose from {', '.join(TARGETS)}, nnapi:FL<1-8> or all")
+                raise CareQError(f"unknown target '{raw}'; {_CHOOSE}")
             items = [("nnapi", fl)]
         elif t in ("xnnpack", "edgetpu"):
             items = [(t, None)]
+        elif is_vela_target(t):
+            items = [(check_config(t), None)]
         else:
-            raise CareQError(f"unknown target '{raw}'; choose from {', '.join(TARGETS)}, nnapi:FL<1-8> or all")
+            raise CareQError(f"unknown target '{raw}'; {_CHOOSE}")
         for it in items:
             if it not in out:
                 out.append(it)
     if not out:
-        raise CareQError("no target given; choose from xnnpack, nnapi[:FL], edgetpu or all")
+        raise CareQError(f"no target given; {_CHOOSE}")
     return out
 
 
@@ -55,12 +60,20 @@ def check(path: str | Path, targets=TARGETS, runtime: bool = True) -> CensusRepo
 
     .tflite: for each target, every op's verdict and rule, the partitions, the share of MACs on
     the accelerator and, for the Edge TPU, the first unmapped op. With ``runtime`` (default) the
-    XNNPACK verdict is checked against what ai-edge-litert delegates on the same file.
-    .onnx: which QDQ groups onnxruntime's CPU EP fuses into integer kernels (``targets`` ignored).
+    XNNPACK verdict is checked against what ai-edge-litert delegates on the same file. An Ethos-U
+    target (``ethos-u55-128``, ...) is compiled by Vela: its verdicts are the compiler's, with its
+    memory use and estimated time (``TargetResult.source == "compiled"``).
+    .onnx: which QDQ groups onnxruntime's CPU EP fuses into integer kernels (rule targets ignored;
+    an Ethos-U target is an error: Vela compiles .tflite only).
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
+        vela = [t for t in ([targets] if isinstance(targets, str) else targets)
+                for t in str(t).split(",") if is_vela_target(t)]
+        if vela:
+            raise CareQError(f"{path}: {vela[0].strip()} is a Vela target and Vela compiles .tflite files only; "
+                             f"check the .tflite artifact")
 
         return CensusReport(path, "onnx", onnx=onnx_fusion(path))
     if suffix != ".tflite":
@@ -76,6 +89,8 @@ def check(path: str | Path, targets=TARGETS, runtime: bool = True) -> CensusRepo
                 res.runtime = _compare_runtime(path, res)
         elif name == "nnapi":
             res = _nnapi(graph, total, fl)
+        elif is_vela_target(name):
+            res = vela_result(path, graph, name)
         else:
             res = _edgetpu(graph, total)
         report.targets[res.target] = res

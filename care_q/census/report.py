@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from care_q.census.verdict import Verdict
 
 @dataclass
 class TargetResult:
-    target: str                              # xnnpack | nnapi:FL<n> | edgetpu
+    target: str                              # xnnpack | nnapi:FL<n> | edgetpu | an Ethos-U config (ethos-u55-128)
     verdicts: dict[int, Verdict]             # op index -> verdict of the target's check
     on_accelerator: set[int]                 # ops that run on the accelerator after partitioning
     segments: list[Segment]                  # delegated subgraphs and CPU islands, execution order
@@ -20,6 +21,8 @@ class TargetResult:
     edgetpu: EdgeTpuCut | None = None
     note: str = ""                           # e.g. NNAPI partitions dropped by the 3-partition limit
     runtime: dict | None = None              # XNNPACK: what ai-edge-litert delegated, and the comparison
+    source: str = "rules"                    # rules: care-q's static rules | compiled: a real compiler (Vela)
+    compiled: dict | None = None             # compiled: the compiler's figures (memory, estimated time, ...)
 
     @property
     def macs_on_accelerator(self) -> int:
@@ -38,7 +41,7 @@ class TargetResult:
         return [f"#{i}: {v.fatal}" for i, v in sorted(self.verdicts.items()) if v.fatal]
 
     def to_dict(self, ops) -> dict:
-        d = {"target": self.target, "partitions": self.partitions,
+        d = {"target": self.target, "source": self.source, "partitions": self.partitions,
              "ops_on_accelerator": len(self.on_accelerator), "ops_total": len(ops),
              "macs_on_accelerator": self.macs_on_accelerator, "macs_total": self.macs_total,
              "mac_share": self.mac_share,
@@ -59,9 +62,24 @@ class TargetResult:
                 "cpu_ops_after_cut": len(cut.cpu_after)}
         if self.runtime is not None:
             d["runtime"] = self.runtime
+        if self.compiled is not None:
+            d["compiled"] = self.compiled
+            d["cpu_reasons"] = self.cpu_reasons(ops)
         return d
 
+    def cpu_reasons(self, ops) -> dict[str, dict[str, int]]:
+        """CPU ops by type, each with its reasons and how many ops gave each (for a compiled target, a
+        reason's trailing '(tensor name)' is dropped so that equal reasons group)."""
+        out: dict[str, collections.Counter] = {}
+        for i in range(len(ops)):
+            if i not in self.on_accelerator:
+                rule = re.sub(r" \([^()]*\)$", "", self.verdicts[i].rule) if self.compiled else self.verdicts[i].rule
+                out.setdefault(ops[i].name, collections.Counter())[rule] += 1
+        return {k: dict(v.most_common()) for k, v in out.items()}
+
     def summary(self, ops) -> str:
+        if self.compiled is not None:
+            return self._compiled_summary(ops)
         share = "n/a" if self.mac_share is None else f"{self.mac_share:.1%}"
         cpu = _counts(ops[i].name for i in range(len(ops)) if i not in self.on_accelerator)
         cpu_s = ", ".join(f"{k} x{v}" for k, v in list(cpu.items())[:8]) or "none"
@@ -84,6 +102,23 @@ class TargetResult:
         if self.fatal:
             s += f"; LOAD FAILS: {self.fatal[0]}"
         return s
+
+    def _compiled_summary(self, ops) -> str:
+        c = self.compiled or {}
+        share = "n/a" if self.mac_share is None else f"{self.mac_share:.1%}"
+        cpu = self.cpu_reasons(ops)
+        cpu_s = "; ".join(f"{name} x{sum(r.values())} ({' | '.join(r)})" for name, r in list(cpu.items())[:6])
+        if len(cpu) > 6:
+            cpu_s += f"; ... ({len(cpu) - 6} more op types)"
+        between = [len(s.nodes) for j, s in enumerate(self.segments) if not s.delegated
+                   and any(t.delegated for t in self.segments[:j]) and any(t.delegated for t in self.segments[j + 1:])]
+        mem = ", ".join(f"{k} {v:.1f} KiB" for k, v in c.get("memory_kib", {}).items())
+        clock = c.get("clock_hz", 0) / 1e6
+        return (f"{self.target} ({c.get('compiler', 'compiled')}): {self.partitions} NPU segment(s) "
+                f"({sum(between)} CPU op(s) between them), {len(self.on_accelerator)}/{len(ops)} ops and {share} of "
+                f"MACs on the NPU; CPU: {cpu_s or 'none'}; {mem}; estimated "
+                f"{c.get('inference_time_s', float('nan')) * 1e3:.3g} ms ({c.get('cycles_total', 0):,} cycles at "
+                f"{clock:.0f} MHz, {c.get('system_config', '?')}, {c.get('memory_mode', '?')})")
 
 
 @dataclass
@@ -147,7 +182,7 @@ class CensusReport:
         table.add_column("n" if not all_ops else "#", justify="right")
         table.add_column("MACs", justify="right")
         for n in names:
-            table.add_column(n, justify="center")
+            table.add_column(n + (" (Vela)" if self.targets[n].source == "compiled" else ""), justify="center")
         table.add_column("rule (first CPU target's, else first target's)", overflow="fold")
         rows = self._rows(all_ops)
         for key, members in rows:
@@ -179,6 +214,20 @@ class CensusReport:
         for t in self.targets.values():
             if t.runtime is not None:
                 console.print(_runtime_line(t))
+        console.print(self.sources_line())
+
+    def sources_line(self) -> str:
+        """Which verdicts a compiler made and which care-q's rules predicted."""
+        compiled = [f"{n} ({t.compiled.get('compiler', 'compiled') if t.compiled else 'compiled'})"
+                    for n, t in self.targets.items() if t.source == "compiled"]
+        rules = [n + (" (checked against ai-edge-litert)" if t.runtime is not None else "")
+                 for n, t in self.targets.items() if t.source != "compiled"]
+        parts = []
+        if compiled:
+            parts.append("compiled, the authority: " + ", ".join(compiled))
+        if rules:
+            parts.append("rule-based (care-q's static rules): " + ", ".join(rules))
+        return "verdicts " + "; ".join(parts)
 
     def _rows(self, all_ops: bool):
         if all_ops:
