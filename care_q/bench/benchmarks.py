@@ -72,9 +72,7 @@ def latency_blocks(res: dict) -> list:
     L = res["config"]["latency"]
     out = [R.H(2, f"Latency at {L['img_size']}x{L['img_size']}, batch 1, {res['config']['threads']} threads"),
            R.P(f"Random weights (latency does not depend on their values), {L['num_calib']} calibration images of "
-               f"`{L['calib']}`. Each table is one interleaved measurement: {L['warmup']} warm-up runs, then "
-               f"{L['runs']} rounds in which every artifact runs once, the order rotated each round; median and p90 "
-               f"over the rounds. Ratio: median over the FP32 artifact of the same runtime in the same measurement. "
+               f"`{L['calib']}`. {method_text(L)} "
                f"Peak: resident-memory high-water mark of a process that loads and runs only that artifact.")]
     for model in lat:
         rows = []
@@ -89,19 +87,93 @@ def latency_blocks(res: dict) -> list:
             status = R.failure_text(e["failure"]) if "failure" in e else "ok"
             rows.append([r["label"], "TFLite XNNPACK" if r["runtime"] == "tflite" else "onnxruntime CPU",
                          R.num(s.get("median_ms")), R.num(s.get("p90_ms")),
-                         "–" if s.get("ratio") is None else f"{s['ratio']:.2f}x", R.mb(e.get("size_bytes")),
+                         "–" if s.get("ratio") is None else f"{s['ratio']:.2f}x", spread_text(s), load_text(s),
+                         R.mb(e.get("size_bytes")),
                          "–" if e.get("size_ratio") is None else f"{e['size_ratio']:.2f}x",
                          R.num(mem.get("peak_mb"), ".0f"), c.get("float_ops"), parts, status])
         warn = busy_warning(lat[model])
         out += [R.H(3, model)] + ([R.P(f"**Warning: {warn}.**")] if warn else []) + [
-                R.T(["method", "runtime", "median (ms)", "p90 (ms)", "ratio", "size (MB)", "size ratio", "peak RSS (MB)",
-                     "float ops", "XNNPACK partitions / ORT int kernels", "status"], rows, "llrrrrrrrrl")]
+                R.T(["method", "runtime", "median (ms)", "p90 (ms)", "ratio", "ratio per block (min–max)",
+                     "other processes' CPU", "size (MB)", "size ratio", "peak RSS (MB)", "float ops",
+                     "XNNPACK partitions / ORT int kernels", "status"], rows, "llrrrrrrrrrrl")]
         slow = [(r["label"], s, v) for r in res["rows"] for s, v in
                 ((r["latency"].get(model) or {}).get("slow") or {}).items()]
         if slow:
-            out.append(R.T(["method", "setting", "median (ms)", "p90 (ms)", "ratio"],
+            out.append(R.T(["method", "setting", "median (ms)", "p90 (ms)", "ratio", "ratio per block (min–max)"],
                            [[lbl, s, R.num(v["median_ms"]), R.num(v["p90_ms"]),
-                             "–" if v.get("ratio") is None else f"{v['ratio']:.2f}x"] for lbl, s, v in slow], "llrrr"))
+                             "–" if v.get("ratio") is None else f"{v['ratio']:.2f}x", spread_text(v)]
+                            for lbl, s, v in slow], "llrrrr"))
+    return out
+
+
+def method_text(L: dict) -> str:
+    blocks = L.get("blocks", 3)
+    return (f"Every int8 artifact is timed against the FP32 artifact of its runtime in processes that load only "
+            f"those two: {blocks} blocks of {-(-L['runs'] // blocks)} rounds, each block in a fresh process after "
+            f"{L['warmup']} warm-up runs of each, the order rotated each round, the blocks of all comparisons taken in "
+            f"turn (so a comparison's blocks spread over the whole measurement). Median and p90 over the rounds; ratio: "
+            f"the median of the blocks' int8 / FP32 median ratios; its spread: the lowest and highest of them. FP32 "
+            f"rows: the median over the comparisons it was in.")
+
+
+def spread_text(s: dict) -> str:
+    sp = s.get("ratio_spread")
+    if not sp or "pairs" in s:  # an FP32 artifact: its own reference
+        return "–"
+    return f"{sp[0]:.2f}–{sp[1]:.2f}"
+
+
+def load_text(s: dict) -> str:
+    """The share of the cores other processes took while this comparison ran."""
+    v = s.get("other_cpu_share")
+    return "–" if v is None else f"{100 * v:.0f}%"
+
+
+def anchor_rows(res: dict) -> list[dict]:
+    """One row per anchor and runtime: its int8 file against its own FP32 in the anchors' bench."""
+    an = res.get("anchors") or {}
+    b = an.get("bench") or {}
+    setting = {"tflite": "tflite/xnnpack", "onnx": "onnxruntime"}
+    rows = []
+    for name, built in (an.get("built") or {}).items():
+        arts, fails = built.get("artifacts") or {}, built.get("failures") or {}
+        for f, a in arts.items():
+            if a["source"] != "int8":
+                continue
+            s = ((b.get("latency") or {}).get(setting[a["route"]]) or {}).get(f) or {}
+            fail = ((b.get("artifacts") or {}).get(f) or {}).get("failure")
+            rows.append({"anchor": built.get("label", name), "runtime": a["route"], "tool": a["tool"], "file": f,
+                         "stats": s, "fp32_ms": s.get("fp32_median_ms"), "failure": fail,
+                         "size_ratio": ((b.get("artifacts") or {}).get(f) or {}).get("size_ratio")})
+        for f, fl in fails.items():
+            rows.append({"anchor": built.get("label", name), "runtime": "tflite" if f.endswith(".tflite") else "onnx",
+                         "tool": fl.get("stage", ""), "file": f, "stats": {}, "fp32_ms": None, "failure": fl,
+                         "size_ratio": None})
+    return rows
+
+
+def anchor_blocks(res: dict) -> list:
+    rows = anchor_rows(res)
+    if not rows:
+        return []
+    L = res["config"]["latency"]
+    out = [R.H(2, "Anchors: what int8 gives on this CPU"),
+           R.P(f"The same run and method, outside care-q: torchvision MobileNetV2 and ResNet-18 (random weights) "
+               f"converted by litert-torch (FP32) and its PT2E int8 route (symmetric, per-channel, static) for TFLite, "
+               f"and by torch.onnx (FP32) and onnxruntime `quantize_static` (its default uint8 activations and int8 "
+               f"weights, per-channel, QDQ, MinMax) for onnxruntime; and litert-torch PT2E's int8 care_s0 backbone "
+               f"(no head: its conversion fails with the head) against its own FP32 TFLite. "
+               f"{L['img_size']}x{L['img_size']}, batch 1, "
+               f"{res['config']['threads']} threads, calibration on 8 random images. {method_text(L)}")]
+    tbl = [[r["anchor"], "TFLite XNNPACK" if r["runtime"] == "tflite" else "onnxruntime CPU", r["tool"], f"`{r['file']}`",
+            R.num(r["fp32_ms"]), R.num(r["stats"].get("median_ms")),
+            "–" if r["stats"].get("ratio") is None else f"{r['stats']['ratio']:.2f}x", spread_text(r["stats"]),
+            load_text(r["stats"]), "–" if r["size_ratio"] is None else f"{r['size_ratio']:.2f}x",
+            R.failure_text(r["failure"]) if r["failure"] else "ok"] for r in rows]
+    warn = busy_warning(res["anchors"]["bench"]) if res["anchors"].get("bench") else None
+    out += ([R.P(f"**Warning: {warn}.**")] if warn else []) + [
+        R.T(["anchor", "runtime", "int8 by", "file", "FP32 median (ms)", "int8 median (ms)", "ratio",
+             "ratio per block (min–max)", "other processes' CPU", "size ratio", "status"], tbl, "llllrrrrrrl")]
     return out
 
 
@@ -235,6 +307,7 @@ def suite_blocks(res: dict, figures: bool = True) -> list:
         out.append(R.tradeoff_figure(tradeoff_points(res), "Top-1 drop on the proxy vs latency relative to FP32 in the "
                                                            "same runtime (care_s0 at deployment resolution)"))
     out += latency_blocks(res)
+    out += anchor_blocks(res)
     if figures and res.get("latency"):
         for model, b in res["latency"].items():
             out.append(R.F(f"latency_{model}", plots.latency_bars(b["latency"], f"{model}: latency"), f"{model}: latency"))
@@ -272,9 +345,14 @@ def summary_lines(res: dict) -> list[str]:
         a = r.get("accuracy")
         acc = f"top-1 {R.pct(a['top1'])} ({R.pts(a['drop_top1_pt'])} pt, agreement {R.pct(a['agreement'], 1)})" if a else \
             (R.failure_text(r["failure"]) if "failure" in r else "")
-        lat = ", ".join(f"{m} {e['stats']['ratio']:.2f}x" for m, e in r["latency"].items()
+        lat = ", ".join(f"{m} {e['stats']['ratio']:.2f}x ({spread_text(e['stats'])})" for m, e in r["latency"].items()
                         if (e.get("stats") or {}).get("ratio") is not None)
         lines.append(f"  {r['label']}: {acc}" + (f"; latency ratio {lat}" if lat else ""))
+    for a in anchor_rows(res):
+        s = a["stats"]
+        lines.append(f"  anchor {a['anchor']}, {a['tool']}: " + (
+            f"{s['ratio']:.2f}x FP32 (blocks {spread_text(s)})" if s.get("ratio") is not None
+            else R.failure_text(a["failure"] or {"message": "not timed"})))
     w = res.get("written") or {}
     if w:
         lines.append(f"  wrote {w.get('benchmarks')} and {w.get('html')}")

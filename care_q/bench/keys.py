@@ -41,6 +41,7 @@ STEP_CODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "eval": (("care_q.eval.evaluate",), ()),
     "analysis": (("care_q.eval.analysis",), ()),
     "bench": (("care_q.bench.host",), ()),
+    "anchors": (("care_q.bench.anchors",), ()),
     "qat_train": (("care_q.qat",), AFTER_TRAINING),
     "qat": (("care_q.qat",), ()),
 }

@@ -1,6 +1,8 @@
 """The suite's ``latency:`` section: each model at deployment resolution with random (trained-like)
 weights goes through the same artifacts as the accuracy proxy (`care_q.bench.artifacts`), then
-`care_q.bench.host.bench` times them all together in one interleaved measurement."""
+`care_q.bench.host.bench` times every int8 artifact against its FP32 in blocks, a fresh process per
+block. The anchors (`care_q.bench.anchors`: plain CNNs and litert-torch's PT2E CARE backbone,
+each int8 against its own FP32) are built and timed the same way in the same run (`run_anchors`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from care_q.bench.anchors import build_anchor
 from care_q.bench.artifacts import ModelRun, make_artifacts
 from care_q.bench.host import bench
 from care_q.bench.keys import code_digest
@@ -47,14 +50,49 @@ def run_latency(cfg: dict, Lc: dict, A: dict, root: Path, steps: Steps, data_roo
         arts = made["artifacts"]
         delegates = list(Lc["tflite_delegates"]) + [x for x in Lc["slow_delegates"] if model in Lc["slow_models"]
                                                     and x not in Lc["tflite_delegates"]]
-        bench_cfg = {"threads": threads, "runs": Lc["runs"], "warmup": Lc["warmup"], "delegates": delegates,
-                     "slow_runs": Lc["slow_runs"], "code": code_digest("bench"),
+        bench_cfg = {"threads": threads, "runs": Lc["runs"], "blocks": Lc["blocks"], "warmup": Lc["warmup"],
+                     "delegates": delegates, "slow_runs": Lc["slow_runs"], "code": code_digest("bench"),
                      "artifacts": {n: file_digest(Path(a["path"])) for n, a in arts.items()}}
 
         def do_bench(arts=arts, delegates=delegates):
-            return bench(arts, threads=threads, runs=Lc["runs"], warmup=Lc["warmup"], tflite_delegates=tuple(delegates),
+            return bench(arts, threads=threads, runs=Lc["runs"], blocks=Lc["blocks"], warmup=Lc["warmup"],
+                         tflite_delegates=tuple(delegates),
                          slow_runs=Lc["slow_runs"], memory=True, progress=progress, report=False)
 
         out[model] = {"methods": made["methods"], "baselines": made["baselines"],
                       "bench": steps.run(f"{run.prefix}/bench", bench_cfg, do_bench)}
     return out
+
+
+ANCHOR_CALIB = 8  # seeded N(0, 1) calibration images of every anchor
+
+
+def run_anchors(cfg: dict, Lc: dict, root: Path, steps: Steps, progress) -> dict:
+    """Each anchor of ``Lc["anchors"]`` built (a cached step per anchor), then all of them timed
+    by `care_q.bench.host.bench` (XNNPACK and onnxruntime, the section's runs and blocks):
+    {"built": anchor -> build record, "bench": the bench result}."""
+    names = Lc.get("anchors") or []
+    if not names:
+        return {}
+    seed, threads, size = cfg["seed"], cfg["threads"], Lc["img_size"]
+    folder = root / "latency" / "anchors"
+    built = {}
+    for name in names:
+        key = {"anchor": name, "img_size": size, "num_calib": ANCHOR_CALIB, "seed": seed,
+               "code": code_digest("anchors")}
+
+        def make(name=name):
+            return build_anchor(name, folder / name, img_size=size, num_calib=ANCHOR_CALIB, seed=seed)
+
+        built[name] = steps.run(f"latency/anchors/{name}", key, make, folder / name)
+    arts = {f: {"path": Path(a["path"]), "source": a["source"]} for b in built.values() for f, a in b["artifacts"].items()}
+    if not arts:
+        return {"built": built, "bench": None}
+    bench_cfg = {"threads": threads, "runs": Lc["runs"], "blocks": Lc["blocks"], "warmup": Lc["warmup"],
+                 "code": code_digest("bench"), "artifacts": {n: file_digest(a["path"]) for n, a in arts.items()}}
+
+    def do_bench():
+        return bench(arts, threads=threads, runs=Lc["runs"], blocks=Lc["blocks"], warmup=Lc["warmup"],
+                     tflite_delegates=("xnnpack",), memory=True, progress=progress, report=False)
+
+    return {"built": built, "bench": steps.run("latency/anchors/bench", bench_cfg, do_bench)}

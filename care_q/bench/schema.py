@@ -8,12 +8,14 @@ from pathlib import Path
 
 import yaml
 
+from care_q.bench.anchors import ANCHORS
 from care_q.errors import CareQError
 from care_q.eval.baselines import BASELINES
 from care_q.models import list_models
 from care_q.paths import EVAL_DIR, REPO_ROOT
 from care_q.quant.recipe import Recipe, load_recipe
 from care_q.runtime import TFLITE_DELEGATES
+from care_q.utils.timing import MIN_BLOCKS
 
 SUITE = EVAL_DIR / "suite.yaml"
 
@@ -24,9 +26,9 @@ SCHEMA = {
     "accuracy": {"name": _STR, "model": _STR, "weights": _OPT_STR, "dataset": _STR, "limit": _OPT_INT,
                  "calib": _STR, "num_calib": _INT, "recipe": _STR, "onnx_x86_recipe": _OPT_STR, "baselines": _LIST,
                  "analysis_images": _INT},
-    "latency": {"models": _LIST, "img_size": _INT, "calib": _STR, "num_calib": _INT, "runs": _INT, "warmup": _INT,
-                "tflite_delegates": _LIST, "baselines": _LIST, "slow_delegates": _LIST, "slow_runs": _INT,
-                "slow_models": _LIST},
+    "latency": {"models": _LIST, "img_size": _INT, "calib": _STR, "num_calib": _INT, "runs": _INT, "blocks": _INT,
+                "warmup": _INT, "tflite_delegates": _LIST, "baselines": _LIST, "slow_delegates": _LIST,
+                "slow_runs": _INT, "slow_models": _LIST, "anchors": _LIST},
     "targets": {"accuracy_drop_pt": _FLOAT, "tflite_latency_ratio": _FLOAT, "onnx_latency_ratio": _FLOAT,
                 "size_ratio": _FLOAT},
     "qat": {"recipes": _LIST, "dataset": _STR, "epochs": _FLOAT, "recipe_epochs": _FLOAT_MAP, "limit": _OPT_INT,
@@ -131,6 +133,9 @@ def load_suite(path: str | Path = SUITE, quick: bool = False, shared: str | Path
         _check_qat(data["qat"], at)
     _check_x86(data["accuracy"].get("onnx_x86_recipe"), at)
     _check_names(data, at)
+    if data["latency"]["blocks"] < MIN_BLOCKS:
+        raise CareQError(f"{at('latency.blocks')}: 'latency.blocks' must be at least {MIN_BLOCKS} (the spread of the "
+                         f"ratio is the range of the blocks' ratios), got {data['latency']['blocks']}")
     shared = Path(shared or os.environ.get("SHARED") or REPO_ROOT.parent / "shared")
     data = _expand(data, shared)
     data["quick"] = bool(quick)
@@ -184,6 +189,9 @@ def _check_names(data: dict, at) -> None:
         bad = [n for n in names if n not in known]
         if bad:
             raise CareQError(f"{at(where)}: unknown model(s) {bad}; known: {known}")
+    bad = [n for n in data["latency"]["anchors"] if n not in ANCHORS]
+    if bad:
+        raise CareQError(f"{at('latency.anchors')}: unknown anchor(s) {bad}; known: {list(ANCHORS)}")
     for where in ("latency.tflite_delegates", "latency.slow_delegates"):
         sec, key = where.split(".")
         bad = [d for d in data[sec][key] if d not in TFLITE_DELEGATES]

@@ -8,7 +8,9 @@ quantized by `care_q.ptq.ptq` and by every baseline (`care_q.eval.baselines`) on
 calibration images, then every artifact is evaluated against the FP32 PyTorch model on the same
 images (`care_q.eval.evaluate`, artifacts in child processes so a runtime abort is a result).
 Latency (``latency:``): each model at deployment resolution with random weights goes through
-the same export / ptq / baselines, then `care_q.bench.host.bench` times all artifacts together.
+the same export / ptq / baselines, then `care_q.bench.host.bench` times every int8 artifact
+against its FP32 in blocks, a fresh process per block (ratio and spread); the anchors (plain CNNs and
+litert-torch's PT2E CARE backbone, `care_q.bench.anchors`) are built and timed alike, same run.
 QAT (``qat:``): each QAT recipe fine-tuned on the proxy from its own PTQ start, evaluated on the
 same test set, its artifacts verified in their runtimes (`care_q.bench.qat_steps`).
 Time budget (``ptq_time:``): the user's `care-q ptq` command in a fresh process and an empty
@@ -34,7 +36,7 @@ from rich.console import Console
 
 from care_q.bench.accuracy import run_accuracy
 from care_q.bench.benchmarks import render_benchmarks, summary_lines, write_suite_report
-from care_q.bench.latency_suite import run_latency
+from care_q.bench.latency_suite import run_anchors, run_latency
 from care_q.bench.npu import npu_coverage
 from care_q.bench.ptq_time import run_ptq_time
 from care_q.bench.qat_steps import adopt_qat, run_qat
@@ -74,6 +76,7 @@ def run_suite(suite: str | Path = SUITE, *, quick: bool = False, out: str | Path
     acc = run_accuracy(cfg, A, root, steps, data_root, progress) if "accuracy" in sections else None
     qt = run_qat(cfg, cfg["qat"], A, root, steps, data_root, progress) if "qat" in sections and "qat" in cfg else {}
     lat = run_latency(cfg, Lc, A, root, steps, data_root, progress) if "latency" in sections else {}
+    anchors = run_anchors(cfg, Lc, root, steps, progress) if "latency" in sections else {}
     pt = run_ptq_time(cfg, cfg["ptq_time"], root, steps, data_root) if "ptq_time" in sections and "ptq_time" in cfg else None
     rows = method_rows(acc, lat)
     res = {"command": "suite", "suite": cfg["name"], "source": cfg["source"], "quick": quick, "config": cfg,
@@ -81,7 +84,7 @@ def run_suite(suite: str | Path = SUITE, *, quick: bool = False, out: str | Path
            "targets": target_checks(rows, cfg.get("targets") or DEFAULT_TARGETS, A["model"] if acc else None, list(lat))
            + qat_checks(qt, cfg.get("qat") or {}) + time_checks(pt, cfg.get("ptq_time")),
            "accuracy": acc, "ptq_time": pt, "qat": qt, "npu": npu_coverage(acc, qt, A, root),
-           "latency": {m: v["bench"] for m, v in lat.items()},
+           "latency": {m: v["bench"] for m, v in lat.items()}, "anchors": anchors,
            "steps": steps.timings, "cached_steps": steps.cached, "machine": machine_info(), "seconds": round(time.time() - t0, 1)}
     paths = write_suite_report(res, root)
     bpath = Path(benchmarks) if benchmarks else (root / "BENCHMARKS.md" if quick else EVAL_DIR / "BENCHMARKS.md")

@@ -1,5 +1,7 @@
 """care-q bench: latency (median, p90), size and peak memory of artifacts in their runtimes, with
-the ratio to the FP32 artifact of the same runtime. Interleaved rounds, after warm-up."""
+the ratio to the FP32 artifact of the same runtime and its spread. Each int8 artifact runs against
+its FP32 in a process of their own: warm-up, then interleaved rounds in blocks (at least 3); the
+spread is the lowest and highest of the blocks' ratios."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ def add_parser(sub):
     p = sub.add_parser("bench", help="latency / size / memory of artifacts on this machine", description=__doc__)
     p.add_argument("--artifacts", required=True, help="folder of .tflite / .onnx files (or one file)")
     p.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
-    p.add_argument("--runs", type=int, default=50, help="timed rounds (default 50)")
+    p.add_argument("--runs", type=int, default=60, help="timed rounds per comparison (default 60)")
+    p.add_argument("--blocks", type=int, default=3, help="blocks the rounds are split into, at least 3 (default 3)")
     p.add_argument("--warmup", type=int, default=10, help="warm-up runs per artifact (default 10)")
     p.add_argument("--tflite-delegates", default="xnnpack,builtin",
                    help="comma list of xnnpack, builtin (TFLite's CPU kernels), reference (slow)")
@@ -30,7 +33,7 @@ def run(args) -> int:
     from care_q.bench.host import bench
     from care_q.eval.report import failure_text
 
-    r = bench(args.artifacts, threads=args.threads, runs=args.runs, warmup=args.warmup,
+    r = bench(args.artifacts, threads=args.threads, runs=args.runs, blocks=args.blocks, warmup=args.warmup,
               tflite_delegates=tuple(d.strip() for d in args.tflite_delegates.split(",") if d.strip()),
               slow_runs=args.slow_runs, memory=not args.no_memory, out=None)
     # r["device"] = run_device_bench(...)   <- the --device options' place (see add_parser)
@@ -43,13 +46,15 @@ def run(args) -> int:
     if not c.is_terminal:
         c = Console(width=140)
     for setting, group in r["latency"].items():
-        t = Table(title=f"{setting}: batch 1, {r['threads']} threads")
-        for col in ("artifact", "median ms", "p90 ms", "ratio to FP32", "size MB", "peak MB"):
+        t = Table(title=f"{setting}: batch 1, {r['threads']} threads, {r['blocks']} blocks of {r['rounds_per_block']} rounds")
+        for col in ("artifact", "median ms", "p90 ms", "ratio to FP32", "blocks min-max", "size MB", "peak MB"):
             t.add_column(col, justify="left" if col == "artifact" else "right")
         for n, s in group.items():
             a = r["artifacts"][n]
+            sp = s.get("ratio_spread") if "pairs" not in s else None
             t.add_row(n, f"{s['median_ms']:.2f}", f"{s['p90_ms']:.2f}", "" if s["ratio"] is None else f"{s['ratio']:.2f}x",
-                      f"{a['size_bytes'] / 1e6:.2f}", f"{(a.get('memory') or {}).get('peak_mb', '')}")
+                      f"{sp[0]:.2f}-{sp[1]:.2f}" if sp else "", f"{a['size_bytes'] / 1e6:.2f}",
+                      f"{(a.get('memory') or {}).get('peak_mb', '')}")
         c.print(t)
     failed = {n: a["failure"] for n, a in r["artifacts"].items() if "failure" in a}
     for n, f in failed.items():

@@ -214,17 +214,28 @@ def confusion_blocks(res: dict, top: int = 5) -> list:
             T(["artifact", "disagreements", "most frequent flips", "most confident flip"], rows, "lrll")]
 
 
+def _spread(s: dict) -> str:
+    """An int8 row's block ratios as 'lo–hi' ('–' for FP32 rows and results without blocks)."""
+    lo_hi = s.get("ratio_spread")
+    return "–" if not lo_hi or "pairs" in s else f"{lo_hi[0]:.2f}–{lo_hi[1]:.2f}"
+
+
 def bench_blocks(res: dict, title: bool = True) -> list:
 
     out = []
     if title:
         out.append(H(1, f"care-q bench: {len(res['artifacts'])} artifacts, batch {res.get('batch', 1)}, "
                         f"{res['threads']} threads"))
-    out.append(L([f"{res['runs']} timed rounds after {res['warmup']} warm-up runs "
-                  f"({res.get('slow_runs')} for the slow TFLite kernels); every round runs each artifact once, "
-                  f"the order rotated every round; median and p90 per artifact",
-                  "ratio: median / median of the FP32 artifact of the same runtime and input size, same run",
-                  f"total time: {res.get('seconds')} s"]))
+    method = ([f"each int8 artifact against the FP32 artifact of its runtime and input size, in processes that load "
+               f"only those two: {res['blocks']} blocks of {res.get('rounds_per_block')} rounds, each block in a fresh "
+               f"process after {res['warmup']} warm-up runs, the order rotated every round, the blocks of all pairs "
+               f"taken in turn",
+               "ratio: the median of the blocks' int8 / FP32 median ratios; spread: their lowest and highest; FP32 "
+               "rows: the median over their pairs"] if "blocks" in res else
+              [f"{res['runs']} timed rounds after {res['warmup']} warm-up runs; every round runs each artifact once, "
+               f"the order rotated every round; median and p90 per artifact",
+               "ratio: median / median of the FP32 artifact of the same runtime and input size, same run"])
+    out.append(L([*method, f"total time: {res.get('seconds')} s"]))
 
     warn = busy_warning(res)
     if warn:
@@ -235,9 +246,11 @@ def bench_blocks(res: dict, title: bool = True) -> list:
         if not group:
             continue
         rows = [[f"`{n}`", num(s["median_ms"]), num(s["p90_ms"]), num(s.get("min_ms")),
-                 "–" if s.get("ratio") is None else f"{s['ratio']:.2f}x", s.get("fp32") or "–"] for n, s in group.items()]
+                 "–" if s.get("ratio") is None else f"{s['ratio']:.2f}x", _spread(s), s.get("fp32") or "–"]
+                for n, s in group.items()]
         out += [H(2, f"Latency: {setting}"),
-                T(["artifact", "median (ms)", "p90 (ms)", "min (ms)", "ratio to FP32", "FP32 reference"], rows, "lrrrrl")]
+                T(["artifact", "median (ms)", "p90 (ms)", "min (ms)", "ratio to FP32", "ratio per block (min–max)",
+                   "FP32 reference"], rows, "lrrrrrl")]
     lf = [f"`{n}` ({setting}): {failure_text(f)}" for setting, g in (res.get("latency_failures") or {}).items()
           for n, f in g.items()]
     if lf:

@@ -122,25 +122,52 @@ def test_bench_runner_and_report(arts, tmp_path):
     ref_fail = res["latency_failures"]["tflite/reference"]
     assert set(ref_fail) == {"m_fp32.tflite", "m_int8.tflite"} and "ELU" in ref_fail["m_int8.tflite"]["message"]
     assert "failure" not in a["m_int8.tflite"]                      # XNNPACK (the default) is fine
-    for setting, n in (("tflite/xnnpack", 5), ("tflite/builtin", 3)):
+    for setting, n in (("tflite/xnnpack", 6), ("tflite/builtin", 3)):  # runs 5 -> 3 blocks of 2; 3 -> 3 of 1
         g = res["latency"][setting]
         assert set(g) == {"m_fp32.tflite", "m_int8.tflite"}
-        assert g["m_int8.tflite"]["runs"] == n
-        assert g["m_int8.tflite"]["ratio"] == pytest.approx(g["m_int8.tflite"]["median_ms"] / g["m_fp32.tflite"]["median_ms"])
-        assert g["m_fp32.tflite"]["ratio"] == 1.0
-        assert 0 < g["m_int8.tflite"]["median_ms"] <= g["m_int8.tflite"]["p90_ms"]
+        i8 = g["m_int8.tflite"]
+        assert i8["runs"] == n and i8["blocks"] == 3 and len(i8["block_ratios"]) == 3 and i8["fp32"] == "m_fp32.tflite"
+        assert i8["ratio_spread"] == [min(i8["block_ratios"]), max(i8["block_ratios"])]
+        assert i8["ratio_spread"][0] <= i8["ratio"] <= i8["ratio_spread"][1]
+        assert g["m_fp32.tflite"]["ratio"] == 1.0 and g["m_fp32.tflite"]["pairs"] == 1
+        assert g["m_fp32.tflite"]["median_ms"] == i8["fp32_median_ms"] and 0 <= i8["other_cpu_share"] <= 1
+        assert 0 < i8["median_ms"] <= i8["p90_ms"]
     assert res["latency"]["onnxruntime"]["m_int8_qdq.onnx"]["ratio"] is None
+    assert res["latency"]["onnxruntime"]["m_int8_qdq.onnx"]["runs"] == 6
     for e in a.values():
         assert e["memory"]["peak_mb"] >= e["memory"]["baseline_mb"] > 0
     assert a["m_int8.tflite"]["census"]["xnnpack"]["partitions"] >= 1
     assert a["m_int8_qdq.onnx"]["census"]["integer_kernels"] > 0
     assert res["machine"]["cores"] >= 1 and res["machine"]["versions"]["onnxruntime"]
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert rep["latency"]["tflite/xnnpack"]["m_int8.tflite"]["runs"] == 5
+    assert rep["latency"]["tflite/xnnpack"]["m_int8.tflite"]["runs"] == 6
     html = (tmp_path / "out" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 1 and "tflite/builtin" in html and "Not timed" in html
     with pytest.raises(CareQError, match="unknown TFLite delegate"):
         bench(x, tflite_delegates=("gpu",))
+
+
+def test_bench_command_prints_ratio_and_spread(arts, tmp_path, capsys):
+    """`care-q bench`: each int8 file against its FP32, the blocks' ratio range beside the ratio;
+    fewer than 3 blocks is refused."""
+    from care_q.cli import main
+
+    x = tmp_path / "x"
+    x.mkdir()
+    shutil.copy(arts / "m_int8.tflite", x / "m_fp32.tflite")
+    shutil.copy(arts / "m_int8.tflite", x / "m_int8.tflite")
+    assert main(["bench", "--artifacts", str(x), "--out", str(tmp_path / "o"), "--runs", "4", "--warmup", "1",
+                 "--threads", "1", "--tflite-delegates", "xnnpack", "--no-memory"]) == 0
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    s = rep["latency"]["tflite/xnnpack"]["m_int8.tflite"]
+    assert rep["blocks"] == 3 and rep["rounds_per_block"] == 2 and s["runs"] == 6
+    out = capsys.readouterr().out
+    assert "tflite/xnnpack: batch 1, 1 threads, 3 blocks of 2 rounds" in out
+    row = next(line for line in out.splitlines() if line.lstrip("│ ").startswith("m_int8.tflite"))
+    lo, hi = s["ratio_spread"]
+    assert f"{s['ratio']:.2f}x" in row and f"{lo:.2f}-{hi:.2f}" in row
+    assert main(["bench", "--artifacts", str(x), "--out", str(tmp_path / "o"), "--blocks", "2"]) == 2
+    assert "blocks >= 3" in capsys.readouterr().err
 
 
 def test_memory_probe_reports_crash(tmp_path, arts, monkeypatch):
@@ -174,8 +201,18 @@ def test_suite_definition(tmp_path):
     line = bad.read_text().splitlines().index("  num_calbi: 3") + 1
     with pytest.raises(CareQError, match=rf"bad.yaml:{line}: unknown key 'accuracy.num_calbi'"):
         load_suite(bad)
-    bad.write_text(text.replace("runs: 50", "runs: fifty"))
+    bad.write_text(text.replace("runs: 60", "runs: fifty"))
     with pytest.raises(CareQError, match=r"'latency.runs' must be a non-negative integer"):
+        load_suite(bad)
+    assert s["latency"]["blocks"] == 3 and s["latency"]["anchors"] == ["mobilenet_v2", "resnet18", "care_s0_backbone"]
+    assert q["latency"]["anchors"] == ["resnet18"] and q["latency"]["blocks"] == 3
+    bad.write_text(text.replace("  blocks: 3", "  blocks: 2"))
+    line = bad.read_text().splitlines().index("  blocks: 2") + 1
+    with pytest.raises(CareQError, match=rf"bad.yaml:{line}: 'latency.blocks' must be at least 3"):
+        load_suite(bad)
+    bad.write_text(text.replace("  anchors: [mobilenet_v2,", "  anchors: [vgg16,"))
+    with pytest.raises(CareQError, match=r"unknown anchor\(s\) \['vgg16'\]; known: \['mobilenet_v2', 'resnet18', "
+                                         r"'care_s0_backbone'\]"):
         load_suite(bad)
     bad.write_text(text.replace("[ort_quantize_static, nncf, ai_edge_quantizer]\n  analysis",
                                 "[ort_quantize_static, tensorrt]\n  analysis"))
