@@ -15,7 +15,8 @@ QDQ form (what onnxruntime's CPU EP fuses into integer kernels):
   QLinearGlobalAveragePool) or, for data movement (Split, Reshape, Transpose), loses its Q/DQ
   pair (the plan gives input and output identical parameters) and moves integers;
 - weights: int8 initializers (per-channel symmetric over [-127, 127], axis 0, zero point 0) +
-  DequantizeLinear; biases: int32 initializers at s_in * s_w (axis 0) + DequantizeLinear;
+  DequantizeLinear (the zero point a tensor only where the op stays float: int16 neighbours, the
+  Gemm; see `_Emitter.weight_dq`); biases: int32 initializers at s_in * s_w (axis 0) + DequantizeLinear;
 - scalar constants (``elu + 1``, ``kv / N``, the divisor guard): the top code at scale
   |value| / 127 (exact), as the TFLite emitter's ``scalar_q``; the per-channel layer scale: a 1x1
   depthwise Conv with weights +-127 at |gamma| / 127 (exact) and a zero bias;
@@ -199,8 +200,10 @@ class _Emitter:
         """Symmetric weights q in [-127, 127]: int8 (zero point 0) or uint8 (q + 128, zero point 128).
 
         Per-channel int8 weights get no zero-point tensor (ONNX's default, 0) unless `explicit_zero`:
-        Gemm weights need one, as onnxruntime's x86 int8->uint8 weight rewrite then adds a scalar
-        zero point that its per-axis DequantizeLinear rejects."""
+        weights whose op does not fuse into an 8-bit integer kernel (the Gemm; convs next to int16 or
+        float tensors, `_weights_unfused`) need one, as onnxruntime's x86 int8->uint8 weight rewrite
+        (session.x64quantprecision) then adds a scalar zero point that its per-axis
+        DequantizeLinear rejects."""
         dtype, zero = (np.uint8, 128) if self.weight_type == "uint8" else (np.int8, 0)
         w = self.init(f"{name}/q", (qw.astype(np.int64) + zero).astype(dtype))
         if per_channel:
@@ -222,6 +225,13 @@ class _Emitter:
         w = weight.detach().double().numpy()
         qw = np.clip(np.round(w / s_w.astype(np.float64).reshape((-1,) + (1,) * (w.ndim - 1))), -qmax, qmax)
         return self.weight_dq(name, qw, s_w, per_channel, explicit_zero), s_w
+
+    def _weights_unfused(self, n) -> bool:
+        """Whether conv node `n` stays a float Conv in onnxruntime (its input or output is not on an
+        8-bit grid: int16 attention, mixed precision), so that its weights' DequantizeLinear runs
+        as a node of its own and needs an explicit per-channel zero point (see `weight_dq`)."""
+        qps = (self._qp(n.inputs[0]), self._qp(n.outputs[0]))
+        return not all(qp is not None and qp.dtype in (DType.INT8, DType.UINT8) for qp in qps)
 
     def bias_dq(self, name: str, bias: np.ndarray, scales: np.ndarray) -> str:
         """int32 bias at per-channel scales s_in * s_w, + DQ (axis 0)."""
@@ -344,7 +354,7 @@ class _Emitter:
     def op_conv(self, n):
         conv = n.module
         x = self.val[n.inputs[0]]
-        wt, s_w = self._weight_dq(f"{n.name}.weight", conv.weight)
+        wt, s_w = self._weight_dq(f"{n.name}.weight", conv.weight, explicit_zero=self._weights_unfused(n))
         inputs = [x, wt]
         cout = conv.weight.shape[0]
         bias = conv.bias.detach().double().numpy() if conv.bias is not None else None
@@ -398,7 +408,8 @@ class _Emitter:
         x, o = self.val[n.inputs[0]], n.outputs[0]
         ch = int(self.graph.shapes[n.inputs[0]][1])
         s_w = np.full(ch, np.float32(1.0 / 127.0), np.float32)
-        wt = self.weight_dq(f"{n.name}.weight", np.full((ch, 1, 1, 1), 127.0), s_w, per_channel=True)
+        wt = self.weight_dq(f"{n.name}.weight", np.full((ch, 1, 1, 1), 127.0), s_w, per_channel=True,
+                            explicit_zero=self._weights_unfused(n))
         s_b = s_w.astype(np.float64) * np.float32(in_qp.scale[0])
         bt = self.bias_dq(f"{n.name}.bias", np.full(ch, value), s_b)
         raw = self.node("Conv", [x, wt, bt], [self.raw(o)], n.name, kernel_shape=[1, 1], pads=[0, 0, 0, 0],
@@ -420,7 +431,7 @@ class _Emitter:
         # per-channel constant: a 1x1 depthwise conv, int8 weights +-127 at |g| / 127 (exact)
         s_w = (np.maximum(np.abs(g), 1e-12) / 127.0).astype(np.float32)
         qw = np.clip(np.round(g / s_w.astype(np.float64)), -127, 127).reshape(-1, 1, 1, 1)
-        wt = self.weight_dq(f"{n.name}.weight", qw, s_w, per_channel=True)
+        wt = self.weight_dq(f"{n.name}.weight", qw, s_w, per_channel=True, explicit_zero=self._weights_unfused(n))
         bt = self.bias_dq(f"{n.name}.bias", np.zeros(g.size), s_w.astype(np.float64) * in_qp.scale[0])
         raw = self.node("Conv", [x, wt, bt], [self.raw(o)], n.name, kernel_shape=[1, 1], pads=[0, 0, 0, 0],
                         strides=[1, 1], dilations=[1, 1], group=int(g.size))[0]

@@ -23,7 +23,7 @@ from care_q.errors import CareQError
 from care_q.export.onnx_qdq import ORT_SESSION_CONFIG, emit_onnx_qdq, save_onnx
 from care_q.graph.roles import Role
 from care_q.graph.trace import trace
-from care_q.quant.emulation.onnxruntime import onnxruntime_add_codes, onnxruntime_mul_codes
+from care_q.quant.emulation.onnxruntime import onnxruntime_add_codes, onnxruntime_mul_codes, onnxruntime_quantize_codes
 from care_q.quant.fakequant import QuantOps, fake_quant
 from care_q.quant.plan import build_plan
 from care_q.quant.qtypes import DType, Method, qparams_from_range
@@ -66,6 +66,15 @@ def gelu():
 @pytest.fixture(scope="module")
 def silu(gelu):
     return _case(gelu_to_silu(gelu["model"]))
+
+
+@pytest.fixture(scope="module")
+def recip(gelu):
+    from care_q.transforms.deploy import reciprocal_normaliser
+
+    model = reciprocal_normaliser(gelu["model"])
+    plan = _calibrated(model, dataclasses.replace(load_recipe("ptq_int8"), reciprocal_normaliser=True))
+    return {"model": model, "plan": plan}
 
 
 def _session(model: onnx.ModelProto, optimized_path=None, level=None, config=ORT_SESSION_CONFIG):
@@ -399,14 +408,11 @@ def test_onnxruntime_mul_codes_bit_exact(offset, tmp_path):
     assert misses_plain > 0
 
 
-def test_reciprocal_normaliser_fuses_and_is_bit_exact(gelu, tmp_path):
+def test_reciprocal_normaliser_fuses_and_is_bit_exact(gelu, recip, tmp_path):
     """transforms.reciprocal_normaliser: the division becomes a float Reciprocal of the
     (B, h, N, 1) normaliser between its DQ and Q, and the product with the numerator a QLinearMul;
     onnxruntime's logits equal QuantOps(exact="onnxruntime") bit for bit."""
-    from care_q.transforms.deploy import reciprocal_normaliser
-
-    model = reciprocal_normaliser(gelu["model"])
-    plan = _calibrated(model, dataclasses.replace(load_recipe("ptq_int8"), reciprocal_normaliser=True))
+    model, plan = recip["model"], recip["plan"]
     n_attn = sum(1 for n in plan.graph.nodes if n.op == "reciprocal")
     assert n_attn > 0
     opt = tmp_path / "opt.onnx"
@@ -417,3 +423,101 @@ def test_reciprocal_normaliser_fuses_and_is_bit_exact(gelu, tmp_path):
     with torch.no_grad():
         ref = model(torch.from_numpy(gelu["x"]), QuantOps(plan, "quant", exact="onnxruntime")).numpy()
     assert np.array_equal(y, ref)
+
+
+
+def _unary_model(op, qx, qo, n):
+    """DQ(x) -> op -> Q on n elements stored as uint8 (the exporter's default act_type); with
+    ``op=None`` only Q, of a float input."""
+    h, nh, TP = onnx.helper, onnx.numpy_helper, onnx.TensorProto
+    init = [nh.from_array(np.array(qo.scale[0], np.float32), "so"),
+            nh.from_array(np.array(qo.zero_point[0] + 128, np.uint8), "zo")]
+    nodes = [h.make_node("QuantizeLinear", ["y" if op else "x", "so", "zo"], ["o"])]
+    if op is not None:
+        init += [nh.from_array(np.array(qx.scale[0], np.float32), "sx"),
+                 nh.from_array(np.array(qx.zero_point[0] + 128, np.uint8), "zx")]
+        nodes[:0] = [h.make_node("DequantizeLinear", ["x", "sx", "zx"], ["xd"]), h.make_node(op, ["xd"], ["y"])]
+    g = h.make_graph(nodes, "unary", [h.make_tensor_value_info("x", TP.UINT8 if op else TP.FLOAT, [n])],
+                     [h.make_tensor_value_info("o", TP.UINT8, [n])], init)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_onnxruntime_quantize_codes_bit_exact():
+    """`onnxruntime_quantize_codes` (x / s, rounded half to even) equals onnxruntime's
+    QuantizeLinear on 1M float32 values per draw; PyTorch's fake quantization (x * (1 / s)) misses
+    some (measured: 17 of 10M values)."""
+    from care_q.quant.qtypes import QParams
+
+    rng = np.random.default_rng(4)
+    misses = misses_fq = 0
+    for _ in range(4):
+        so = float(np.float32(rng.uniform(0.001, 0.2)))
+        qo = QParams((so,), (int(rng.integers(-128, 128)),), DType.INT8)
+        v = (rng.uniform(-300, 300, 1 << 20) * so).astype(np.float32)
+        got = _session(_unary_model(None, None, qo, v.size), config={}).run(None, {"x": v})[0]
+        got = got.astype(np.int64) - 128 - qo.zero_point[0]
+        emu = onnxruntime_quantize_codes(torch.from_numpy(v), qo).numpy()
+        misses += int((emu != got).sum())
+        fq = torch.round(fake_quant(torch.from_numpy(v), qo) / np.float32(so)).numpy()
+        misses_fq += int((fq != got).sum())
+    assert misses == 0
+    assert misses_fq > 0
+
+
+def test_reciprocal_on_capped_range_bit_exact(recip):
+    """A reciprocal's range capped at 1 / one LSB of its divisor (QuantPlan._reciprocal_ranges, as
+    on the care_s0 proxy) puts 1 / (k s) at 255 / k steps: ties for k = 2, 6, 10, 30, ... .
+    QuantOps.reciprocal (exact="onnxruntime") equals onnxruntime's DQ -> Reciprocal -> Q (the
+    exporter's op_reciprocal) on every divisor code, over 24 divisor scales; fake quantization of
+    1 / x (x * (1 / s): the reference before this fix) misses whole codes."""
+    from care_q.quant.qtypes import QParams
+
+    plan = copy.copy(recip["plan"])
+    plan.qparams = dict(plan.qparams)
+    node = next(n for n in plan.graph.nodes if n.op == "reciprocal")
+    den, out = node.inputs[0], node.outputs[0]
+    rng = np.random.default_rng(5)
+    codes = np.arange(-128, 128)
+    misses = misses_fq = 0
+    for _ in range(24):
+        s = float(np.float32(rng.uniform(0.005, 2.0)))
+        plan.qparams[plan.specs[den].group] = QParams((s,), (-128,), DType.INT8)
+        plan.qparams[plan.specs[out].group] = qparams_from_range(0.0, 1.0 / s, DType.INT8, False)
+        qx, qo = plan.qp(den), plan.qp(out)
+        got = _session(_unary_model("Reciprocal", qx, qo, codes.size), config={}).run(
+            None, {"x": (codes + 128).astype(np.uint8)})[0].astype(np.int64) - 128 - qo.zero_point[0]
+        x = torch.from_numpy(codes - qx.zero_point[0]).float() * np.float32(s)
+        with torch.no_grad():
+            y = QuantOps(plan, "quant", exact="onnxruntime").reciprocal(node.name, x)
+        misses += int((torch.round(y.double() / qo.scale[0]).numpy() != got).sum())
+        misses_fq += int((torch.round(fake_quant(1.0 / x, qo).double() / qo.scale[0]).numpy() != got).sum())
+    assert misses == 0
+    assert misses_fq > 0
+
+
+def test_int16_attention_runs_with_x86_weight_rewrite(gelu):
+    """Recipe ptq_a16w8_attention: x + c on the int16 (B, heads, N, D) kernels is a 1x1 depthwise Conv
+    over its 2 heads, a float Conv in onnxruntime (no int16 integer kernel), so its weights'
+    DequantizeLinear runs as a node. With ORT_SESSION_CONFIG (what the artifact asks for on x86)
+    onnxruntime re-encodes int8 weights as uint8 and gave that per-axis DequantizeLinear a scalar
+    zero point, which it then rejected at run time ("x_zero_point must be null or 1D tensor with size
+    2"). Those weights now carry a per-channel zero point and the model runs. Not bit for bit: int16
+    tensors have no integer kernel in onnxruntime, and its float MatMul / ReduceMean accumulate in
+    float32 (care_s0 proxy, 128 images: 100% top-1 agreement, max |diff| 0.072)."""
+    case = _case(gelu["model"], load_recipe("ptq_a16w8_attention"))
+    plan, m = case["plan"], emit_onnx_qdq(case["plan"])
+    inits = {i.name: i for i in m.graph.initializer}
+    unfused = [n for n in plan.graph.nodes if n.op == "add_const" and plan.qp(n.outputs[0]).dtype == DType.INT16]
+    assert len(unfused) == 3 * 3   # phi_q, phi_k and the divisor guard of 3 attention blocks
+    dq = {n.name: n for n in m.graph.node}
+    for n in unfused:
+        w_dq = dq[f"{n.name}.weight/Dequantize"]
+        heads = plan.graph.shapes[n.inputs[0]][1]
+        assert heads == 2 and list(inits[w_dq.input[2]].dims) == [heads]
+    # int8 convs keep ONNX's default zero point (no tensor), as before
+    assert all(len(dq[f"{n.name}.weight/Dequantize"].input) == 2 for n in plan.graph.nodes if n.op == "conv")
+    y = _session(m).run(None, {"input": case["x"]})[0]
+    with torch.no_grad():
+        ref = gelu["model"](torch.from_numpy(case["x"]), QuantOps(plan, "quant", exact="onnxruntime")).numpy()
+    assert np.array_equal(y.argmax(1), ref.argmax(1))
+    assert np.abs(y - ref).max() <= 1e-6 * np.abs(ref).max()
