@@ -18,7 +18,9 @@ Kernel choices (XNNPACK is the CPU engine of TFLite):
   constant 1 by the (1, heads, N, 1) normaliser and a broadcast int8 MUL (XNNPACK);
 - the NPU attention (recipe ``substitutions.attention: npu``): RELU, LOGISTIC, broadcast MUL,
   MEAN over axis 1 or 2 of (1, N, D, E) token tensors (RESHAPEs of the NHWC maps),
-  L2_NORMALIZATION.
+  L2_NORMALIZATION, or (``npu.normaliser: rsqrt``) MUL, MEAN, RSQRT and a broadcast MUL;
+- the NPU head (``npu.head: int8``): int8 MEAN, LOGISTIC + MUL, SUB, then MUL/MEAN/RSQRT/MUL or
+  L2_NORMALIZATION, and the int8 FULLY_CONNECTED: no DEQUANTIZE from input to logits.
 """
 
 from __future__ import annotations
@@ -200,6 +202,12 @@ class _Emitter:
     def op_mul(self, n):
         self._binary(n, OP.MUL, fb.BuiltinOptions.MulOptions, fb.MulOptionsT)
 
+    def op_sub(self, n):
+        self._binary(n, OP.SUB, fb.BuiltinOptions.SubOptions, fb.SubOptionsT, version=2)
+
+    def op_rsqrt(self, n):
+        self._unary(n, OP.RSQRT, version=2)
+
     def op_div(self, n):
         self._binary(n, OP.DIV, fb.BuiltinOptions.DivOptions, fb.DivOptionsT)
 
@@ -291,6 +299,10 @@ class _Emitter:
         o = n.outputs[0]
         self.idx[o] = self._reshape(self.idx[n.inputs[0]], o, _tfl_shape(self.plan.graph.shapes[o], "nchw"), like=o)
 
+    def op_retoken(self, n):
+        o = n.outputs[0]
+        self.idx[o] = self._reshape(self.idx[n.inputs[0]], o, self.plan.graph.shapes[o], like=o)
+
     def op_mean_axis(self, n):
         self._mean(self.idx[n.inputs[0]], self.out(n.outputs[0]), [n.attrs["axis"]], True, n.name)
 
@@ -366,7 +378,8 @@ class _Emitter:
         o = n.outputs[0]
         pooled = self.out(o)
         self._mean(self.idx[n.inputs[0]], pooled, [1, 2], False, n.name)
-        if self.plan.quantized(o):  # the head's GELU/LayerNorm run float: one DEQUANTIZE
+        float_next = any(not self.plan.quantized(c.outputs[0]) for c in self.plan.graph.consumers().get(o, []))
+        if self.plan.quantized(o) and float_next:  # the head's GELU/LayerNorm run float: one DEQUANTIZE
             f = self.b.tensor(f"{o}.float", self.b.shape_of(pooled), np.float32)
             self.b.op(OP.DEQUANTIZE, [pooled], [f], version=2)
             self.idx[o] = f
@@ -406,10 +419,29 @@ class _Emitter:
             return
         # static int8 FC (recipe head.dtype int8): per-output-channel weights, int32 bias at s_in * s_w
         qw, s_w, bt = self._int8_weights(n.name, fc.weight, fc.bias, x)
-        wt = b.const(f"{n.name}.weight", qw, s_w, np.zeros(qw.shape[0], np.int64), axis=0)
         per_channel = self.plan.recipe.weight_granularity == "per_channel"
+        if per_channel and getattr(self.plan.recipe, "head_form", "exact") == "npu":
+            self._classifier_as_conv(n, qw, s_w, bt)
+            return
+        wt = b.const(f"{n.name}.weight", qw, s_w, np.zeros(qw.shape[0], np.int64), axis=0)
         b.op(OP.FULLY_CONNECTED, [self.idx[x], wt, bt], [self.out(o)], fb.BuiltinOptions.FullyConnectedOptions,
              options(fb.FullyConnectedOptionsT), version=12 if per_channel else 4)
+
+
+    def _classifier_as_conv(self, n, qw, s_w, bt):
+        """The NPU head's classifier as RESHAPE, 1x1 CONV_2D, RESHAPE: NNAPI takes per-channel int8
+        weights in convs only (a per-channel FULLY_CONNECTED is version 12, past the delegate's 5);
+        the same integer arithmetic (QuantOps.linear) in XNNPACK, Vela and the Edge TPU."""
+        b, o, x = self.b, n.outputs[0], n.inputs[0]
+        bsz, cin = self.plan.graph.shapes[x]
+        xi = self._reshape(self.idx[x], f"{o}.in4d", (bsz, 1, 1, cin), like=x)
+        cout = qw.shape[0]
+        wt = b.const(f"{n.name}.weight", qw.reshape(cout, 1, 1, cin), s_w, np.zeros(cout, np.int64), axis=0)
+        y4 = self.act(f"{o}.out4d", (bsz, 1, 1, cout), like=o)
+        b.op(OP.CONV_2D, [xi, wt, bt], [y4], fb.BuiltinOptions.Conv2DOptions,
+             options(fb.Conv2DOptionsT, padding=fb.Padding.VALID, strideW=1, strideH=1, dilationWFactor=1,
+                     dilationHFactor=1), version=3)
+        self.idx[o] = self._reshape(y4, o, (bsz, cout), like=o)
 
 
 def emit_tflite_int8(plan: QuantPlan, io: str = "float", debug_outputs: bool = False, preprocess=None,

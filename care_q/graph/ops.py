@@ -66,6 +66,14 @@ class Ops:
     def div(self, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a / b
 
+    def sub(self, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a - b (broadcasting; the NPU head's LayerNorm centring, TFLite SUB)."""
+        return a - b
+
+    def rsqrt(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """1 / sqrt(x) (TFLite RSQRT; the NPU normalisers). x = 0 gives +inf, which int8 clamps."""
+        return torch.rsqrt(x)
+
     def reciprocal(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """1 / x (the attention normaliser's reciprocal, see `DeployAttention.normaliser`)."""
         return 1.0 / x
@@ -118,6 +126,13 @@ class Ops:
         """(B, N, 1, C) -> (B, C, H, W)."""
         b, n, _, c = x.shape
         return x.reshape(b, hw[0], hw[1], c).permute(0, 3, 1, 2)
+
+    def retoken(self, name: str, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """(B, N, 1, C) -> (B, N, C, 1) (``kind="col"``) or back (``"row"``): the same element
+        order, one RESHAPE in TFLite (puts a token's channels on a 'spatial' axis for the NPUs' MEAN)."""
+        b, n = x.shape[0], x.shape[1]
+        c = x.shape[2] * x.shape[3]
+        return x.reshape(b, n, c, 1) if kind == "col" else x.reshape(b, n, 1, c)
 
     def mean_axis(self, name: str, x: torch.Tensor, axis: int) -> torch.Tensor:
         """Mean over one axis of a token tensor, kept (MEAN over an 'x/y' axis for the NPUs)."""

@@ -136,6 +136,15 @@ class TraceOps(Ops):
     def div(self, name, a, b):
         return self._record("div", name, [a, b], super().div(name, a, b))
 
+    def sub(self, name, a, b):
+        return self._record("sub", name, [a, b], super().sub(name, a, b))
+
+    def rsqrt(self, name, x):
+        return self._record("rsqrt", name, [x], super().rsqrt(name, x))
+
+    def retoken(self, name, x, kind):
+        return self._record("retoken", name, [x], super().retoken(name, x, kind), {"kind": kind})
+
     def reciprocal(self, name, x):
         return self._record("reciprocal", name, [x], super().reciprocal(name, x))
 

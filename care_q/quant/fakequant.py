@@ -34,12 +34,17 @@ import torch.nn.functional as F
 
 from care_q.graph.ops import Ops
 from care_q.quant.emulation.integer import F32_EXACT, integer_product
-from care_q.quant.emulation.onnxruntime import onnxruntime_add_codes, onnxruntime_mul_codes
+from care_q.quant.emulation.onnxruntime import (
+    onnxruntime_add_codes,
+    onnxruntime_mul_codes,
+    onnxruntime_quantize_codes,
+)
 from care_q.quant.emulation.tflite import (
     tflite_conv_requant_codes,
     tflite_div_codes,
     tflite_l2norm_codes,
     tflite_relu_codes,
+    tflite_rsqrt_codes,
 )
 from care_q.quant.emulation.xnnpack import (
     xnnpack_add_codes,
@@ -307,6 +312,24 @@ class QuantOps(Ops):
                               qo.qmax - qo.zero_point[0])
         return None if q is None else self._dq(name, q)
 
+    def sub(self, name, a, b):
+        # XNNPACK's int8 SUBTRACT: its ADD with the second input negated (the same fixed-point multipliers;
+        # bit for bit on every code pair, tests/transforms/test_npu_graph.py)
+        ins = self.plan.graph_inputs[name]
+        if self._tflite_ok(name, ins, a, b):
+            y = self._xnnpack_add(name, a, -b, ins)
+            if y is not None:
+                return self._out(name, y)
+        return self._out(name, a - b)
+
+    def rsqrt(self, name, x):
+        in_name = self.plan.graph_inputs[name][0]
+        if self._tflite_ok(name, [in_name], x):  # TFLite's own int8 RSQRT (emulated)
+            qi, qo = self.plan.qp(in_name), self.plan.qp(name)
+            return self._out(name, self._dq(name, tflite_rsqrt_codes(self._ints(x, in_name), qi.scale[0], qo.scale[0],
+                                                                     qo.zero_point[0])))
+        return self._out(name, torch.rsqrt(x.clamp(min=1e-12)))
+
     def add_const(self, name, x, value):
         if self.mode != "quant" or not self.plan.quantized(name):
             return self._out(name, x + value)
@@ -365,6 +388,8 @@ class QuantOps(Ops):
             q = tflite_div_codes(torch.tensor(float(one)), self._ints(x, ins[0]), s_one, qx.scale[0], qo.scale[0],
                                  qo.zero_point[0])
             return self._out(name, self._dq(name, q))
+        if self.ort and self._int8_ok(name, ins, x):  # QuantizeLinear divides by the scale
+            return self._out(name, self._dq(name, onnxruntime_quantize_codes(1.0 / x.float(), self.plan.qp(name))))
         return self._out(name, 1.0 / x)
 
     def gelu(self, name, x):
@@ -421,6 +446,9 @@ class QuantOps(Ops):
 
     def from_tokens(self, name, x, hw):
         return self._out(name, super().from_tokens(name, x, hw), "from_tokens")
+
+    def retoken(self, name, x, kind):
+        return self._out(name, super().retoken(name, x, kind), "retoken")
 
     def mean_axis(self, name, x, axis):
         y = self._xnnpack_mean(name, x, (axis,), True)

@@ -26,13 +26,15 @@ from care_q.graph.trace import Graph
 from care_q.quant.qtypes import DType, Method, QParams, qparams_from_range
 from care_q.quant.recipe import Recipe
 
-SHARED_OPS = ("split", "cat", "to_heads", "from_heads", "to_tokens", "from_tokens")
+SHARED_OPS = ("split", "cat", "to_heads", "from_heads", "to_tokens", "from_tokens", "retoken")
 # ops whose int8 output parameters TFLite fixes: LOGISTIC (1/256, -128), L2_NORMALIZATION (1/128, 0)
 FIXED_INT8_OUTPUT = {"sigmoid": QParams((1 / 256,), (-128,), DType.INT8),
                      "l2_norm": QParams((1 / 128,), (0,), DType.INT8)}
 FLOAT_ROLES = (Role.HEAD,)
 ADD_MIN_SCALE_RATIO = 2.0 ** -10 * 1.001  # XNNPACK's lower input/output scale ratio for int8 ADD, with margin
-INT8_HEAD_OPS = ("layer_norm", "linear")  # with recipe head.dtype int8: LN output and logits int8
+# with recipe head.dtype int8: LN output and logits int8, and every op of the NPU head
+# (care_q.transforms.substitute.npu_head: SiLU, LayerNorm as MEAN/SUB/MUL/RSQRT or L2_NORMALIZATION)
+INT8_HEAD_OPS = ("layer_norm", "linear", "silu", "mean_axis", "sub", "mul", "rsqrt", "l2_norm")
 
 
 @dataclass
@@ -224,8 +226,8 @@ def build_plan(graph: Graph, recipe: Recipe) -> QuantPlan:
             spec.dtype = DType.INT8
             if op == "linear":  # the logits: clipping the largest would change the top-1 class
                 spec.method = Method.MINMAX
-            spec.why.append(f"head: int8 {'logits (minmax)' if op == 'linear' else 'input of the classifier'} "
-                            f"(recipe head.dtype: int8: a static int8 FULLY_CONNECTED)")
+            what = {"linear": "logits (minmax)", "layer_norm": "input of the classifier"}.get(op, f"NPU head {op}")
+            spec.why.append(f"head: int8 {what} (recipe head.dtype: int8: a static int8 FULLY_CONNECTED)")
         elif role in FLOAT_ROLES:
             spec.dtype = DType.FLOAT
             spec.why.append("head after the global pool: float on every target")

@@ -74,6 +74,38 @@ class QATSettings:
     scale_lr: float | None = None
 
 
+RECON_LEARNABLES = ("rounding", "act_scales")
+
+
+@dataclass(frozen=True)
+class ReconSettings:
+    """A PTQ recipe's ``reconstruction:`` section (care_q.quant.reconstruction): per unit (the stem,
+    each downsample, each CARE block, the head) ``iterations`` Adam steps on batches of
+    ``batch_size`` calibration images, minimising the unit's fake-quant vs FP32 output error.
+
+    ``learn``: ``rounding`` (AdaRound: each weight rounds up or down, soft during the steps, with a
+    regulariser of weight ``round_weight`` whose exponent anneals from ``beta_start`` to
+    ``beta_end`` after the first ``warmup`` fraction of the steps, hard at the end) and/or
+    ``act_scales`` (LSQ step sizes of the unit's activations). ``drop_prob``: QDrop, each
+    activation element keeps its float value with this probability during the steps.
+    ``images``: at most this many calibration images (default: all)."""
+
+    iterations: int = 300
+    batch_size: int = 32
+    lr_rounding: float = 1e-2
+    lr_scales: float = 1e-3
+    learn: tuple[str, ...] = RECON_LEARNABLES
+    drop_prob: float = 0.5
+    round_weight: float = 0.01
+    warmup: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    images: int | None = None
+
+    def to_json(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -90,6 +122,8 @@ class Recipe:
     batch_size: int = 32
     gelu: str = "exact"
     attention: str = "exact"  # npu: care_q.transforms.substitute.npu_attention (ops every NPU maps)
+    head_form: str = "exact"  # npu: care_q.transforms.substitute.npu_head (int8 SiLU + LayerNorm from NPU ops)
+    npu_normaliser: str = "l2"  # the NPU graph's normalisers: l2 (L2_NORMALIZATION) or rsqrt (MUL, MEAN, RSQRT, MUL)
     cross_layer_equalization: bool = False
     bias_correction: bool = False
     # the attention output as num * (1 / den) instead of num / den (care_q.transforms.deploy.reciprocal_normaliser)
@@ -101,6 +135,7 @@ class Recipe:
     # builtin: depthwise convs of more than 25 taps (CARE's 7x7) run in TFLite's own int8 kernel, not
     # XNNPACK's (a runtime-made bias keeps XNNPACK off them); see care_q.quant.layout_policy.tflite_builtin_dwconv
     tflite_large_dwconv: str = "xnnpack"
+    reconstruction: ReconSettings | None = None  # PTQ only: see ReconSettings
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "source": self.source, "targets": list(self.targets),
@@ -108,7 +143,8 @@ class Recipe:
                                           "granularity": self.weight_granularity, "bits": self.weight_bits},
                 "activations": {"dtype": self.act_dtype.value, "method": self.method.value,
                                 "percentile": self.percentile},
-                "substitutions": {"gelu": self.gelu} | ({"attention": self.attention} if self.attention != "exact" else {}),
+                "substitutions": {"gelu": self.gelu} | ({"attention": self.attention} if self.attention != "exact" else {})
+                | ({"head": self.head_form} if self.head_form != "exact" else {}),
                 "transforms": {"cross_layer_equalization": self.cross_layer_equalization,
                                "bias_correction": self.bias_correction}
                 | ({"reciprocal_normaliser": True} if self.reciprocal_normaliser else {}),
@@ -123,8 +159,12 @@ class Recipe:
             extra["qat"] = dict(self.qat.__dict__)
         if self.head != "float":
             extra["head"] = {"dtype": self.head}
+        if "npu" in (self.attention, self.head_form):
+            extra["npu"] = {"normaliser": self.npu_normaliser}
         if self.tflite_large_dwconv != "xnnpack":
             extra["tflite"] = {"large_dwconv": self.tflite_large_dwconv}
+        if self.reconstruction is not None:
+            extra["reconstruction"] = self.reconstruction.to_json()
         return extra
 
 
@@ -138,7 +178,8 @@ SCHEMA = {
     "calibration": {"batch_size": int},
     "transforms": {"deploy": bool, "cross_layer_equalization": bool, "bias_correction": bool,
                    "reciprocal_normaliser": bool},
-    "substitutions": {"gelu": ("exact", "sigmoid"), "attention": ("exact", "npu")},
+    "substitutions": {"gelu": ("exact", "sigmoid"), "attention": ("exact", "npu"), "head": ("exact", "npu")},
+    "npu": {"normaliser": ("l2", "rsqrt")},
     "head": {"dtype": ("float", "int8")},
     "tflite": {"large_dwconv": ("xnnpack", "builtin")},
     "rules": "rules",
@@ -146,6 +187,9 @@ SCHEMA = {
             "distill_weight": float, "temperature": float, "learn_scales": bool, "freeze_bn": bool,
             "ce_weight": float, "schedule": ("cosine", "constant"), "warmup_steps": int, "checkpoint_every": int,
             "scale_lr": float},
+    "reconstruction": {"iterations": int, "batch_size": int, "lr_rounding": float, "lr_scales": float,
+                       "learn": [RECON_LEARNABLES], "drop_prob": float, "round_weight": float, "warmup": float,
+                       "beta_start": float, "beta_end": float, "images": int},
 }
 RULE_SCHEMA = {"roles": [tuple(r.value for r in Role)], "ops": [str], "tensors": str,
                "dtype": ("int8", "int16", "float"), "method": tuple(m.value for m in Method),
@@ -251,13 +295,15 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         qat = QATSettings(**{k: v for k, v in data["qat"].items() if not k.startswith("__")})
     elif kind == "qat":
         qat = QATSettings()
+    recon = _reconstruction(data, kind, source)
     # 7 bits: weights in [-63, 63], onnxruntime's fast exact u8s8 path on x86 CPUs without VNNI
     weight_bits = 4 if w.get("dtype") == "int4" else w.get("bits", 8)
     int4 = [r for r in rules if r.weight_bits == 4]
-    if kind != "qat" and (weight_bits == 4 or int4):
+    if kind != "qat" and recon is None and (weight_bits == 4 or int4):
         line = w["__lines__"]["dtype"] if weight_bits == 4 else int4[0].line
-        raise CareQError(f"{source}:{line}: int4 weights are simulated in fake quantization and need training: "
-                         f"they are allowed in QAT recipes only (kind: qat)")
+        raise CareQError(f"{source}:{line}: int4 weights are simulated in fake quantization and need training "
+                         f"or reconstruction: they are allowed in QAT recipes only (kind: qat), or in a PTQ "
+                         f"recipe with a 'reconstruction' section")
     tr = data.get("transforms", {})
     if tr.get("deploy") is False:
         raise CareQError(f"{source}:{tr['__lines__']['deploy']}: transforms.deploy: false is not supported: "
@@ -276,6 +322,7 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         raise CareQError(f"{source}:{tr['__lines__']['reciprocal_normaliser']}: transforms.reciprocal_normaliser "
                          f"rewrites the exact attention's division; the NPU attention (substitutions.attention: npu) "
                          f"has none (its normaliser is an L2 normalisation)")
+    _check_npu(data, source)
     pct = float(a.get("percentile", 99.99))
     if not 50 < pct <= 100:
         raise CareQError(f"{source}: activations.percentile must be in (50, 100], got {pct}")
@@ -287,11 +334,54 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         percentile=pct, batch_size=data.get("calibration", {}).get("batch_size", 32),
         gelu=data.get("substitutions", {}).get("gelu", "exact"),
         attention=data.get("substitutions", {}).get("attention", "exact"),
+        head_form=data.get("substitutions", {}).get("head", "exact"),
+        npu_normaliser=data.get("npu", {}).get("normaliser", "l2"),
         cross_layer_equalization=tr.get("cross_layer_equalization", False),
         bias_correction=tr.get("bias_correction", False),
         reciprocal_normaliser=tr.get("reciprocal_normaliser", False),
         rules=tuple(rules), qat=qat, source=source, head=data.get("head", {}).get("dtype", "float"),
-        tflite_large_dwconv=large_dw)
+        tflite_large_dwconv=large_dw, reconstruction=recon)
+
+
+def _check_npu(data: dict, source: str) -> None:
+    """The NPU head is int8 (``head.dtype: int8``); ``npu:`` applies to the NPU substitutions only."""
+    sub = data.get("substitutions", {})
+    if sub.get("head") == "npu" and data.get("head", {}).get("dtype") != "int8":
+        raise CareQError(f"{source}:{sub['__lines__']['head']}: substitutions.head: npu is the int8 NPU head; it "
+                         f"needs head.dtype: int8")
+    if "npu" in data and "npu" not in (sub.get("attention"), sub.get("head")):
+        raise CareQError(f"{source}:{data['__lines__']['npu']}: the 'npu' section sets the NPU graph's normalisers; "
+                         f"it needs substitutions.attention: npu or substitutions.head: npu")
+
+
+def _reconstruction(data: dict, kind: str, source: str) -> ReconSettings | None:
+    """The validated ``reconstruction:`` section (None without one)."""
+    if "reconstruction" not in data:
+        return None
+    sec = data["reconstruction"]
+    lines = sec.get("__lines__", {})
+
+    def at(key: str) -> str:
+        return f"{source}:{lines.get(key, data['__lines__']['reconstruction'])}"
+
+    if kind != "ptq":
+        raise CareQError(f"{at('')}: a 'reconstruction' section is post-training (kind: ptq); a QAT recipe "
+                         f"trains the weights and scales instead")
+    vals = {k: v for k, v in sec.items() if not k.startswith("__")}
+    if "learn" in vals:
+        vals["learn"] = _listify(vals["learn"])
+    for key in ("iterations", "batch_size", "images"):
+        if key in vals and vals[key] <= 0:
+            raise CareQError(f"{at(key)}: reconstruction.{key} must be positive, got {vals[key]}")
+    for key in ("lr_rounding", "lr_scales", "beta_start", "beta_end"):
+        if key in vals and not vals[key] > 0:
+            raise CareQError(f"{at(key)}: reconstruction.{key} must be positive, got {vals[key]}")
+    for key, lo, hi in (("drop_prob", 0.0, 1.0), ("warmup", 0.0, 1.0)):
+        if key in vals and not lo <= vals[key] < hi:
+            raise CareQError(f"{at(key)}: reconstruction.{key} must be in [{lo:g}, {hi:g}), got {vals[key]}")
+    if "round_weight" in vals and vals["round_weight"] < 0:
+        raise CareQError(f"{at('round_weight')}: reconstruction.round_weight must be >= 0, got {vals['round_weight']}")
+    return ReconSettings(**vals)
 
 
 def list_recipes() -> list[Traversable]:

@@ -10,9 +10,20 @@
   whose reductions run over the two 'spatial' axes (Edge TPU: at most 3 dims > 1, MEAN over x/y
   only). MEAN instead of SUM: the 1/N and 1/D factors cancel in the normalised output.
 - normaliser: out = num / den is invariant to the scale of phi(q) and only the per-token norm
-  of out depends on den, so the division becomes an L2 normalisation of num per head
-  (L2_NORMALIZATION, on both lists) times a learned per-channel scale initialised to the
-  median calibration norm. Not exact: measured -0.8 pt in FP32 before fine-tuning.
+  of out depends on den, so the division becomes a normalisation of num per head times a
+  learned per-channel scale initialised to the median calibration norm. Not exact: measured
+  -0.8 pt in FP32 before fine-tuning. Two forms of the same FP32 function (recipe
+  ``npu.normaliser``, `NPUAttention`):
+  ``l2``: L2_NORMALIZATION (Edge TPU, NNAPI from FL3; not an Ethos-U op);
+  ``rsqrt``: num * RSQRT(MEAN(num * num)) over the head's channels, laid out on a 'spatial' axis
+  (a RESHAPE to (1, N, D, 1)) so the MEAN is one the Edge TPU maps (Ethos-U, Edge TPU; NNAPI
+  takes int8 RSQRT from FL7 only). The scale then starts at the median norm / sqrt(D).
+
+`npu_head`: the classifier head from int8 NPU ops (`NPUHeadCARE`): GELU as SiLU with its 1.702
+folded into the last depthwise conv (the global pool is linear; the LayerNorm after the GELU is
+invariant to the remaining 1/1.702 up to its eps), the LayerNorm as MEAN, SUB and the
+normaliser form above over the channels of the pooled vector (eps dropped; with ``l2`` the
+sqrt(C) it lacks is folded into the classifier's weights).
 
 `gelu_to_silu`: GELU(x) ~= x * sigmoid(1.702 x). With u = 1.702 x this is silu(u) / 1.702,
 so the 1.702 folds into the preceding 1x1 conv and the 1/1.702 into the following depthwise
@@ -28,8 +39,10 @@ import math
 import torch
 import torch.nn as nn
 
-from care_q.graph.ops import FloatOps
-from care_q.transforms.deploy import DeployCARE, reciprocal_normaliser
+from care_q.errors import CareQError
+from care_q.graph.ops import FloatOps, Ops
+from care_q.graph.roles import Role
+from care_q.transforms.deploy import DeployAttention, DeployCARE, reciprocal_normaliser
 
 GELU_SIGMOID_SLOPE = 1.702
 # exp(m) ~= sigmoid(a m + b) / sigmoid(b) for m <= 0, with a = 1 / (1 - sigmoid(b)) (value and
@@ -65,12 +78,102 @@ class _OutNorms(FloatOps):
         return out
 
 
+NORMALISERS = ("l2", "rsqrt")
+
+
+def _normalise(ops: Ops, form: str, n: str, x: torch.Tensor, role_sq: Role, role_inv: Role, role_out: Role,
+               axis: int) -> torch.Tensor:
+    """x / ||x|| over ``axis`` (``l2``: L2_NORMALIZATION over the last dim) or x / rms(x) (``rsqrt``:
+    MUL, MEAN over ``axis``, RSQRT, broadcast MUL)."""
+    if form == "l2":
+        return ops.tag(role_out, ops.l2_norm(n, x))
+    sq = ops.tag(role_sq, ops.mul(f"{n}.sq", x, x))
+    ms = ops.tag(role_sq, ops.mean_axis(f"{n}.ms", sq, axis))
+    r = ops.tag(role_inv, ops.rsqrt(f"{n}.rsqrt", ms))
+    return ops.tag(role_out, ops.mul(n, x, r))
+
+
+class NPUAttention(DeployAttention):
+    """The NPU attention (`DeployAttention.forward_npu`) with the normaliser form ``npu_normaliser``."""
+
+    npu_normaliser = "l2"
+
+    def forward_npu(self, att: torch.Tensor, ops: Ops, n: str) -> torch.Tensor:
+        hw = (att.shape[2], att.shape[3])
+        qk = ops.tag(Role.ATTN_QK, ops.conv(f"{n}.qk", att, self.qk))
+        aff = ops.tag(Role.ATTN_ELU, ops.conv(f"{n}.phi_aff", qk, self.phi_aff))
+        e = ops.tag(Role.ATTN_ELU, ops.mul_const(f"{n}.phi_exp", ops.tag(Role.ATTN_ELU, ops.sigmoid(f"{n}.phi_sig", aff)),
+                                                 self.phi_exp_scale))
+        phi = ops.tag(Role.ATTN_PHI, ops.add(f"{n}.phi", ops.tag(Role.ATTN_ELU, ops.relu(f"{n}.phi_relu", qk)), e))
+        d = self.mem_dim // self.num_heads
+        qk_heads = ops.split(f"{n}.phi_split", phi, [d] * (2 * self.num_heads))  # q heads, then k heads
+        vs = ops.split(f"{n}.v", att, [d] * self.num_heads) if self.num_heads > 1 else (att,)
+        outs = []
+        for i in range(self.num_heads):
+            h = f"{n}.h{i}"
+            q = ops.to_tokens(f"{h}.q", qk_heads[i], "col")                 # (B, N, D, 1)
+            k = ops.to_tokens(f"{h}.k", qk_heads[self.num_heads + i], "col")
+            v = ops.to_tokens(f"{h}.v", vs[i], "row")                       # (B, N, 1, D)
+            kv = ops.tag(Role.ATTN_KV, ops.mul(f"{h}.kv_prod", k, v))
+            kv = ops.tag(Role.ATTN_KV, ops.mean_axis(f"{h}.kv", kv, 1))        # (B, 1, D, D)
+            num = ops.tag(Role.ATTN_NUM, ops.mul(f"{h}.num_prod", q, kv))
+            num = ops.tag(Role.ATTN_NUM, ops.mean_axis(f"{h}.num", num, 2))    # (B, N, 1, D)
+            if self.npu_normaliser == "l2":
+                out = ops.tag(Role.ATTN_OUT, ops.l2_norm(f"{h}.l2", num))
+            else:  # channels on axis 2, (B, N, D, 1): the MEAN over them is an 'x/y' reduction
+                col = ops.tag(Role.ATTN_NUM, ops.retoken(f"{h}.num_col", num, "col"))
+                out = _normalise(ops, "rsqrt", f"{h}.norm", col, Role.ATTN_DEN, Role.ATTN_DEN_INV, Role.ATTN_OUT, 2)
+                out = ops.tag(Role.ATTN_OUT, ops.retoken(f"{h}.norm_row", out, "row"))
+            outs.append(ops.tag(Role.ATTN_OUT, ops.from_tokens(f"{h}.out", out, hw)))
+        heads = ops.tag(Role.ATTN_OUT, ops.cat(f"{n}.heads", outs)) if len(outs) > 1 else outs[0]
+        return ops.tag(Role.ATTN_OUT, ops.mul_const(f"{n}.out", heads, self.out_scale))
+
+
+class NPUHeadCARE(DeployCARE):
+    """`DeployCARE` whose head after the global pool is SiLU and a LayerNorm from NPU ops (`npu_head`)."""
+
+    npu_normaliser = "l2"
+
+    def forward(self, x: torch.Tensor, ops: Ops | None = None) -> torch.Tensor:
+        ops = ops or FloatOps()
+        x = self.forward_features(x, ops)
+        x = ops.tag(Role.POOL, ops.global_pool("head.pool", x))
+        x = ops.tag(Role.HEAD, ops.silu("head.act", x))  # the 1.702 is in the last conv (npu_head)
+        mu = ops.tag(Role.HEAD, ops.mean_axis("head.norm.mean", x, 1))
+        x = ops.tag(Role.HEAD, ops.sub("head.norm.centred", x, mu))
+        x = _normalise(ops, self.npu_normaliser, "head.norm", x, Role.HEAD, Role.HEAD, Role.HEAD, 1)
+        return ops.output("logits", ops.tag(Role.HEAD, ops.linear("head.fc", x, self.fc)))
+
+
 @torch.no_grad()
-def npu_attention(model: DeployCARE, calib: torch.Tensor | None = None) -> DeployCARE:
+def npu_head(model: DeployCARE, normaliser: str = "l2") -> DeployCARE:
+    """A copy of ``model`` with the NPU head (module docstring), an `NPUHeadCARE`."""
+    if normaliser not in NORMALISERS:
+        raise CareQError(f"NPU normaliser '{normaliser}': expected one of {', '.join(NORMALISERS)}")
+    if isinstance(model, NPUHeadCARE):
+        return model
+    if not model.blocks[-1].last:
+        raise CareQError("the NPU head folds GELU's 1.702 into the last block's last conv, which this model lacks")
+    model = copy.deepcopy(model)
+    conv = model.blocks[-1].inter2_conv
+    conv.weight.mul_(GELU_SIGMOID_SLOPE)  # pool(a h) = a pool(h): the SiLU's input is 1.702 x
+    if conv.bias is not None:
+        conv.bias.mul_(GELU_SIGMOID_SLOPE)
+    if normaliser == "l2":  # d / ||d|| = LayerNorm(d) / sqrt(C)
+        model.fc.weight.mul_(math.sqrt(model.fc.in_features))
+    model.__class__ = NPUHeadCARE
+    model.npu_normaliser = normaliser
+    return model
+
+
+@torch.no_grad()
+def npu_attention(model: DeployCARE, calib: torch.Tensor | None = None, normaliser: str = "l2") -> DeployCARE:
     """A copy of ``model`` whose linear attention uses only NPU-mapped ops (module docstring).
 
     ``calib``: a few input images; each head's output scale starts at the median norm of the
-    exact attention output on them (else 1)."""
+    exact attention output on them (else 1), divided by sqrt(D) for the ``rsqrt`` normaliser."""
+    if normaliser not in NORMALISERS:
+        raise CareQError(f"NPU normaliser '{normaliser}': expected one of {', '.join(NORMALISERS)}")
     rec = _OutNorms()
     if calib is not None:
         model(calib, rec)
@@ -92,8 +195,12 @@ def npu_attention(model: DeployCARE, calib: torch.Tensor | None = None) -> Deplo
         g = torch.ones(att.num_heads)
         if norms:
             g = torch.cat(norms, dim=1).median(dim=1).values.clamp(min=1e-3)
+        if normaliser == "rsqrt":  # num / rms(num) = sqrt(D) num / ||num||
+            g = g / math.sqrt(d)
         att.out_scale = nn.Parameter(g.repeat_interleave(d).float())
         att.mode = "npu"
+        att.__class__ = NPUAttention
+        att.npu_normaliser = normaliser
     return model
 
 
@@ -108,8 +215,16 @@ def apply_substitutions(model: DeployCARE, recipe, calib: torch.Tensor | None = 
         model = gelu_to_silu(model)
         notes.append("GELU substituted by x*sigmoid(1.702x) (SiLU with folded scales): approximate; "
                      "fine-tune (QAT) to recover the difference")
+    form = getattr(recipe, "npu_normaliser", "l2")
     if recipe.attention == "npu":
-        model = npu_attention(model, calib)
+        model = npu_attention(model, calib, form)
         notes.append("linear attention in its NPU form (positive kernel relu(x) + sigmoid(a x + b) / sigmoid(b), "
-                     "products as MUL + MEAN, normaliser as L2 normalisation): approximate; fine-tune (QAT)")
+                     f"products as MUL + MEAN, normaliser as {_FORMS[form]}): approximate; fine-tune (QAT)")
+    if getattr(recipe, "head_form", "exact") == "npu":
+        model = npu_head(model, form)
+        notes.append(f"head in its int8 NPU form (GELU as SiLU, 1.702 folded into the last conv; LayerNorm as MEAN, "
+                     f"SUB, {_FORMS[form]}, eps dropped): approximate")
     return model, notes
+
+
+_FORMS = {"l2": "L2_NORMALIZATION", "rsqrt": "MUL, MEAN, RSQRT, MUL"}

@@ -43,16 +43,12 @@ def multiply_by_quantized_multiplier(x: torch.Tensor, m, shift) -> torch.Tensor:
     return rounding_divide_by_pot(srdhm(wrap32(x << shift.clamp(min=0)), m), (-shift).clamp(min=0))
 
 
-def tflite_l2norm_codes(x: torch.Tensor) -> torch.Tensor:
-    """TFLite's int8 L2_NORMALIZATION over the last dim (reference_integer_ops::L2Normalization in
-    tflite/kernels/internal/reference/integer_ops/l2normalization.h; XNNPACK does not take the op)
-    on codes minus the input zero point: acc = sum x^2 (int32), 1/sqrt(acc) as a fixed-point
-    multiplier and shift (GetInvSqrtQuantizedMultiplierExp in tflite/kernels/internal/common.h:
-    5 Newton-Raphson steps in gemmlowp Q3.28), then
-    ``MultiplyByQuantizedMultiplier(x, mult, shift + 7)`` (double rounding, the default build),
-    clamped to [-128, 127]. The output is at scale 1/128, zero point 0; the input scale is unused."""
-    x = x.long()
-    acc = (x * x).sum(-1, keepdim=True)
+def inv_sqrt_multiplier_exp(acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TFLite's GetInvSqrtQuantizedMultiplierExp(acc, kReverseShift) (tflite/kernels/internal/common.h):
+    1/sqrt(acc) of int32 ``acc`` >= 0 as a Q0.31 multiplier and the shift to pass to
+    MultiplyByQuantizedMultiplier (5 Newton-Raphson steps in gemmlowp Q3.28; acc <= 1 gives
+    INT32_MAX and 0)."""
+    acc = acc.long()
     small = acc <= 1  # the kernel's special case: multiplier INT32_MAX, shift 0
     v = torch.where(small, 4, acc)
     shift = torch.full_like(v, 11)
@@ -73,8 +69,20 @@ def tflite_l2norm_codes(x: torch.Tensor) -> torch.Tensor:
     r = torch.where(neg, wrap32(r << torch.where(neg, -shift, 0)), r)
     shift = torch.where(neg, 0, shift)
     r = torch.where(small, I32_MAX, r)
-    s = torch.where(small, 0, -shift) + 7  # kReverseShift, then the output's 7 fractional bits
-    return torch.clamp(multiply_by_quantized_multiplier(x, r, s), -128, 127).double()
+    return r, torch.where(small, 0, -shift)  # kReverseShift
+
+
+def tflite_l2norm_codes(x: torch.Tensor) -> torch.Tensor:
+    """TFLite's int8 L2_NORMALIZATION over the last dim (reference_integer_ops::L2Normalization in
+    tflite/kernels/internal/reference/integer_ops/l2normalization.h; XNNPACK does not take the op)
+    on codes minus the input zero point: acc = sum x^2 (int32), 1/sqrt(acc) as a fixed-point
+    multiplier and shift (GetInvSqrtQuantizedMultiplierExp in tflite/kernels/internal/common.h:
+    5 Newton-Raphson steps in gemmlowp Q3.28), then
+    ``MultiplyByQuantizedMultiplier(x, mult, shift + 7)`` (double rounding, the default build),
+    clamped to [-128, 127]. The output is at scale 1/128, zero point 0; the input scale is unused."""
+    x = x.long()
+    r, s = inv_sqrt_multiplier_exp((x * x).sum(-1, keepdim=True))
+    return torch.clamp(multiply_by_quantized_multiplier(x, r, s + 7), -128, 127).double()
 
 
 def tflite_div_codes(a: torch.Tensor, b: torch.Tensor, s_a: float, s_b: float, s_out: float,
@@ -133,3 +141,19 @@ def tflite_conv_requant_codes(acc: torch.Tensor, s_in: float, s_w, s_out: float)
     v = srdhm(wrap32(acc.long() << shift.clamp(min=0)), m)
     right = (-shift).clamp(min=0)
     return (v + torch.where(right > 0, 1 << (right - 1).clamp(min=0), 0)) >> right
+
+
+def tflite_rsqrt_codes(x: torch.Tensor, s_in: float, s_out: float, z_out: int) -> torch.Tensor:
+    """TFLite's int8 RSQRT (XNNPACK does not take it; the quantized Rsqrt of
+    tflite/kernels/elementwise.cc) on codes minus the input zero point (x >= 0: the kernel fails on
+    negative inputs): x = 0 gives 127; else 1/sqrt(x) as GetInvSqrtQuantizedMultiplierExp's
+    multiplier and shift, ``data = MultiplyByQuantizedMultiplier(1, m, shift + 20)``, then
+    ``MultiplyByQuantizedMultiplier(data, QuantizeMultiplier(1 / (sqrt(s_in) * s_out)), shift - 20)``
+    + z_out, clamped to [-128, 127]. Returns codes minus z_out."""
+    x = x.long().clamp(min=0)
+    r, s = inv_sqrt_multiplier_exp(x)
+    data = multiply_by_quantized_multiplier(torch.ones_like(x), r, s + 20)
+    m, shift = tflite_quantize_multiplier(1.0 / (float(np.sqrt(np.float64(_F32(s_in)))) * float(_F32(s_out))))
+    y = multiply_by_quantized_multiplier(data, m, shift - 20) + z_out
+    y = torch.where(x == 0, 127, y)
+    return torch.clamp(y, -128, 127).double() - z_out

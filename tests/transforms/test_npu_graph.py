@@ -1,0 +1,264 @@
+"""The NPU graph family (issue 20): recipe npu_int8_ptq (and its ``npu.normaliser: rsqrt`` variant),
+care_test at 32x32, calibrated on 16 images.
+
+- ``npu.normaliser: rsqrt``: compiled live by Vela for ethos-u55-128 and ethos-u85-256 with no CPU op
+  (one NPU segment from the int8 input to the int8 logits); the rule census puts every MAC on the
+  Edge TPU and NNAPI FL7, and says RSQRT is why NNAPI FL6 cannot take it;
+- ``npu.normaliser: l2``: every MAC on NNAPI FL6 and the Edge TPU; on Ethos-U exactly the
+  L2_NORMALIZATION ops stay on the CPU (Vela: "Unsupported opType");
+- both files are bit-exact with their references in ai-edge-litert; the new kernels (TFLite's
+  int8 RSQRT, XNNPACK's int8 SUB) are emulated bit for bit on every code;
+- in FP32 the two normaliser forms are the same function, and the NPU head is the exact head with
+  GELU as x * sigmoid(1.702 x)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from ai_edge_litert import schema_py_generated as fb
+
+from care_q import create_model
+from care_q.census import check
+from care_q.census.tflite_reader import read_tflite
+from care_q.errors import CareQError
+from care_q.export.tflite_builder import TFLiteBuilder, options
+from care_q.graph.ops import FloatOps
+from care_q.pipeline import PrepareConfig, artifacts, prepare
+from care_q.quant import fakequant
+from care_q.quant.emulation.tflite import tflite_rsqrt_codes
+from care_q.quant.emulation.xnnpack import xnnpack_add_codes
+from care_q.quant.fakequant import QuantOps
+from care_q.quant.recipe import load_recipe
+from care_q.runtime import load_runner
+from care_q.transforms import deploy
+from care_q.transforms.substitute import gelu_to_silu, npu_attention, npu_head
+
+OP = fb.BuiltinOperator
+VELA = ("ethos-u55-128", "ethos-u85-256")
+RULES = ("edgetpu", "nnapi:6", "nnapi:7")
+
+
+def _run(op, ins, out, inputs, opt_type=0, opts=None) -> np.ndarray:
+    """Output codes of a one-op int8 model in ai-edge-litert: ``ins`` [(shape, scale, zero point)]."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    b = TFLiteBuilder()
+    idx = [b.tensor(f"in{i}", s, np.int8, sc, zp) for i, (s, sc, zp) in enumerate(ins)]
+    o = b.tensor("out", out[0], np.int8, out[1], out[2])
+    b.op(op, idx, [o], opt_type, opts, version=2)
+    b.inputs, b.outputs = idx, [o]
+    it = Interpreter(model_content=b.to_bytes(), num_threads=1)
+    it.allocate_tensors()
+    for d, x in zip(it.get_input_details(), inputs):
+        it.set_tensor(d["index"], x)
+    it.invoke()
+    return it.get_tensor(it.get_output_details()[0]["index"]).astype(np.int64)
+
+
+# ((s_in, z_in, s_out, z_out), whether rounding the float 1/sqrt misses a code)
+RSQRT_SCALES = [((0.5219969945211076, -121, 0.015428238635520607, -26), True), ((0.01, -128, 0.05, -128), False),
+                ((0.003, -128, 0.2, -100), False), ((0.1, -128, 0.01, -128), False), ((2e-4, -110, 0.4, -60), True)]
+
+
+@pytest.mark.parametrize("scales,float_misses", RSQRT_SCALES)
+def test_tflite_int8_rsqrt_emulation(scales, float_misses):
+    """Every input code at or above the zero point (the kernel fails below it)."""
+    s_in, z_in, s_out, z_out = scales
+    codes = np.arange(z_in, 128, dtype=np.int8).reshape(1, -1)
+    got = _run(OP.RSQRT, [(codes.shape, s_in, z_in)], (codes.shape, s_out, z_out), [codes])[0]
+    emu = tflite_rsqrt_codes(torch.from_numpy(codes[0].astype(np.int64) - z_in), s_in, s_out, z_out).numpy() + z_out
+    assert np.array_equal(emu, got) and got[0] == 127   # x = 0: the kernel's largest code
+    x = (codes[0].astype(np.float64)[1:] - z_in) * s_in
+    rounded = np.clip(np.rint(1.0 / np.sqrt(x) / s_out) + z_out, -128, 127)
+    assert (rounded != got[1:]).any() == float_misses  # fixed point, not float rounding
+
+
+@pytest.mark.parametrize("scales,float_misses", [((0.02, -3, 0.015, 10, 0.03, 5), True),
+                                                 ((0.1, 0, 0.01, -128, 0.05, -20), False)])
+def test_xnnpack_int8_sub_emulation(scales, float_misses):
+    """All 65,536 code pairs: XNNPACK's SUBTRACT is its ADD of the negated second input."""
+    sa, za, sb, zb, so, zo = scales
+    a = np.repeat(np.arange(-128, 128), 256).astype(np.int8).reshape(1, -1)
+    b = np.tile(np.arange(-128, 128), 256).astype(np.int8).reshape(1, -1)
+    got = _run(OP.SUB, [(a.shape, sa, za), (b.shape, sb, zb)], (a.shape, so, zo), [a, b],
+               fb.BuiltinOptions.SubOptions, options(fb.SubOptionsT))[0]
+    ia, ib = (torch.from_numpy(v[0].astype(np.float64) - z) for v, z in ((a, za), (b, zb)))
+    emu = xnnpack_add_codes(ia, -ib, sa, sb, so, -128 - zo, 127 - zo).numpy() + zo
+    assert np.array_equal(emu, got)
+    rounded = np.clip(np.rint(((ia - ib * sb / sa) * sa).numpy() / so) + zo, -128, 127)
+    assert (rounded != got).any() == float_misses  # XNNPACK's fixed point rounds half up, not to even
+
+
+# ----------------------------------------------------------------------------- FP32 semantics
+@torch.no_grad()
+def test_normaliser_forms_are_one_fp32_function():
+    """rsqrt (x / rms) with the scale / sqrt(D) and l2 (x / ||x||) with sqrt(C) in the classifier:
+    the same logits; the NPU head is the LayerNorm head with GELU as x sigmoid(1.702 x)."""
+    torch.manual_seed(0)
+    base = gelu_to_silu(deploy(create_model("care_test", num_classes=10)))
+    base.blocks[-1].inter2_conv.weight.mul_(1e4)  # features of O(1), not the random init's 1e-5 (L2's eps)
+    x, cal = torch.randn(4, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    forms = {f: npu_head(npu_attention(base, cal, f), f) for f in ("l2", "rsqrt")}
+    y_l2, y_rs = forms["l2"](x), forms["rsqrt"](x)
+    assert torch.allclose(y_l2, y_rs, rtol=1e-4, atol=1e-4 * float(y_l2.abs().max()))
+    # the head by hand: pool, GELU ~ x sigmoid(1.702 x), LayerNorm (its eps dropped), the classifier
+    att = npu_attention(base, cal, "l2")
+    feats = att.forward_features(x, FloatOps()).mean((2, 3))
+    h = feats * torch.sigmoid(1.702 * feats)
+    want = F.linear(F.layer_norm(h, h.shape[-1:], eps=0.0), att.fc.weight, att.fc.bias)
+    assert torch.allclose(y_rs, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_npu_options_bad_input(tmp_path):
+    base = deploy(create_model("care_test", num_classes=10))
+    with pytest.raises(CareQError, match="NPU normaliser 'l1'"):
+        npu_head(base, "l1")
+    src = Path(load_recipe("npu_int8_ptq").source).read_text()
+    no_int8_head = tmp_path / "a.yaml"
+    no_int8_head.write_text(src.replace("head: {dtype: int8}\n", ""))
+    with pytest.raises(CareQError, match=r"a.yaml:\d+: substitutions.head: npu is the int8 NPU head"):
+        load_recipe(no_int8_head)
+    stray = tmp_path / "b.yaml"
+    stray.write_text(src.replace("substitutions: {gelu: sigmoid, attention: npu, head: npu}", "substitutions: {gelu: sigmoid}"))
+    with pytest.raises(CareQError, match=r"b.yaml:\d+: the 'npu' section .* needs substitutions.attention: npu"):
+        load_recipe(stray)
+    bad = tmp_path / "c.yaml"
+    bad.write_text(src.replace("npu: {normaliser: l2}", "npu: {normaliser: l1}"))
+    with pytest.raises(CareQError, match="normaliser"):
+        load_recipe(bad)
+
+
+# ----------------------------------------------------------------------------- the graph at 32x32
+def _recipe(form: str, tmp: Path) -> str | Path:
+    """npu_int8_ptq (normaliser l2), or a copy with ``npu: {normaliser: rsqrt}``."""
+    if form == "l2":
+        return "npu_int8_ptq"
+    path = tmp / "npu_int8_ptq_rsqrt.yaml"
+    path.write_text(Path(load_recipe("npu_int8_ptq").source).read_text()
+                    .replace("npu: {normaliser: l2}", "npu: {normaliser: rsqrt}"))
+    return path
+
+
+@pytest.fixture(scope="module", params=["rsqrt", "l2"])
+def graph(request, tmp_path_factory, data_root, one_torch_thread):
+    """(form, prep, path, census) of npu_int8_ptq's graph with normaliser ``form`` (untrained care_test)."""
+    form, tmp = request.param, tmp_path_factory.mktemp(f"npu_{request.param}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        prep = prepare(PrepareConfig("care_test", recipe=_recipe(form, tmp), calib="cifar10_test", num_calib=16,
+                                     img_size=32, data_root=data_root, progress=False))
+    path = artifacts.emit("tflite", prep.plan, prep.recipe.io, tmp / "care_test_npu.tflite")
+    return form, prep, path, check(path, targets=",".join(VELA + RULES), runtime=False)
+
+
+def test_npu_graph_is_int8_in_to_int8_out(graph):
+    form, prep, path, report = graph
+    g = read_tflite(path)
+    names = [o.name for o in report.ops]
+    assert prep.recipe.kind == "ptq" and prep.recipe.npu_normaliser == form
+    assert {"QUANTIZE", "DEQUANTIZE", "GELU", "DIV", "ELU", "BATCH_MATMUL"}.isdisjoint(names)
+    assert all(o.dtype == "INT8" for o in report.ops)
+    assert g.tensor(g.inputs[0]).dtype == "INT8" and g.tensor(g.outputs[0]).dtype == "INT8"
+    norm = "RSQRT" if form == "rsqrt" else "L2_NORMALIZATION"
+    assert names.count(norm) == 7 and (form == "l2" or "L2_NORMALIZATION" not in names)  # 6 heads + LayerNorm
+    assert names[-3:] == ["RESHAPE", "CONV_2D", "RESHAPE"]  # the classifier: per-channel 1x1 conv
+
+
+def test_npu_graph_is_bit_exact_in_litert(graph, monkeypatch):
+    form, prep, path, _ = graph
+    calls = {}
+    for name in ("tflite_rsqrt_codes", "tflite_l2norm_codes", "xnnpack_add_codes", "xnnpack_mean_codes"):
+        fn = getattr(fakequant, name)
+        monkeypatch.setattr(fakequant, name, lambda *a, _n=name, _f=fn: calls.__setitem__(_n, calls.get(_n, 0) + 1) or _f(*a))
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = prep.dmodel(x, QuantOps(prep.plan, "quant", exact="xnnpack")).numpy()
+    got = load_runner(path, threads=1)(x.numpy())
+    assert np.array_equal(got, ref)
+    assert calls.get("tflite_rsqrt_codes", 0) == (7 if form == "rsqrt" else 0)
+    assert calls.get("tflite_l2norm_codes", 0) == (7 if form == "l2" else 0)
+    assert calls["xnnpack_add_codes"] >= 1 + 3 + 6  # the head's SUB, the kernels' ADDs, the residuals
+    assert len(set(ref.argmax(1))) > 1              # not a constant output
+
+
+def test_npu_graph_on_ethos_u_by_vela(graph):
+    form, _, _, report = graph
+    names = [o.name for o in report.ops]
+    for cfg in VELA:
+        t = report.targets[cfg]
+        assert t.source == "compiled"
+        cpu = set(range(len(names))) - t.on_accelerator
+        if form == "rsqrt":  # input to logits on the NPU: one segment
+            assert cpu == set() and t.partitions == 1 and t.mac_share == 1.0
+        else:               # exactly the L2 normalisations, each cutting the graph
+            assert cpu == {i for i, n in enumerate(names) if n == "L2_NORMALIZATION"}
+            assert all(t.verdicts[i].rule == "Unsupported opType" for i in cpu) and t.partitions == 8
+
+
+def test_npu_graph_rule_census(graph):
+    form, _, _, report = graph
+    names = [o.name for o in report.ops]
+    tpu, fl6, fl7 = (report.targets[k] for k in ("edgetpu", "nnapi:FL6", "nnapi:FL7"))
+    assert tpu.mac_share == 1.0 and len(tpu.on_accelerator) == len(names)
+    assert fl7.mac_share == 1.0 and fl7.partitions == 1
+    if form == "l2":
+        assert fl6.mac_share == 1.0 and fl6.partitions == 1
+    else:  # NNAPI has int8 RSQRT from FL7 only
+        rsqrt = [i for i, n in enumerate(names) if n == "RSQRT"]
+        assert all(not fl6.verdicts[i].mapped and "FL" in fl6.verdicts[i].rule for i in rsqrt)
+        assert fl6.mac_share < 1.0
+
+
+def test_npu_graph_macs_match_float_head_graph(graph):
+    """The head's LayerNorm ops carry no MACs the census could lose: every MAC-carrying op is a conv,
+    depthwise conv or the classifier conv, and all of them are on the Edge TPU."""
+    _, _, _, report = graph
+    tpu = report.targets["edgetpu"]
+    heavy = {o.name for o in report.ops if o.macs}
+    assert heavy <= {"CONV_2D", "DEPTHWISE_CONV_2D", "MUL", "MEAN", "FULLY_CONNECTED"}
+    assert tpu.macs_on_accelerator == tpu.macs_total == sum(o.macs for o in report.ops) > 0
+    assert math.isclose(tpu.mac_share, 1.0)
+
+
+# ----------------------------------------------------------------------------- QAT npu_int8: the same graph
+@pytest.fixture(scope="module")
+def toy_fp32(tmp_path_factory, one_torch_thread):
+    """(image folder, checkpoint): care_test trained 4 epochs in FP32 on 3 classes of coloured noise."""
+    from PIL import Image
+
+    from care_q.train import train
+
+    root = tmp_path_factory.mktemp("npu_qat")
+    rng = np.random.default_rng(0)
+    for c, rgb in {"r": (210, 50, 40), "g": (40, 200, 60), "b": (40, 60, 200)}.items():
+        (root / "toy" / c).mkdir(parents=True)
+        for i in range(16):
+            arr = np.clip(np.array(rgb)[None, None] + rng.integers(-90, 90, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / "toy" / c / f"{i:02d}.png")
+    res = train("care_test", str(root / "toy"), img_size=32, epochs=4, out=root / "fp32", batch_size=8, lr=3e-3,
+                warmup_steps=0, seed=0, progress=False, log=lambda *a: None)
+    return root, res.checkpoint
+
+
+@pytest.mark.parametrize("form", ["l2", "rsqrt"])
+def test_qat_npu_int8_trains_the_npu_graph_and_exports_it_bit_exact(toy_fp32, form):
+    from care_q.qat import qat
+
+    root, ckpt = toy_fp32
+    rec = root / f"npu_int8_{form}.yaml"
+    rec.write_text(Path(load_recipe("npu_int8").source).read_text()
+                   .replace("npu: {normaliser: l2}", f"npu: {{normaliser: {form}}}"))
+    rep = qat("care_test", ckpt, str(root / "toy"), recipe=rec, out=root / f"q_{form}", calib_images=16, seed=0,
+              progress=False, log=lambda *a: None, threads=1, batch_size=8, epochs=0.4, lr=1e-4, num_verify=32)
+    assert rep["finished"] and rep["train"]["steps"] == 2 and rep["io"] == "int8"
+    v = rep["artifacts"]["tflite"]["verification"]
+    assert v["max_abs_diff"] == 0.0 and v["top1_agreement"] == 1.0
+    names = [o.name for o in read_tflite(rep["artifacts"]["tflite"]["path"]).ops]
+    norm = "RSQRT" if form == "rsqrt" else "L2_NORMALIZATION"
+    assert names.count(norm) == 7 and "DEQUANTIZE" not in names and "GELU" not in names
