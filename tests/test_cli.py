@@ -143,3 +143,29 @@ def test_cli_latency_section(ptq_cli):
                f"{min(br):.2f}-{max(br):.2f} | {m['size_ratio']:.2f}x |" in md
         line = next(x for x in p.stdout.splitlines() if x.startswith(f"{t}: int8 "))
         assert f"{m['int8']['median_ms']:.2f} ms" in line and f"({m['ratio']:.2f}x)" in line, line
+
+
+def test_for_npu_writes_the_fully_int8_tflite(tmp_path, data_root, capsys):
+    """`care-q ptq --for npu` leads to the NPU recipe: one .tflite, int8 in and int8 out, no float op, verified."""
+    from care_q.census.tflite_reader import read_tflite
+
+    out = tmp_path / "npu"
+    rc = main(["ptq", "--model", "care_test", "--img-size", "32", "--calib", "cifar10_test", "--data-root",
+               str(data_root), "--num-calib", "16", "--num-verify", "16", "--latency-runs", "0", "--threads", "1",
+               "--for", "npu", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["name"] == "npu_int8_ptq" and sorted(report["artifacts"]) == ["tflite"]
+    v = report["artifacts"]["tflite"]["verification"]
+    assert v["top1_agreement"] == 1.0 and v["max_abs_diff"] == 0.0
+    g = read_tflite(out / "care_test_int8.tflite")
+    ops = {op.name for op in g.ops}
+    assert not ops & {"QUANTIZE", "DEQUANTIZE", "GELU", "DIV", "ELU"}, ops
+
+
+def test_for_npu_refuses_onnx_before_any_work(tmp_path, capsys):
+    rc = main(["ptq", "--model", "care_test", "--for", "npu", "--target", "tflite,onnx", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and err == ["care-q ptq: error: --for npu writes a .tflite (the NPU runtimes read TFLite); "
+                               "--target onnx has no NPU form"]
+    assert not (tmp_path / "o").exists()

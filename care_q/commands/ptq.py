@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from care_q.commands.common import add_data_root, add_model_args, add_recipe, add_threads
+from care_q.commands.common import add_data_root, add_model_args, add_threads
+from care_q.errors import CareQError
+
+# --for: which recipe serves which kind of device (a recipe given with --recipe overrides it)
+RECIPE_FOR = {"cpu": "ptq_int8", "npu": "npu_int8_ptq"}
 
 
 def add_parser(sub):
@@ -12,7 +16,10 @@ def add_parser(sub):
     p.add_argument("--calib", default="imagenet_1k_subset", help="calibration set name or ImageFolder path")
     add_data_root(p)
     p.add_argument("--num-calib", type=int, help="calibration images (default: the whole set)")
-    add_recipe(p, "ptq_int8")
+    p.add_argument("--for", dest="for_device", choices=sorted(RECIPE_FOR), default="cpu",
+                   help="the device the artifacts are for: cpu (default: recipe ptq_int8, .tflite + .onnx) or npu "
+                        "(recipe npu_int8_ptq: a fully int8 .tflite for Edge TPU / NNAPI / Ethos-U, int8 in and out)")
+    p.add_argument("--recipe", help="recipe name (care-q recipes) or YAML path (default: the --for device's)")
     p.add_argument("--target", default=None, help="comma list: tflite,onnx (default: the recipe's)")
     p.add_argument("--io", choices=["float", "int8"], help="artifact input/output type (default: recipe)")
     p.add_argument("--num-verify", type=int, default=128,
@@ -28,13 +35,21 @@ def add_parser(sub):
     return p
 
 
+def recipe_for(args) -> str:
+    """The recipe of a run: --recipe, else the --for device's; an NPU run asks for no ONNX artifact."""
+    targets = args.target.split(",") if args.target else []
+    if args.for_device == "npu" and "onnx" in targets:
+        raise CareQError("--for npu writes a .tflite (the NPU runtimes read TFLite); --target onnx has no NPU form")
+    return args.recipe or RECIPE_FOR[args.for_device]
+
+
 def run(args) -> int:
     from rich.console import Console
 
     from care_q.ptq import ptq
 
     r = ptq(args.model, weights=args.weights, calib=args.calib, data_root=args.data_root,
-            num_calib=args.num_calib, recipe=args.recipe,
+            num_calib=args.num_calib, recipe=recipe_for(args),
             targets=args.target.split(",") if args.target else None, img_size=args.img_size, io=args.io,
             out=args.out, num_verify=args.num_verify, threads=args.threads, latency_runs=args.latency_runs,
             fallback_synthetic=args.fallback_synthetic, min_agreement=args.min_agreement)
