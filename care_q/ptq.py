@@ -12,7 +12,8 @@ import sys
 import time
 import types
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from care_q.quant.recipe import load_recipe
 from care_q.runtime import load_runner
 from care_q.utils.io import atomic_write_json, atomic_write_text
 from care_q.utils.progress import stage
-from care_q.utils.timing import measure
+from care_q.utils.timing import MIN_BLOCKS, block_sizes, measure_isolated
 
 ATTENTION_ROLES = (Role.ATTN_QK, Role.ATTN_ELU, Role.ATTN_PHI, Role.ATTN_KV, Role.ATTN_KMEAN,
                    Role.ATTN_DEN, Role.ATTN_NUM, Role.ATTN_OUT)
@@ -54,15 +55,18 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
         targets: list[str] | None = None, img_size: int | None = None, io: str | None = None,
         out: str | Path = "out", num_verify: int = 128, threads: int = 2, latency_runs: int = 0,
         fallback_synthetic: bool = False, progress: bool | None = None, seed: int = 0,
-        min_agreement: float = MIN_AGREEMENT) -> dict:
+        min_agreement: float = MIN_AGREEMENT, device: str = "auto") -> dict:
     """Quantize a CARE model to int8 artifacts and write a report. Returns the report dict.
 
     The keyword form of `run_ptq(PTQConfig(...))`. Raises CareQError before any work for an
     unknown model/set/recipe or a target the recipe cannot honour; after export, when an artifact
     agrees with the fake-quant reference on fewer than ``min_agreement`` of the verification images.
+    A recipe with a ``reconstruction`` section reconstructs on ``device`` (auto: CUDA when present)
+    and checkpoints what it learnt in ``<out>/reconstruction.pt`` (a killed run resumes there).
     """
     prep = PrepareConfig(model, weights=weights, recipe=recipe, calib=calib, num_calib=num_calib, img_size=img_size,
-                         data_root=data_root, seed=seed, fallback_synthetic=fallback_synthetic, progress=progress)
+                         data_root=data_root, seed=seed, fallback_synthetic=fallback_synthetic, progress=progress,
+                         device=device)
     return run_ptq(PTQConfig(prep, targets=tuple(targets) if targets else None, io=io, out=Path(out),
                              num_verify=num_verify, threads=threads, latency_runs=latency_runs,
                              min_agreement=min_agreement))
@@ -71,8 +75,12 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
 def run_ptq(cfg: PTQConfig) -> dict:
     """`ptq` with a typed configuration (see `ptq`)."""
     t_start = time.time()
-    targets, io = resolve_targets(load_recipe(cfg.prepare.recipe), cfg.targets, cfg.io)
-    prep = prepare(cfg.prepare)
+    rec = load_recipe(cfg.prepare.recipe)
+    targets, io = resolve_targets(rec, cfg.targets, cfg.io)
+    prep_cfg = cfg.prepare
+    if rec.reconstruction is not None and prep_cfg.checkpoint is None:
+        prep_cfg = replace(prep_cfg, checkpoint=Path(cfg.out) / "reconstruction.pt")
+    prep = prepare(prep_cfg)
     model, progress = cfg.prepare.model, cfg.prepare.progress
     xv = held_out_images(prep, cfg.num_verify)
     compared = recipe_vs_minmax(prep.dmodel, prep.plan, xv[:FAKE_QUANT_IMAGES])
@@ -107,6 +115,7 @@ def _report(cfg: PTQConfig, prep: Prepared, io: str, targets, xv, artifacts: dic
         "img_size": prep.img_size, "recipe": prep.recipe.to_json(), "io": io, "targets": list(targets),
         "calibration": {"set": prep.calib, "images": prep.calib_images, "seconds": prep.calib_seconds},
         "cross_layer_equalization": prep.equalization, "bias_correction": prep.bias_correction,
+        "reconstruction": prep.reconstruction,
         "verification_images": int(xv.shape[0]),
         "artifacts": artifacts, "fp32_param_bytes": sum(p.numel() * 4 for p in prep.net.parameters()),
         "logit_sqnr_db_fake_quant": {k: compared["logit_sqnr_db"][k] for k in ("recipe", "minmax")},
@@ -122,19 +131,27 @@ def _report(cfg: PTQConfig, prep: Prepared, io: str, targets, xv, artifacts: dic
 
 def _latency(net, out: Path, name: str, size: int, artifacts: dict, threads: int, runs: int,
              progress: bool | None = None) -> dict:
-    """int8 vs FP32 latency per runtime (FP32 files next to the int8 ones; see fp32_baselines)."""
+    """int8 vs FP32 latency per runtime (FP32 files next to the int8 ones; see fp32_baselines), each
+    pair in processes of its own, ``runs`` rounds in blocks (`care_q.utils.timing.measure_isolated`):
+    ``ratio`` is the median of the blocks' int8 / FP32 median ratios, ``ratio_spread`` their range."""
     with stage(f"FP32 {' + '.join(artifacts)} for the latency comparison", progress):
         fp32 = fp32_baselines(net, out, name, size, list(artifacts))
-    res = {}
     x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    per_block = block_sizes(runs, MIN_BLOCKS)
+    jobs = {t: ({"fp32": partial(load_runner, fp32[t], threads=threads),
+                 "int8": partial(load_runner, a["path"], threads=threads)}, "fp32") for t, a in artifacts.items()}
+    with stage(f"{' + '.join(artifacts)}: timing int8 vs FP32, {MIN_BLOCKS} blocks of {per_block} rounds, "
+               f"a process each", progress):
+        measured = measure_isolated(jobs, x, blocks=MIN_BLOCKS, runs=per_block)
+    res = {}
     for t, a in artifacts.items():
-        fp = fp32[t]
-        with stage(f"{t}: timing int8 vs FP32, {runs} runs each", progress):
-            m = measure({"fp32": load_runner(fp, threads=threads), "int8": load_runner(a["path"], threads=threads)},
-                        x, runs=runs)
-        res[t] = {**m, "ratio": m["int8"]["median_ms"] / m["fp32"]["median_ms"],
-                  "fp32_size_bytes": fp.stat().st_size,
-                  "size_ratio": Path(a["path"]).stat().st_size / fp.stat().st_size}
+        m, fp = measured[t], fp32[t]
+        if m["error"] or m["load_failures"]:
+            raise CareQError(f"{t} latency: {m['error'] or '; '.join(f'{k}: {v}' for k, v in m['load_failures'].items())}")
+        r = m["results"]
+        res[t] = {"fp32": r["fp32"], "int8": r["int8"], "ratio": r["int8"]["ratio"],
+                  "ratio_spread": r["int8"]["ratio_spread"], "block_ratios": r["int8"]["block_ratios"],
+                  "fp32_size_bytes": fp.stat().st_size, "size_ratio": Path(a["path"]).stat().st_size / fp.stat().st_size}
     return res
 
 
@@ -143,6 +160,8 @@ def stage_seconds(r: dict) -> dict[str, float]:
     st = {"calibration": r["calibration"]["seconds"]}
     if r.get("bias_correction"):
         st["bias correction"] = r["bias_correction"]["seconds"]
+    if r.get("reconstruction"):
+        st["reconstruction"] = r["reconstruction"]["seconds"]
     st.update({f"{t} export + verification": a["seconds"] for t, a in r["artifacts"].items() if "seconds" in a})
     if "latency_seconds" in r:
         st["latency (FP32 exports unless reused, then the runs)"] = r["latency_seconds"]
@@ -187,15 +206,20 @@ def render_markdown(r: dict, plan) -> str:
                  f"{100 * v['top1_agreement']:.1f}% ({v['images']} images) | {v['logit_sqnr_db']:.1f} | "
                  f"{v['max_abs_diff']:.3g} | "
                  + (f"{100 * f['top1_agreement']:.1f}%, {f['logit_sqnr_db']:.1f} dB |" if f else "|"))
+    L += _reconstruction_lines(r.get("reconstruction"))
     L += ["", "## Where the ops run (care-q check)", ""]
     for t, a in r["artifacts"].items():
         L += [f"- {t}: " + line for line in a.get("census", [])]
     if "latency" in r:
         L += ["", "## Latency (batch 1, this machine)", "",
-              "| runtime | FP32 median (ms) | INT8 median (ms) | ratio | size ratio |", "|---|---:|---:|---:|---:|"]
+              "Each int8 file against its runtime's FP32 file in processes that load only those two, in blocks; "
+              "ratio: the median of the blocks' ratios, with their lowest and highest.", "",
+              "| runtime | FP32 median (ms) | INT8 median (ms) | ratio | ratio per block (min-max) | size ratio |",
+              "|---|---:|---:|---:|---:|---:|"]
         for t, m in r["latency"].items():
+            lo, hi = m["ratio_spread"]
             L.append(f"| {t} | {m['fp32']['median_ms']:.2f} | {m['int8']['median_ms']:.2f} | "
-                     f"{m['ratio']:.2f}x | {m['size_ratio']:.2f}x |")
+                     f"{m['ratio']:.2f}x | {lo:.2f}-{hi:.2f} | {m['size_ratio']:.2f}x |")
     ls = r["logit_sqnr_db_fake_quant"]
     L += ["", "## Linear attention: per-tensor SQNR (dB), this recipe vs one global min/max", "",
           f"Logits (fake-quant vs FP32): recipe {ls['recipe']:.1f} dB, min/max everywhere {ls['minmax']:.1f} dB.",
@@ -217,6 +241,26 @@ def render_markdown(r: dict, plan) -> str:
                  f"{'; '.join(s.why[1:]) or s.why[0]} |")
     L += ["", f"(all {len(plan.specs)} tensors with their parameters: `report.json` -> `tensors`)", ""]
     return "\n".join(L)
+
+
+def _reconstruction_lines(rc: dict | None) -> list[str]:
+    """The per-unit error of the fake-quant model against FP32 before and after reconstruction."""
+    if not rc:
+        return []
+    L = ["", f"## Reconstruction ({rc['iterations']} steps per unit, {rc['images']} calibration images, "
+             f"{rc['seconds']} s on {rc['device']}"
+         + (f"; resumed after {rc['resumed_units']} units" if rc["resumed_units"] else "") + ")", "",
+         "Each unit's fake-quant output against its FP32 output on (up to 256 of) the calibration images, "
+         "its input coming from the reconstructed units before it: SQNR and mean squared error before "
+         "(calibrated step sizes, nearest rounding) and after; kept: what was written back (the candidate "
+         "with the lowest error, never worse than before).", "",
+         "| unit | SQNR before (dB) | SQNR after (dB) | MSE before | MSE after | kept | seconds |",
+         "|---|---:|---:|---:|---:|---|---:|"]
+    for u in rc["units"]:
+        b, a = u["before"], u["after"]
+        L.append(f"| {u['name']} | {b['sqnr_db']:.2f} | {a['sqnr_db']:.2f} | {b['mse']:.3g} | {a['mse']:.3g} | "
+                 f"{u['kept']} | {u['seconds']} |")
+    return L
 
 
 class _CallableModule(types.ModuleType):

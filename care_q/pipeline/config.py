@@ -15,7 +15,9 @@ class PrepareConfig:
     ``calib`` is a named set (``care-q datasets``) or an ImageFolder path; ``num_calib`` limits it
     (a seeded draw, ``seed``). ``fallback_synthetic``: when the set cannot be loaded, calibrate on
     the data-free ``synthetic_bn`` set instead (noted and warned). ``img_size`` overrides the
-    weights' sidecar resolution.
+    weights' sidecar resolution. For a recipe with a ``reconstruction`` section: ``checkpoint``, where
+    what has been learnt is saved after each unit (a killed run resumes there; None: no
+    checkpoint), and ``device`` (auto: CUDA when torch sees one, else cpu).
     """
 
     model: str
@@ -28,6 +30,8 @@ class PrepareConfig:
     seed: int = 0
     fallback_synthetic: bool = False
     progress: bool | None = None
+    checkpoint: Path | None = None
+    device: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The preparation pipeline every command shares: model -> deploy form -> recipe substitutions ->
-transforms -> traced graph -> per-tensor plan -> calibration -> bias correction.
+transforms -> traced graph -> per-tensor plan -> calibration -> bias correction -> reconstruction
+(recipes with a ``reconstruction`` section: care_q.quant.reconstruction).
 
     prep = prepare(PrepareConfig("care_s0", weights="w.pth", calib="cifar10_train", num_calib=1000))
     prep.plan       # the calibrated QuantPlan the exporters emit
@@ -28,6 +29,7 @@ from care_q.quant.bias_correction import bias_correction, images_for
 from care_q.quant.calibrate import calibrate
 from care_q.quant.plan import QuantPlan, build_plan
 from care_q.quant.recipe import Recipe, load_recipe
+from care_q.quant.reconstruction import reconstruct, resolve_device
 from care_q.transforms import deploy
 from care_q.transforms.equalize import cross_layer_equalization
 from care_q.transforms.substitute import apply_substitutions
@@ -67,6 +69,7 @@ class Prepared:
     equalization: dict | None = None
     bias_correction: dict | None = None
     notes: list[str] = field(default_factory=list)
+    reconstruction: dict | None = None  # care_q.quant.reconstruction.reconstruct's summary
 
     @property
     def model(self) -> str:
@@ -130,9 +133,10 @@ def _first_images(batches, limit: int):
         seen += x.shape[0]
 
 
-def calibrate_built(built: Built, rec: Recipe, ds, size: int, progress: bool | None = None) -> dict:
-    """Calibrate ``built.plan`` on ``ds`` and, when the recipe says, correct the biases:
-    {"images", "seconds", "bias_correction"}."""
+def calibrate_built(built: Built, rec: Recipe, ds, size: int, progress: bool | None = None,
+                    checkpoint: Path | None = None, device: str = "auto", seed: int = 0) -> dict:
+    """Calibrate ``built.plan`` on ``ds`` and, when the recipe says, correct the biases and
+    reconstruct: {"images", "seconds", "bias_correction", "reconstruction"}."""
     def batches():
         return make_loader(ds, batch_size=rec.batch_size)
 
@@ -146,12 +150,28 @@ def calibrate_built(built: Built, rec: Recipe, ds, size: int, progress: bool | N
             corrected = bias_correction(built.plan, built.dmodel, _first_images(batches(), images_for(size)),
                                         progress=progress)
             corrected["seconds"] = round(time.time() - t0, 1)
-    return {"images": n, "seconds": seconds, "bias_correction": corrected}
+        recon = None
+        if rec.reconstruction is not None:
+            images = torch.cat([b[0] for b in make_loader(ds, batch_size=rec.batch_size)])
+            recon = reconstruct(built.plan, built.dmodel, images, rec.reconstruction, checkpoint=checkpoint,
+                                device=device, seed=seed, progress=progress)
+    return {"images": n, "seconds": seconds, "bias_correction": corrected, "reconstruction": recon}
+
+
+def check_reconstruction(rec: Recipe, images: int | None) -> None:
+    """A reconstruction recipe's errors that need the number of calibration images (before any work)."""
+    s = rec.reconstruction
+    if s is not None and images is not None and min(images, s.images or images) < s.batch_size:
+        raise CareQError(f"recipe '{rec.name}': reconstruction.batch_size is {s.batch_size} but there are only "
+                         f"{min(images, s.images or images)} calibration images: give at least one batch")
 
 
 def prepare(cfg: PrepareConfig) -> Prepared:
     """Load, transform, trace, plan and calibrate (see the module docstring)."""
     rec = load_recipe(cfg.recipe)
+    check_reconstruction(rec, cfg.num_calib)
+    if rec.reconstruction is not None:
+        resolve_device(cfg.device)
     notes: list[str] = []
     net = load_network(cfg.model, cfg.weights, cfg.seed)
     if cfg.weights is None:
@@ -159,11 +179,14 @@ def prepare(cfg: PrepareConfig) -> Prepared:
     pre = load_sidecar(cfg.weights).with_size(cfg.img_size)
     size = pre.input_size[1]
     ds, used = calibration_set(cfg, pre, net, notes)
+    check_reconstruction(rec, len(ds))
     first = next(iter(make_loader(ds, batch_size=rec.batch_size)))[0] if rec.attention == "npu" else None
     built = build(net, rec, size, first)
-    cal = calibrate_built(built, rec, ds, size, cfg.progress)
+    cal = calibrate_built(built, rec, ds, size, cfg.progress, cfg.checkpoint, cfg.device, cfg.seed)
+    recon = cal["reconstruction"]
     return Prepared(cfg, rec, net, built.dmodel, built.graph, built.plan, pre, size, used, ds, cal["images"],
-                    cal["seconds"], built.equalization, cal["bias_correction"], notes + built.notes)
+                    cal["seconds"], built.equalization, cal["bias_correction"],
+                    notes + built.notes + (recon["notes"] if recon else []), recon)
 
 
 def held_out_images(prep: Prepared, n: int, source: str | None = None, seed: int | None = None) -> torch.Tensor:

@@ -25,7 +25,6 @@ what the optimizer and the checkpoints see).
 from __future__ import annotations
 
 import math
-import zlib
 from types import SimpleNamespace
 
 import torch
@@ -36,48 +35,17 @@ from care_q.graph.roles import Role
 from care_q.quant.fakequant import QuantOps
 from care_q.quant.plan import QuantPlan
 from care_q.quant.qtypes import DType, QParams
-
-INT4_QMAX = 7
-TIE_DITHER = 1e-4  # relative; see QATNet.write_back
-
+from care_q.quant.reconstruction.lowbit import (  # noqa: F401 (re-exported: QAT's names for them)
+    DIVISOR_GUARD_LSB,
+    INT4_QMAX,
+    TIE_DITHER,
+    int4_weight,
+    refresh_divisor_guards,
+    tie_dither,
+    weight_bits_of,
+)
 
 # ----------------------------------------------------------------------------- int4 weights
-
-
-def weight_bits_of(plan: QuantPlan) -> dict[str, int]:
-    """Conv node name -> weight bits (the recipe's 8 or 7, or 4) from the recipe's default and its rules (last match wins).
-
-    A rule with ``weight_dtype`` that selects no conv is an error naming the rule.
-    """
-    rec = plan.recipe
-    bits: dict[str, int] = {}
-    hits = {r.index: 0 for r in rec.rules if r.weight_bits}
-    for n in plan.graph.nodes:
-        if n.op != "conv":
-            continue
-        spec = plan.specs[n.outputs[0]]
-        b = rec.weight_bits
-        for r in rec.rules:
-            if r.weight_bits and r.matches(n.name, spec.role, n.op):
-                b = r.weight_bits
-                hits[r.index] += 1
-        bits[n.name] = b
-    for r in rec.rules:
-        if r.weight_bits and hits[r.index] == 0:
-            raise CareQError(f"{rec.source}: {r.describe()} sets weight_dtype but selects no conv of this model "
-                             f"(weights belong to conv nodes: select their output tensors)")
-    return bits
-
-
-def int4_weight(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
-    """Symmetric int4 fake quantization over [-7, 7] (straight-through), per output channel."""
-    if per_channel:
-        amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
-    else:
-        amax = w.detach().abs().max().expand(w.shape[0])
-    scale = (torch.clamp(amax, min=1e-12) / INT4_QMAX).float()
-    zp = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
-    return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, -INT4_QMAX, INT4_QMAX)
 
 
 @torch.no_grad()
@@ -148,16 +116,6 @@ class QATOps(QuantOps):
         return super().conv(name, x, view)
 
 
-DIVISOR_GUARD_LSB = 1.0  # QuantPlan.finalize's divisor guard: den + eps >= 1 LSB of its scale
-
-
-def refresh_divisor_guards(plan: QuantPlan) -> None:
-    """Recompute the plan's divisor-guard constants after its parameters changed (LSQ write-back)."""
-    for n in plan.graph.nodes:
-        if plan.divisor_guard(n) and plan.quantized(n.outputs[0]):
-            plan.consts[n.name] = max(float(n.attrs["value"]), DIVISOR_GUARD_LSB * plan.qp(n.outputs[0]).scale[0])
-
-
 # ----------------------------------------------------------------------------- module
 
 
@@ -207,8 +165,7 @@ class QATNet(nn.Module):
         ratios = {}
         for r, i in self.index.items():
             old = self.plan.qparams[r]
-            dither = ((zlib.crc32(r.encode()) % 20001) - 10000) / 10000 * TIE_DITHER
-            new = float(torch.exp(self.log_scales[i]).double()) * (1.0 + dither)
+            new = float(torch.exp(self.log_scales[i]).double()) * tie_dither(r)
             self.plan.qparams[r] = QParams((new,), old.zero_point, old.dtype, old.axis)
             ratios[r] = new / old.scale[0]
         refresh_divisor_guards(self.plan)

@@ -1,0 +1,332 @@
+"""Reconstruction PTQ (BRECQ / QDrop with AdaRound rounding and LSQ step sizes), unit by unit.
+
+For each unit (`units_of`: stem, downsamples, CARE blocks, head) in execution order:
+
+1. its input is the output of the already reconstructed, fake-quantized units before it on the
+   calibration images; its target is the FP32 deploy form's output of that unit on the FP32
+   chain (no labels);
+2. ``iterations`` Adam steps on random batches minimise the squared error (summed over channels,
+   mean over the rest, divided by the target's mean square) of the unit's fake-quant output
+   against the target, plus AdaRound's
+   rounding regulariser; learnt: each weight's rounding (`Rounding`) and the step sizes of the
+   activation groups the unit is the first to produce; with QDrop (`ReconOps`);
+3. the learnt state is written back: hard codes into the deploy form's weights (each channel's
+   maximum unchanged, so the exporters recompute the same scales and the learnt codes), learnt
+   scales (tie-dithered) into ``plan.qparams``, divisor guards recomputed;
+4. a checkpoint of everything learnt so far is written atomically: a killed run resumes at the
+   next unit and ends with the result of an uninterrupted one (seeded per unit).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from care_q.errors import CareQError
+from care_q.graph.ops import FloatOps
+from care_q.quant.fakequant import QuantOps
+from care_q.quant.layout_policy import weight_qmax
+from care_q.quant.plan import QuantPlan
+from care_q.quant.qtypes import DType, QParams, sqnr_db
+from care_q.quant.recipe import ReconSettings
+from care_q.quant.reconstruction.lowbit import (
+    INT4_QMAX,
+    refresh_divisor_guards,
+    tie_dither,
+    weight_bits_of,
+)
+from care_q.quant.reconstruction.ops import ReconOps
+from care_q.quant.reconstruction.rounding import Rounding
+from care_q.quant.reconstruction.units import Unit, units_of
+from care_q.utils.io import atomic_torch_save
+from care_q.utils.progress import progress_bar
+
+CHECKPOINT_VERSION = 1
+CHUNK = 100  # images per no-grad forward
+SCORE_IMAGES = 256  # calibration images a unit's error is measured on (during its steps, before and after)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CareQError("device 'cuda' asked for, but torch sees no CUDA device")
+    if device not in ("cpu", "cuda"):
+        raise CareQError(f"device '{device}': use auto, cpu or cuda")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def _forward(unit: Unit, x: torch.Tensor, ops, device: torch.device) -> torch.Tensor:
+    """The unit on all of ``x`` (no gradient, in chunks), on the CPU."""
+    return torch.cat([unit.run(x[i:i + CHUNK].to(device), ops).cpu() for i in range(0, x.shape[0], CHUNK)])
+
+
+def _layout(plan: QuantPlan, units: list[Unit], sample: torch.Tensor) -> list[tuple[set[str], list[str]]]:
+    """Per unit: (the tensor names it produces, its conv/linear node names), from a recorded float run."""
+    producer = plan.graph.producer()
+    out, x = [], sample
+    for u in units:
+        ops = QuantOps(plan, "float", record=True)
+        with torch.no_grad():
+            x = u.run(x, ops)
+        names = set(ops.record)
+        nodes = sorted({producer[t].name for t in names if t in producer and producer[t].op in ("conv", "linear")})
+        out.append((names, nodes))
+    return out
+
+
+def _owners(plan: QuantPlan, layout) -> dict[str, int]:
+    """Group root -> the first unit producing one of its tensors (the unit that learns its scale)."""
+    owner: dict[str, int] = {}
+    for k, (names, _) in enumerate(layout):
+        for t in sorted(names):
+            spec = plan.specs.get(t)
+            if spec is not None:
+                owner.setdefault(spec.group, k)
+    return owner
+
+
+def _learnable(plan: QuantPlan, groups: list[str]) -> list[str]:
+    out = plan.specs[plan.graph.output].group  # the int8 logits keep their calibrated floor (see calibrate)
+    return [g for g in groups if plan.specs[g].dtype != DType.FLOAT and plan.specs[g].fixed is None
+            and g in plan.qparams and g != out]
+
+
+def _fingerprint(plan: QuantPlan, units: list[Unit], images: torch.Tensor, settings: ReconSettings,
+                 seed: int) -> str:
+    """What a checkpoint must have been made from: the units, images, settings, seed, calibrated plan and weights."""
+    h = hashlib.sha256()
+    h.update(repr([u.name for u in units]).encode())
+    h.update(repr((tuple(images.shape), float(images.double().sum()), float(images.double().square().sum()))).encode())
+    h.update(repr((sorted(settings.to_json().items()), seed)).encode())
+    h.update(repr(sorted((k, v.scale, v.zero_point) for k, v in plan.qparams.items())).encode())
+    for n in plan.graph.nodes:  # the weights it started from
+        if n.module is not None and hasattr(n.module, "weight"):
+            h.update(n.module.weight.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _qp_state(qp: QParams | None):
+    return None if qp is None else {"scale": list(qp.scale), "zero_point": list(qp.zero_point),
+                                    "dtype": qp.dtype.value, "axis": qp.axis}
+
+
+def _qp_load(d) -> QParams | None:
+    return None if d is None else QParams(tuple(d["scale"]), tuple(d["zero_point"]), DType(d["dtype"]), d["axis"])
+
+
+def _save(path: Path | None, fingerprint: str, done: int, weights: dict, plan: QuantPlan, records: list) -> None:
+    if path is None:
+        return
+    atomic_torch_save({"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "done": done,
+                       "weights": {k: v.detach().cpu().clone() for k, v in weights.items()},
+                       "qparams": {k: _qp_state(v) for k, v in plan.qparams.items()},
+                       "output_qparams": _qp_state(plan.output_qparams),
+                       "consts": dict(plan.consts), "units": records}, path)
+
+
+def _resume(path: Path | None, fingerprint: str, plan: QuantPlan, modules: dict, notes: list[str]) -> tuple:
+    """(units done, learnt weights, unit records) from a matching checkpoint, applied to the plan and modules."""
+    if path is None or not Path(path).is_file():
+        return 0, {}, []
+    state = torch.load(path, weights_only=True)
+    if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != fingerprint:
+        notes.append(f"reconstruction checkpoint {path} is from another run (model, images, recipe or seed "
+                     f"differ); starting over")
+        warnings.warn(notes[-1], stacklevel=3)
+        return 0, {}, []
+    with torch.no_grad():
+        for k, w in state["weights"].items():
+            modules[k].weight.copy_(w)
+    plan.qparams = {k: _qp_load(v) for k, v in state["qparams"].items()}
+    plan.output_qparams = _qp_load(state["output_qparams"])
+    plan.consts.clear()
+    plan.consts.update(state["consts"])
+    return state["done"], dict(state["weights"]), list(state["units"])
+
+
+def _unit_error(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, ops, device) -> dict:
+    """Mean squared error and SQNR (dB) of the unit's fake-quant output against its FP32 target."""
+    y = _forward(unit, x_q, ops, device)
+    return {"mse": float((y.double() - y_fp.double()).square().mean()), "sqnr_db": round(sqnr_db(y_fp, y), 3)}
+
+
+def _rounders(plan: QuantPlan, nodes: list[str], bits: dict[str, int], learn: bool, device) -> dict[str, Rounding]:
+    per_channel = plan.recipe.weight_granularity == "per_channel"
+    nodes_by_name = {n.name: n for n in plan.graph.nodes}
+    out = {}
+    for name in nodes:
+        n = nodes_by_name[name]
+        if n.op == "linear" and not (plan.quantized(n.outputs[0]) and plan.quantized(n.inputs[0])):
+            continue  # a float classifier: nothing to round
+        qmax = INT4_QMAX if bits.get(name) == 4 else weight_qmax(plan)
+        out[name] = Rounding(n.module.weight, qmax, per_channel, learn).to(device)
+    return out
+
+
+def _beta(s: ReconSettings, it: int) -> float | None:
+    """The regulariser's exponent at step ``it`` (None during the warm-up: no regulariser)."""
+    warm = int(s.warmup * s.iterations)
+    if it < warm:
+        return None
+    t = (it - warm) / max(s.iterations - warm, 1)
+    return s.beta_end + (s.beta_start - s.beta_end) * max(0.0, 1.0 - t)
+
+
+def _train_unit(unit: Unit, plan: QuantPlan, x_q, y_fp, rounders, groups: list[str], s: ReconSettings,
+                gen: torch.Generator, device, advance) -> torch.Tensor | None:
+    """``s.iterations`` Adam steps on the unit's rounding and step sizes; returns the log step sizes.
+
+    Every fifth of the steps the hard-rounded state is scored on (up to) `SCORE_IMAGES` calibration
+    images without QDrop; the best state seen (the starting one included) is the result: the
+    step-size gradients are noisy (STE), and late steps can undo earlier gains."""
+    log_scales = torch.tensor([math.log(plan.qparams[g].scale[0]) for g in groups], dtype=torch.float32,
+                              device=device, requires_grad=True) if groups else None
+    index = {g: i for i, g in enumerate(groups)}
+    vs = [r.v for r in rounders.values() if r.v is not None]
+    params = [p for p in ({"params": vs, "lr": s.lr_rounding},
+                          {"params": [log_scales] if groups else [], "lr": s.lr_scales}) if p["params"]]
+    if not params:
+        return log_scales
+    ops = ReconOps(plan, rounders, log_scales, index, s.drop_prob, gen, soft=True)
+    score_ops = ReconOps(plan, rounders, log_scales, index, soft=False)
+    opt = torch.optim.Adam(params)
+    tensors = [p for group in params for p in group["params"]]
+    best = (_unit_error(unit, x_q[:SCORE_IMAGES], y_fp[:SCORE_IMAGES], score_ops, device)["mse"],
+            [t.detach().clone() for t in tensors])
+    every = max(s.iterations // 5, 1)
+    # the error relative to the target's mean square: the same objective at any activation scale
+    norm = 1.0 / max(float(y_fp.double().square().mean()), 1e-30)
+    for it in range(s.iterations):
+        idx = torch.randint(0, x_q.shape[0], (s.batch_size,), generator=gen)
+        out = unit.run(x_q[idx].to(device), ops)
+        rec = (out - y_fp[idx].to(device)).square().sum(1).mean() * norm
+        beta = _beta(s, it)
+        reg = sum(r.regulariser(beta) for r in rounders.values()) * s.round_weight if beta else 0.0
+        loss = rec + reg
+        if not torch.isfinite(loss):
+            raise CareQError(f"reconstruction of {unit.name}: the loss is {float(loss.detach())} at step {it + 1}; "
+                             f"lower reconstruction.lr_rounding / lr_scales")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        advance(1, unit=unit.name, loss=float(rec.detach()))
+        if (it + 1) % every == 0 or it + 1 == s.iterations:
+            score = _unit_error(unit, x_q[:SCORE_IMAGES], y_fp[:SCORE_IMAGES], score_ops, device)["mse"]
+            if score < best[0]:
+                best = (score, [t.detach().clone() for t in tensors])
+    with torch.no_grad():
+        for t, b in zip(tensors, best[1]):
+            t.copy_(b)
+    return log_scales
+
+
+@torch.no_grad()
+def _write_back(plan: QuantPlan, modules: dict, rounders: dict[str, Rounding], learnt: bool, groups: list[str],
+                log_scales) -> None:
+    """The hard rounding (``learnt``, else nearest) into the modules' weights, the learnt step sizes
+    of ``groups`` (tie-dithered) into the plan."""
+    for name, r in rounders.items():
+        modules[name].weight.copy_(r.final_weight(learnt).to(modules[name].weight.device))
+    for i, g in enumerate(groups):
+        old = plan.qparams[g]
+        plan.qparams[g] = QParams((float(torch.exp(log_scales[i]).double()) * tie_dither(g),), old.zero_point,
+                                  old.dtype, old.axis)
+    refresh_divisor_guards(plan)
+
+
+def _snapshot(plan: QuantPlan, modules: dict, names) -> tuple:
+    return ({n: modules[n].weight.detach().clone() for n in names}, dict(plan.qparams), dict(plan.consts))
+
+
+@torch.no_grad()
+def _restore(plan: QuantPlan, modules: dict, snap: tuple) -> None:
+    weights, qparams, consts = snap
+    for n, w in weights.items():
+        modules[n].weight.copy_(w)
+    plan.qparams = dict(qparams)
+    plan.consts.clear()
+    plan.consts.update(consts)
+
+
+def _keep_best(unit: Unit, plan: QuantPlan, modules: dict, rounders, groups, log_scales, x_q, y_fp, before: dict,
+               device) -> tuple[dict, str]:
+    """Write back the candidate with the lowest error on the first `SCORE_IMAGES` calibration images: the learnt rounding
+    and step sizes, the learnt rounding alone, or (never worse than calibration) neither.
+    Returns (its error, which)."""
+    snap = _snapshot(plan, modules, rounders)
+    learnt = any(r.v is not None for r in rounders.values())
+    cands = [(name, ls, gs) for name, ls, gs in (("rounding and step sizes", learnt, groups),
+                                                 ("rounding", True, []), ("step sizes", False, groups))
+             if (ls or gs) and (not ls or learnt)]
+    best = (before, "calibrated", False, [])
+    for which, ls, gs in cands:
+        _write_back(plan, modules, rounders, ls, gs, log_scales)
+        err = _unit_error(unit, x_q[:SCORE_IMAGES], y_fp[:SCORE_IMAGES], QuantOps(plan, "quant"), device)
+        if err["mse"] < best[0]["mse"]:
+            best = (err, which, ls, gs)
+        _restore(plan, modules, snap)
+    _write_back(plan, modules, rounders, best[2], best[3], log_scales)  # calibrated: nearest (int4: on its grid)
+    return best[0], best[1]
+
+
+def reconstruct(plan: QuantPlan, dmodel, images: torch.Tensor, settings: ReconSettings, *,
+                checkpoint: str | Path | None = None, device: str = "auto", seed: int = 0,
+                progress: bool | None = None) -> dict:
+    """Reconstruct ``plan`` and ``dmodel``'s weights in place on ``images`` (see the module docstring).
+
+    Returns {"units": [per unit: name, error before and after, seconds], "images", "seconds",
+    "device", "resumed_units", "notes"}."""
+    t0 = time.time()
+    dev = resolve_device(device)
+    images = images[:settings.images] if settings.images else images
+    if images.shape[0] < settings.batch_size:
+        raise CareQError(f"reconstruction needs at least one batch ({settings.batch_size}) of calibration images, "
+                         f"got {images.shape[0]}")
+    fp_model = copy.deepcopy(dmodel)
+    units, fp_units = units_of(dmodel), units_of(fp_model)
+    layout = _layout(plan, units, images[:1])
+    owner = _owners(plan, layout)
+    bits = weight_bits_of(plan)
+    modules = {n.name: n.module for n in plan.graph.nodes if n.op in ("conv", "linear")}
+    fingerprint = _fingerprint(plan, units, images, settings, seed)
+    notes: list[str] = []
+    done, learnt, records = _resume(checkpoint, fingerprint, plan, modules, notes)
+    dmodel.to(dev)
+    fp_model.to(dev)
+    x_q, x_fp = images, images
+    total = (len(units) - done) * settings.iterations
+    with progress_bar(f"reconstructing {len(units)} units", total, progress) as advance:
+        for k, (u, fu) in enumerate(zip(units, fp_units)):
+            y_fp = _forward(fu, x_fp, FloatOps(), dev)
+            if k >= done:
+                t_unit = time.time()
+                before = _unit_error(u, x_q[:SCORE_IMAGES], y_fp[:SCORE_IMAGES],
+                                     _nearest_ops(plan, layout[k][1], bits, dev), dev)
+                rounders = _rounders(plan, layout[k][1], bits, "rounding" in settings.learn, dev)
+                groups = sorted(g for g, o in owner.items() if o == k) if "act_scales" in settings.learn else []
+                gen = torch.Generator().manual_seed(seed * 100003 + k)
+                groups = _learnable(plan, groups)
+                log_scales = _train_unit(u, plan, x_q, y_fp, rounders, groups, settings, gen, dev, advance)
+                after, kept = _keep_best(u, plan, modules, rounders, groups, log_scales, x_q, y_fp, before, dev)
+                learnt.update({n: modules[n].weight for n in rounders})
+                records.append({"name": u.name, "before": before, "after": after, "kept": kept,
+                                "seconds": round(time.time() - t_unit, 1)})
+                _save(checkpoint, fingerprint, k + 1, learnt, plan, records)
+            x_q = _forward(u, x_q, QuantOps(plan, "quant"), dev)
+            x_fp = y_fp
+    dmodel.cpu()
+    return {"units": records, "images": int(images.shape[0]), "iterations": settings.iterations,
+            "seconds": round(time.time() - t0, 1), "device": dev.type, "resumed_units": done, "notes": notes}
+
+
+def _nearest_ops(plan: QuantPlan, nodes: list[str], bits: dict[str, int], device) -> QuantOps:
+    """The reference before reconstruction: nearest rounding (int4 where the recipe says)."""
+    return ReconOps(plan, _rounders(plan, nodes, bits, False, device), soft=False)

@@ -1,0 +1,255 @@
+"""Reconstruction PTQ: every unit's error falls, artifacts equal the reference bit for bit with the
+learnt integer weights, a resumed run equals an uninterrupted one, recipe and input errors."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import care_q
+from care_q import CareQError
+from care_q.data import get_dataset, make_loader
+from care_q.graph.ops import FloatOps
+from care_q.models import load_sidecar
+from care_q.pipeline import PrepareConfig, prepare
+from care_q.pipeline.prepare import build, load_network
+from care_q.quant.calibrate import calibrate
+from care_q.quant.fakequant import QuantOps
+from care_q.quant.qtypes import sqnr_db
+from care_q.quant.recipe import RECON_LEARNABLES, load_recipe, parse_recipe
+from care_q.quant.reconstruction import reconstruct, run, units_of
+from care_q.quant.reconstruction.rounding import Rounding
+
+SIZE = 32
+ITERS = 24
+
+
+def recon_recipe(base: str, iterations: int = ITERS, batch: int = 16, extra: str = "") -> str:
+    """The shipped recipe ``base`` with a short reconstruction (the test's budget)."""
+    src = open(load_recipe(base).source).read()
+    head, _, _ = src.partition("\nreconstruction:")
+    return head + (f"\nreconstruction: {{iterations: {iterations}, batch_size: {batch}, drop_prob: 0.5, "
+                   f"lr_rounding: 0.05, lr_scales: 0.0003{extra}}}\n")
+
+
+@pytest.fixture(scope="module")
+def calibrated(data_root, one_torch_thread):
+    """care_test (random weights, seed 0) at 32x32, calibrated with ptq_int8_recon's plan, and 64 images."""
+    rec = parse_recipe(recon_recipe("ptq_int8_recon"), "test")
+    net = load_network("care_test", None, 0)
+    pre = load_sidecar(None).with_size(SIZE)
+    ds = get_dataset("cifar10_test", pre, data_root=data_root, limit=64, seed=0)
+    images = torch.cat([b[0] for b in make_loader(ds, batch_size=32)])
+    built = build(net, rec, SIZE)
+    calibrate(built.plan, built.dmodel, make_loader(ds, batch_size=32))  # reconstruct() is the tests' to call
+    return net, built.plan, built.dmodel, images, rec
+
+
+def fresh(calibrated):
+    _, plan, dmodel, *_ = calibrated
+    return copy.deepcopy((plan, dmodel))  # together: the plan's graph keeps pointing at this copy's modules
+
+
+@pytest.fixture(scope="module")
+def reconstructed(calibrated, tmp_path_factory):
+    net, _, _, images, rec = calibrated
+    plan, dmodel = fresh(calibrated)
+    ckpt = tmp_path_factory.mktemp("recon") / "reconstruction.pt"
+    summary = reconstruct(plan, dmodel, images, rec.reconstruction, checkpoint=ckpt, device="cpu", progress=False)
+    return plan, dmodel, summary, ckpt
+
+
+def test_units_chain_to_the_deploy_form(calibrated):
+    _, _, dmodel, images, _ = calibrated
+    x = images[:4]
+    with torch.no_grad():
+        y = x
+        for u in units_of(dmodel):
+            y = u.run(y, FloatOps())
+        assert torch.equal(y, dmodel(x))
+    names = [u.name for u in units_of(dmodel)]
+    assert names == ["stem", "stages.0.blocks.0", "stages.1.downsample", "stages.1.blocks.0", "stages.2.downsample",
+                     "stages.2.blocks.0", "stages.2.blocks.1", "stages.3.downsample", "stages.3.blocks.0", "head"]
+
+
+def test_every_unit_and_the_logits_improve(calibrated, reconstructed):
+    net, plan0, dmodel0, images, _ = calibrated
+    plan, dmodel, summary, _ = reconstructed
+    assert [u["name"] for u in summary["units"]] == [u.name for u in units_of(dmodel)]
+    for u in summary["units"]:
+        assert u["after"]["mse"] < u["before"]["mse"], u
+    # the int8 logits' range starts at the calibrated floor (only the top classes get resolution;
+    # reconstruction keeps it): the logit error is measured within that range
+    qp = plan.qp(plan.graph.output)
+    assert qp == plan0.qp(plan.graph.output)
+    # On the calibration images, what reconstruction minimises: 64 random-weight images say nothing about
+    # other images (the proxy's 10k test images do; see the report).
+    with torch.no_grad():
+        fp = net(images).clamp(qp.lo, qp.hi)
+        before = sqnr_db(fp, dmodel0(images, QuantOps(plan0, "quant")))
+        after = sqnr_db(fp, dmodel(images, QuantOps(plan, "quant")))
+    assert after > before + 0.1, (before, after)
+    assert summary["resumed_units"] == 0 and summary["device"] == "cpu"
+
+
+def test_rounding_is_learnt_on_the_exporters_grid():
+    torch.manual_seed(0)
+    w = torch.randn(6, 5, 3, 3)
+    r = Rounding(w, 127, per_channel=True, learn=True)
+    s = w.abs().reshape(6, -1).amax(1) / 127
+    assert torch.equal(r.codes(soft=False), torch.round(w / s.reshape(-1, 1, 1, 1)))  # starts at nearest
+    with torch.no_grad():
+        r.v.copy_(-r.v.sign() * 3)  # every non-maximal weight flips its rounding direction
+    codes = r.codes(soft=False)
+    wb = r.final_weight()
+    # the exporters' scales from the written-back weights are the grid's, their codes the learnt ones
+    s_back = wb.abs().reshape(6, -1).amax(1) / 127
+    assert torch.equal(s_back, s)
+    assert torch.equal(torch.round(wb.double() / s_back.double().reshape(-1, 1, 1, 1)), codes.double())
+    assert int((codes != torch.round(w / s.reshape(-1, 1, 1, 1))).sum()) > 200  # and they differ from nearest
+    assert float(r.regulariser(2.0).detach()) == 0.0  # hard everywhere: nothing left to regularise
+
+
+def test_resume_equals_uninterrupted(calibrated, tmp_path, monkeypatch):
+    _, _, _, images, rec = calibrated
+    settings = dataclasses.replace(rec.reconstruction, iterations=6)  # resuming does not depend on the steps
+    plan_a, dmodel_a = fresh(calibrated)
+    summary_a = reconstruct(plan_a, dmodel_a, images, settings, checkpoint=tmp_path / "a.pt", device="cpu",
+                            progress=False)
+    plan, dmodel = fresh(calibrated)
+    ckpt = tmp_path / "reconstruction.pt"
+    real = run._train_unit
+    calls = []
+
+    def killed(unit, *a, **k):
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # a kill in the fifth unit
+        calls.append(unit.name)
+        return real(unit, *a, **k)
+
+    monkeypatch.setattr(run, "_train_unit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct(plan, dmodel, images, settings, checkpoint=ckpt, device="cpu", progress=False)
+    assert torch.load(ckpt, weights_only=True)["done"] == 4
+    monkeypatch.setattr(run, "_train_unit", real)
+    plan, dmodel = fresh(calibrated)  # a new process: calibrated again, nothing learnt in memory
+    summary = reconstruct(plan, dmodel, images, settings, checkpoint=ckpt, device="cpu", progress=False)
+    assert summary["resumed_units"] == 4
+    assert plan.qparams == plan_a.qparams and plan.consts == plan_a.consts
+    assert plan.qparams != fresh(calibrated)[0].qparams  # something was learnt
+    for (k, a), (_, b) in zip(dmodel.state_dict().items(), dmodel_a.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert [u["after"] for u in summary["units"]] == [u["after"] for u in summary_a["units"]]
+
+
+def test_checkpoint_of_another_run_is_not_used(calibrated, reconstructed):
+    _, _, _, images, rec = calibrated
+    _, _, _, ckpt = reconstructed
+    plan, dmodel = fresh(calibrated)
+    other = dataclasses.replace(rec.reconstruction, iterations=2)
+    with pytest.warns(UserWarning, match="from another run"):
+        summary = reconstruct(plan, dmodel, images, other, checkpoint=ckpt,
+                              device="cpu", progress=False)
+    assert summary["resumed_units"] == 0 and len(summary["units"]) == 10
+
+
+def test_nan_loss_names_the_unit(calibrated):
+    _, _, _, images, rec = calibrated
+    plan, dmodel = fresh(calibrated)
+    with pytest.raises(CareQError, match=r"reconstruction of stem: the loss is nan at step 1"):
+        reconstruct(plan, dmodel, torch.full_like(images, float("nan")), rec.reconstruction, device="cpu",
+                    progress=False)
+
+
+@pytest.mark.parametrize("section, match", [
+    ("{iterations: 0}", "reconstruction.iterations must be positive, got 0"),
+    ("{iterations: -5}", "reconstruction.iterations must be positive, got -5"),
+    ("{learn: [rounding, biases]}", "'reconstruction.learn' is 'biases'; allowed: rounding, act_scales"),
+    ("{drop_prob: 1.0}", r"reconstruction.drop_prob must be in \[0, 1\)"),
+    ("{batch_size: 0}", "reconstruction.batch_size must be positive"),
+    ("{lr_rounding: 0}", "reconstruction.lr_rounding must be positive"),
+    ("{steps: 3}", "unknown field 'reconstruction.steps'"),
+])
+def test_recipe_errors(section, match):
+    with pytest.raises(CareQError, match=match):
+        parse_recipe(f"name: r\nkind: ptq\nreconstruction: {section}\n", "r.yaml")
+
+
+def test_recipe_errors_qat_and_int4():
+    with pytest.raises(CareQError, match=r"r.yaml:3: a 'reconstruction' section is post-training"):
+        parse_recipe("name: r\nkind: qat\nreconstruction: {iterations: 3}\n", "r.yaml")
+    with pytest.raises(CareQError, match="int4 weights .* or in a PTQ recipe with a 'reconstruction' section"):
+        parse_recipe("name: r\nkind: ptq\nrules:\n  - ops: [conv]\n    weight_dtype: int4\n", "r.yaml")
+    rec = parse_recipe("name: r\nkind: ptq\nreconstruction: {learn: rounding}\n", "r.yaml")
+    assert rec.reconstruction.learn == ("rounding",) and RECON_LEARNABLES == ("rounding", "act_scales")
+    assert rec.to_json()["reconstruction"]["learn"] == ["rounding"]
+    for name in ("ptq_int8_recon", "ptq_w4a8_recon"):
+        assert load_recipe(name).reconstruction.learn == RECON_LEARNABLES
+
+
+def test_fewer_images_than_a_batch_fails_before_any_work(data_root, tmp_path, monkeypatch):
+    path = tmp_path / "r.yaml"
+    path.write_text(recon_recipe("ptq_int8_recon", batch=16))
+
+    def no_work(*a, **k):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(sys.modules["care_q.pipeline.prepare"], "load_network", no_work)
+    with pytest.raises(CareQError, match="batch_size is 16 but there are only 8 calibration images"):
+        prepare(PrepareConfig("care_test", recipe=path, calib="cifar10_test", num_calib=8, data_root=data_root))
+
+
+def _onnx_weights(path) -> dict[str, np.ndarray]:
+    m = onnx.load(str(path))
+    return {i.name[:-len(".weight/q")]: numpy_helper.to_array(i) for i in m.graph.initializer
+            if i.name.endswith(".weight/q")}
+
+
+@pytest.mark.parametrize("recipe", ["ptq_int8_recon", "ptq_w4a8_recon"])
+def test_artifacts_are_the_reference_with_the_learnt_codes(recipe, data_root, tmp_path, monkeypatch, one_torch_thread):
+    path = tmp_path / f"{recipe}.yaml"
+    path.write_text(recon_recipe(recipe, iterations=12))
+    learnt: dict[str, torch.Tensor] = {}
+    real = run._write_back
+
+    def spy(plan, modules, rounders, use_learnt, groups, log_scales):  # the last call is the unit's final one
+        learnt.update({k: (r.codes(soft=False) if use_learnt else r.nearest).detach().clone()
+                       for k, r in rounders.items()})
+        learnt.update({f"{k}/nearest": r.nearest.clone() for k, r in rounders.items()})
+        return real(plan, modules, rounders, use_learnt, groups, log_scales)
+
+    monkeypatch.setattr(run, "_write_back", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        report = care_q.ptq("care_test", calib="cifar10_test", data_root=data_root, num_calib=32, img_size=SIZE,
+                            recipe=path, out=tmp_path, num_verify=16, progress=False)
+    for t in ("tflite", "onnx"):
+        v = report["artifacts"][t]["verification"]
+        assert v["max_abs_diff"] == 0.0 and v["top1_agreement"] == 1.0, (t, v)
+    assert (tmp_path / "reconstruction.pt").is_file()
+    onnx_w = _onnx_weights(tmp_path / "care_test_int8_qdq.onnx")
+    convs = [k for k in learnt if not k.endswith("/nearest")]
+    assert "head.fc" in convs and set(convs) <= set(onnx_w)
+    # the rest are the layer scales (an exact per-channel multiply: each code is +-127)
+    assert all(k.endswith(".ls_res") for k in set(onnx_w) - set(convs)), sorted(set(onnx_w) - set(convs))
+    changed = 0
+    for k in convs:
+        codes = learnt[k].double().numpy()
+        if np.abs(codes).max() <= 7:  # int4: 15 levels stored on the int8 grid as round(q4 * 127 / 7)
+            codes = np.round(codes * 127 / 7)
+        assert np.array_equal(onnx_w[k].astype(np.float64), codes), k
+        changed += int((learnt[k] != learnt[f"{k}/nearest"]).sum())
+    assert changed > 0  # the rounding was learnt, not nearest
+    int4 = [k for k in convs if learnt[k].abs().max() <= 7]
+    assert bool(int4) == (recipe == "ptq_w4a8_recon")
+    md = (tmp_path / "report.md").read_text()
+    assert "## Reconstruction" in md and "stages.0.blocks.0" in md
+    assert [u["name"] for u in report["reconstruction"]["units"]][-1] == "head"
