@@ -17,7 +17,7 @@ $(BIN)/care-q: pyproject.toml
 setup: $(BIN)/care-q
 
 test: $(BIN)/care-q
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -rs --durations=15 tests
 
 lint: $(BIN)/care-q
 	$(BIN)/ruff check care_q tests eval
