@@ -94,39 +94,17 @@ def _normalise(ops: Ops, form: str, n: str, x: torch.Tensor, role_sq: Role, role
 
 
 class NPUAttention(DeployAttention):
-    """The NPU attention (`DeployAttention.forward_npu`) with the normaliser form ``npu_normaliser``."""
+    """The NPU attention (`DeployAttention.forward_npu`) with the normaliser form ``npu_normaliser`` (l2 | rsqrt)."""
 
     npu_normaliser = "l2"
 
-    def forward_npu(self, att: torch.Tensor, ops: Ops, n: str) -> torch.Tensor:
-        hw = (att.shape[2], att.shape[3])
-        qk = ops.tag(Role.ATTN_QK, ops.conv(f"{n}.qk", att, self.qk))
-        aff = ops.tag(Role.ATTN_ELU, ops.conv(f"{n}.phi_aff", qk, self.phi_aff))
-        e = ops.tag(Role.ATTN_ELU, ops.mul_const(f"{n}.phi_exp", ops.tag(Role.ATTN_ELU, ops.sigmoid(f"{n}.phi_sig", aff)),
-                                                 self.phi_exp_scale))
-        phi = ops.tag(Role.ATTN_PHI, ops.add(f"{n}.phi", ops.tag(Role.ATTN_ELU, ops.relu(f"{n}.phi_relu", qk)), e))
-        d = self.mem_dim // self.num_heads
-        qk_heads = ops.split(f"{n}.phi_split", phi, [d] * (2 * self.num_heads))  # q heads, then k heads
-        vs = ops.split(f"{n}.v", att, [d] * self.num_heads) if self.num_heads > 1 else (att,)
-        outs = []
-        for i in range(self.num_heads):
-            h = f"{n}.h{i}"
-            q = ops.to_tokens(f"{h}.q", qk_heads[i], "col")                 # (B, N, D, 1)
-            k = ops.to_tokens(f"{h}.k", qk_heads[self.num_heads + i], "col")
-            v = ops.to_tokens(f"{h}.v", vs[i], "row")                       # (B, N, 1, D)
-            kv = ops.tag(Role.ATTN_KV, ops.mul(f"{h}.kv_prod", k, v))
-            kv = ops.tag(Role.ATTN_KV, ops.mean_axis(f"{h}.kv", kv, 1))        # (B, 1, D, D)
-            num = ops.tag(Role.ATTN_NUM, ops.mul(f"{h}.num_prod", q, kv))
-            num = ops.tag(Role.ATTN_NUM, ops.mean_axis(f"{h}.num", num, 2))    # (B, N, 1, D)
-            if self.npu_normaliser == "l2":
-                out = ops.tag(Role.ATTN_OUT, ops.l2_norm(f"{h}.l2", num))
-            else:  # channels on axis 2, (B, N, D, 1): the MEAN over them is an 'x/y' reduction
-                col = ops.tag(Role.ATTN_NUM, ops.retoken(f"{h}.num_col", num, "col"))
-                out = _normalise(ops, "rsqrt", f"{h}.norm", col, Role.ATTN_DEN, Role.ATTN_DEN_INV, Role.ATTN_OUT, 2)
-                out = ops.tag(Role.ATTN_OUT, ops.retoken(f"{h}.norm_row", out, "row"))
-            outs.append(ops.tag(Role.ATTN_OUT, ops.from_tokens(f"{h}.out", out, hw)))
-        heads = ops.tag(Role.ATTN_OUT, ops.cat(f"{n}.heads", outs)) if len(outs) > 1 else outs[0]
-        return ops.tag(Role.ATTN_OUT, ops.mul_const(f"{n}.out", heads, self.out_scale))
+    def npu_normalise(self, ops: Ops, h: str, num: torch.Tensor) -> torch.Tensor:
+        if self.npu_normaliser == "l2":
+            return super().npu_normalise(ops, h, num)
+        # channels on axis 2, (B, N, D, 1): the MEAN over them is an 'x/y' reduction
+        col = ops.tag(Role.ATTN_NUM, ops.retoken(f"{h}.num_col", num, "col"))
+        out = _normalise(ops, "rsqrt", f"{h}.norm", col, Role.ATTN_DEN, Role.ATTN_DEN_INV, Role.ATTN_OUT, 2)
+        return ops.tag(Role.ATTN_OUT, ops.retoken(f"{h}.norm_row", out, "row"))
 
 
 class NPUHeadCARE(DeployCARE):

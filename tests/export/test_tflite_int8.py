@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from one_op import run_one_op
 
 from care_q import create_model
 from care_q.export.tflite_int8 import emit_tflite_int8
@@ -261,27 +262,6 @@ def test_npu_int8_maps_whole_on_edgetpu_and_nnapi_fl6(tmp_path):
 # (XNNPACK where it takes the op) bit for bit, on inputs where the float reference (the op in
 # float, rounded once) does not.
 
-def _run_one_op(op, in_specs, out_spec, inputs, opt_type=0, opts=None, consts=()):
-    """Output codes of a one-op int8 TFLite model: ``in_specs`` [(shape, scale, zero point)],
-    ``out_spec`` (shape, scale, zero point), ``consts`` extra constant inputs (axes)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    from care_q.export.tflite_builder import TFLiteBuilder
-
-    b = TFLiteBuilder()
-    ins = [b.tensor(f"in{i}", s, np.int8, sc, zp) for i, (s, sc, zp) in enumerate(in_specs)]
-    cs = [b.const(f"c{i}", c) for i, c in enumerate(consts)]
-    o = b.tensor("out", out_spec[0], np.int8, out_spec[1], out_spec[2])
-    b.op(op, ins + cs, [o], opt_type, opts, version=2)
-    b.inputs, b.outputs = ins, [o]
-    it = Interpreter(model_content=b.to_bytes(), num_threads=1)
-    it.allocate_tensors()
-    for d, x in zip(it.get_input_details(), inputs):
-        it.set_tensor(d["index"], x)
-    it.invoke()
-    return it.get_tensor(it.get_output_details()[0]["index"]).astype(np.int64)
-
-
 def _old_float_path(y: torch.Tensor, scale: float, zp: int) -> np.ndarray:
     """Output codes of the float reference: the op's float result on the output grid."""
     from care_q.quant.fakequant import fake_quant
@@ -311,7 +291,7 @@ def test_tflite_int8_l2_normalization_emulation():
     q[128:4096] = zp + rng.integers(-3, 4, size=(3968, d))  # small norms: the shift goes negative
     q = q.astype(np.int8)
     shape = (1, q.shape[0], 1, d)
-    got = _run_one_op(fb.BuiltinOperator.L2_NORMALIZATION, [(shape, 5.99, zp)], (shape, 1 / 128, 0), [q.reshape(shape)],
+    got = run_one_op(fb.BuiltinOperator.L2_NORMALIZATION, [(shape, 5.99, zp)], (shape, 1 / 128, 0), [q.reshape(shape)],
                       fb.BuiltinOptions.L2NormOptions, options(fb.L2NormOptionsT)).reshape(q.shape)
     emu = tflite_l2norm_codes(torch.from_numpy(q.astype(np.int64) - zp)).numpy().astype(np.int64)
     assert (emu == got).all(), int((emu != got).sum())
@@ -335,7 +315,7 @@ def test_xnnpack_int8_mean_emulation(axes, keep, scales, float_misses):
     hi = 12 if s_in / s_out > 2.4 else 128
     q = rng.integers(-hi, hi, size=(32, 16, 16, 16)).astype(np.int8)
     out_shape = tuple(1 if i in axes else n for i, n in enumerate(q.shape) if keep or i not in axes)
-    got = _run_one_op(fb.BuiltinOperator.MEAN, [(q.shape, s_in, z_in)], (out_shape, s_out, z_out), [q],
+    got = run_one_op(fb.BuiltinOperator.MEAN, [(q.shape, s_in, z_in)], (out_shape, s_out, z_out), [q],
                       fb.BuiltinOptions.ReducerOptions, options(fb.ReducerOptionsT, keepDims=keep),
                       consts=[np.array(axes, np.int32)])
     q_sum = torch.from_numpy(q.astype(np.int64)).sum(dim=axes, keepdim=keep)
@@ -355,7 +335,7 @@ def test_xnnpack_int8_logistic_emulation(s_in, z_in):
 
 
     codes = np.arange(-128, 128, dtype=np.int8).reshape(1, 256)
-    got = _run_one_op(fb.BuiltinOperator.LOGISTIC, [((1, 256), s_in, z_in)], ((1, 256), 1 / 256, -128), [codes])[0]
+    got = run_one_op(fb.BuiltinOperator.LOGISTIC, [((1, 256), s_in, z_in)], ((1, 256), 1 / 256, -128), [codes])[0]
     emu = xnnpack_sigmoid_table(s_in, z_in, 1 / 256, -128).numpy().astype(np.int64)
     assert (emu == got).all(), int((emu != got).sum())
     old = _old_float_path(torch.sigmoid(_deq(codes[0], s_in, z_in)), 1 / 256, -128)
@@ -380,7 +360,7 @@ def test_xnnpack_int8_mul_emulation(scales, shapes):
     else:
         qa, qb = (rng.integers(-128, 128, size=s).astype(np.int8) for s in shapes)
     out_shape = np.broadcast_shapes(qa.shape, qb.shape)
-    got = _run_one_op(fb.BuiltinOperator.MUL, [(qa.shape, s_a, z_a), (qb.shape, s_b, z_b)], (out_shape, s_o, z_o),
+    got = run_one_op(fb.BuiltinOperator.MUL, [(qa.shape, s_a, z_a), (qb.shape, s_b, z_b)], (out_shape, s_o, z_o),
                       [qa, qb], fb.BuiltinOptions.MulOptions, options(fb.MulOptionsT))
     ia, ib = (torch.from_numpy(q.astype(np.int64) - z) for q, z in ((qa, z_a), (qb, z_b)))
     emu = xnnpack_mul_codes(ia, ib, s_a, s_b, s_o, -128 - z_o, 127 - z_o).numpy().astype(np.int64) + z_o
@@ -400,7 +380,7 @@ def test_tflite_int8_relu_emulation(scales, float_misses):
 
     s_in, z_in, s_out, z_out = scales
     codes = np.arange(-128, 128, dtype=np.int8).reshape(1, 256)
-    got = _run_one_op(fb.BuiltinOperator.RELU, [((1, 256), s_in, z_in)], ((1, 256), s_out, z_out), [codes])[0]
+    got = run_one_op(fb.BuiltinOperator.RELU, [((1, 256), s_in, z_in)], ((1, 256), s_out, z_out), [codes])[0]
     emu = tflite_relu_codes(torch.from_numpy(codes[0].astype(np.int64) - z_in), s_in, s_out, z_out).numpy()
     assert (emu.astype(np.int64) + z_out == got).all()
     old = _old_float_path(torch.relu(_deq(codes[0], s_in, z_in)), s_out, z_out)
@@ -553,7 +533,7 @@ def test_tflite_int8_div_emulation(scales, float_misses):
     grid = np.arange(-128, 128)
     qa, qb = np.meshgrid(grid, grid[grid != z_b], indexing="ij")
     qa, qb = qa[None].astype(np.int8), qb[None].astype(np.int8)
-    got = _run_one_op(fb.BuiltinOperator.DIV, [(qa.shape, s_a, z_a), (qb.shape, s_b, z_b)], (qa.shape, s_o, z_o),
+    got = run_one_op(fb.BuiltinOperator.DIV, [(qa.shape, s_a, z_a), (qb.shape, s_b, z_b)], (qa.shape, s_o, z_o),
                       [qa, qb], fb.BuiltinOptions.DivOptions, options(fb.DivOptionsT))
     ia, ib = (torch.from_numpy(q.astype(np.int64) - z) for q, z in ((qa, z_a), (qb, z_b)))
     emu = tflite_div_codes(ia, ib, s_a, s_b, s_o, z_o).numpy().astype(np.int64) + z_o

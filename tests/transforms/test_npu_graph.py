@@ -22,12 +22,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ai_edge_litert import schema_py_generated as fb
+from one_op import run_one_op
 
 from care_q import create_model
 from care_q.census import check
 from care_q.census.tflite_reader import read_tflite
 from care_q.errors import CareQError
-from care_q.export.tflite_builder import TFLiteBuilder, options
+from care_q.export.tflite_builder import options
 from care_q.graph.ops import FloatOps
 from care_q.pipeline import PrepareConfig, artifacts, prepare
 from care_q.quant import fakequant
@@ -44,23 +45,6 @@ VELA = ("ethos-u55-128", "ethos-u85-256")
 RULES = ("edgetpu", "nnapi:6", "nnapi:7")
 
 
-def _run(op, ins, out, inputs, opt_type=0, opts=None) -> np.ndarray:
-    """Output codes of a one-op int8 model in ai-edge-litert: ``ins`` [(shape, scale, zero point)]."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    b = TFLiteBuilder()
-    idx = [b.tensor(f"in{i}", s, np.int8, sc, zp) for i, (s, sc, zp) in enumerate(ins)]
-    o = b.tensor("out", out[0], np.int8, out[1], out[2])
-    b.op(op, idx, [o], opt_type, opts, version=2)
-    b.inputs, b.outputs = idx, [o]
-    it = Interpreter(model_content=b.to_bytes(), num_threads=1)
-    it.allocate_tensors()
-    for d, x in zip(it.get_input_details(), inputs):
-        it.set_tensor(d["index"], x)
-    it.invoke()
-    return it.get_tensor(it.get_output_details()[0]["index"]).astype(np.int64)
-
-
 # ((s_in, z_in, s_out, z_out), whether rounding the float 1/sqrt misses a code)
 RSQRT_SCALES = [((0.5219969945211076, -121, 0.015428238635520607, -26), True), ((0.01, -128, 0.05, -128), False),
                 ((0.003, -128, 0.2, -100), False), ((0.1, -128, 0.01, -128), False), ((2e-4, -110, 0.4, -60), True)]
@@ -71,7 +55,7 @@ def test_tflite_int8_rsqrt_emulation(scales, float_misses):
     """Every input code at or above the zero point (the kernel fails below it)."""
     s_in, z_in, s_out, z_out = scales
     codes = np.arange(z_in, 128, dtype=np.int8).reshape(1, -1)
-    got = _run(OP.RSQRT, [(codes.shape, s_in, z_in)], (codes.shape, s_out, z_out), [codes])[0]
+    got = run_one_op(OP.RSQRT, [(codes.shape, s_in, z_in)], (codes.shape, s_out, z_out), [codes])[0]
     emu = tflite_rsqrt_codes(torch.from_numpy(codes[0].astype(np.int64) - z_in), s_in, s_out, z_out).numpy() + z_out
     assert np.array_equal(emu, got) and got[0] == 127   # x = 0: the kernel's largest code
     x = (codes[0].astype(np.float64)[1:] - z_in) * s_in
@@ -86,7 +70,7 @@ def test_xnnpack_int8_sub_emulation(scales, float_misses):
     sa, za, sb, zb, so, zo = scales
     a = np.repeat(np.arange(-128, 128), 256).astype(np.int8).reshape(1, -1)
     b = np.tile(np.arange(-128, 128), 256).astype(np.int8).reshape(1, -1)
-    got = _run(OP.SUB, [(a.shape, sa, za), (b.shape, sb, zb)], (a.shape, so, zo), [a, b],
+    got = run_one_op(OP.SUB, [(a.shape, sa, za), (b.shape, sb, zb)], (a.shape, so, zo), [a, b],
                fb.BuiltinOptions.SubOptions, options(fb.SubOptionsT))[0]
     ia, ib = (torch.from_numpy(v[0].astype(np.float64) - z) for v, z in ((a, za), (b, zb)))
     emu = xnnpack_add_codes(ia, -ib, sa, sb, so, -128 - zo, 127 - zo).numpy() + zo
