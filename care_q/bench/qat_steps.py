@@ -17,7 +17,7 @@ from care_q.bench.keys import code_digest, dataset_key, file_key, without_source
 from care_q.bench.steps import Steps
 from care_q.errors import CareQError
 from care_q.qat import qat
-from care_q.qat.pipeline import export_content, training_content
+from care_q.qat.config import export_content, training_content
 from care_q.quant.recipe import load_recipe
 from care_q.utils.io import atomic_path
 

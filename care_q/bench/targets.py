@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from care_q.bench.artifacts import METHODS, SETTING
 from care_q.bench.qat_steps import QAT_NUM_VERIFY, qat_epochs
-from care_q.qat.pipeline import TARGET_AGREEMENT
+from care_q.qat.config import TARGET_AGREEMENT
 
 DEFAULT_TARGETS = {"accuracy_drop_pt": 0.5, "tflite_latency_ratio": 0.45, "onnx_latency_ratio": 0.55, "size_ratio": 0.28}
 NPU_TARGET_DROP_PT = 1.0  # issue 7's npu_int8 accuracy goal

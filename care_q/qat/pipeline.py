@@ -52,16 +52,7 @@ from care_q.models import create_model, load_sidecar
 from care_q.pipeline import ExportConfig, build
 from care_q.pipeline.artifacts import agreement_failure, export_artifacts, resolve_targets
 from care_q.pipeline.prepare import calibrate_built
-from care_q.qat.config import (
-    RESUME_KEYS,
-    TARGET_AGREEMENT,
-    QATConfig,
-    check_recipe,
-    export_content,
-    recipe_key,
-    training_content,
-    without_source,
-)
+from care_q.qat.config import RESUME_KEYS, TARGET_AGREEMENT, QATConfig, check_recipe, recipe_key, without_source
 from care_q.qat.distributed import Dist
 from care_q.qat.ops import QATNet, bake_int4_weights, qparams_from_state, qparams_to_state, weight_bits_of
 from care_q.qat.report import render_markdown
@@ -76,8 +67,7 @@ from care_q.utils.metrics import percent_agreement, top1
 from care_q.utils.progress import progress_bar
 from care_q.utils.schedule import lr_lambda
 
-__all__ = ["QATConfig", "QATRun", "TARGET_AGREEMENT", "build_student", "distill_loss", "export_content", "load_qat",
-           "qat", "run_qat", "training_content"]
+__all__ = ["QATConfig", "QATRun", "build_student", "distill_loss", "load_qat", "qat", "run_qat"]
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, ce_weight: float,
