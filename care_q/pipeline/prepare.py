@@ -189,16 +189,26 @@ def prepare(cfg: PrepareConfig) -> Prepared:
                     notes + built.notes + (recon["notes"] if recon else []), recon)
 
 
+def _images(ds, n: int) -> torch.Tensor:
+    return torch.cat([b[0] for b in make_loader(ds, batch_size=50)])[:n]
+
+
+def draw_images(source: str, preprocess, n: int, seed: int, *, data_root=None, model=None,
+                progress: bool | None = None) -> torch.Tensor:
+    """``n`` images of the set ``source``, a seeded draw (``seed``), as one tensor."""
+    return _images(get_dataset(source, preprocess, data_root=data_root, limit=n, seed=seed, model=model,
+                               progress=progress), n)
+
+
 def held_out_images(prep: Prepared, n: int, source: str | None = None, seed: int | None = None) -> torch.Tensor:
     """``n`` images of ``source`` (default: the calibration set) drawn with seed ``config.seed + 1``:
     the images `care-q ptq` verifies its artifacts on. Falls back to the calibration images when
     the set cannot give them (data-free calibration)."""
     seed = prep.config.seed + 1 if seed is None else seed
     try:
-        ds = get_dataset(source or prep.calib, prep.preprocess, data_root=prep.config.data_root, limit=n, seed=seed,
-                         model=prep.net, progress=prep.config.progress)
+        return draw_images(source or prep.calib, prep.preprocess, n, seed, data_root=prep.config.data_root,
+                           model=prep.net, progress=prep.config.progress)
     except CareQError:
         if source is not None:
             raise
-        ds = prep.calib_dataset
-    return torch.cat([b[0] for b in make_loader(ds, batch_size=50)])[:n]
+        return _images(prep.calib_dataset, n)

@@ -51,7 +51,7 @@ from care_q.errors import CareQError
 from care_q.models import create_model, load_sidecar
 from care_q.pipeline import ExportConfig, build
 from care_q.pipeline.artifacts import agreement_failure, export_artifacts, resolve_targets
-from care_q.pipeline.prepare import calibrate_built
+from care_q.pipeline.prepare import calibrate_built, draw_images
 from care_q.qat.config import RESUME_KEYS, TARGET_AGREEMENT, QATConfig, check_recipe, recipe_key, without_source
 from care_q.qat.distributed import Dist
 from care_q.qat.ops import QATNet, bake_int4_weights, qparams_from_state, qparams_to_state, weight_bits_of
@@ -543,9 +543,8 @@ def _finish(run: _Run, report: dict) -> dict:
     src = cfg.eval_dataset if cfg.eval_dataset is not None else cfg.calib
     artifacts, n_verify = {}, 0
     if run.targets:
-        vds = get_dataset(src, run.data.pre, data_root=cfg.data_root, limit=cfg.num_verify, seed=cfg.seed + 1,
-                          model=run.data.net, progress=run.show)
-        xv = torch.cat([b[0] for b in make_loader(vds, 50)])[:cfg.num_verify]
+        xv = draw_images(src, run.data.pre, cfg.num_verify, cfg.seed + 1, data_root=cfg.data_root,
+                         model=run.data.net, progress=run.show)
         n_verify = int(xv.shape[0])
         export = ExportConfig(run.targets, run.io, cfg.out, f"{cfg.model}_{run.rec.name}", cfg.num_verify,
                               cfg.threads, cfg.min_agreement, False)
