@@ -8,8 +8,9 @@
 """
 
 from care_q.qat.distributed import Dist
-from care_q.qat.ops import QATNet, QATOps, bake_int4_weights, weight_bits_of
+from care_q.qat.ops import QATNet, QATOps, bake_int4_weights
 from care_q.qat.pipeline import QATRun, build_student, distill_loss, load_qat, qat
+from care_q.quant.lowbit import weight_bits_of
 
 __all__ = ["Dist", "QATNet", "QATOps", "QATRun", "bake_int4_weights", "build_student", "distill_loss", "load_qat", "qat",
            "weight_bits_of"]

@@ -33,17 +33,9 @@ import torch.nn as nn
 from care_q.errors import CareQError
 from care_q.graph.roles import Role
 from care_q.quant.fakequant import QuantOps
+from care_q.quant.lowbit import DIVISOR_GUARD_LSB, int4_weight, refresh_divisor_guards, tie_dither
 from care_q.quant.plan import QuantPlan
 from care_q.quant.qtypes import DType, QParams
-from care_q.quant.reconstruction.lowbit import (  # noqa: F401 (re-exported: QAT's names for them)
-    DIVISOR_GUARD_LSB,
-    INT4_QMAX,
-    TIE_DITHER,
-    int4_weight,
-    refresh_divisor_guards,
-    tie_dither,
-    weight_bits_of,
-)
 
 # ----------------------------------------------------------------------------- int4 weights
 

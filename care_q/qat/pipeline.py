@@ -54,9 +54,10 @@ from care_q.pipeline.artifacts import agreement_failure, export_artifacts, resol
 from care_q.pipeline.prepare import calibrate_built, draw_images
 from care_q.qat.config import RESUME_KEYS, TARGET_AGREEMENT, QATConfig, check_recipe, recipe_key, without_source
 from care_q.qat.distributed import Dist
-from care_q.qat.ops import QATNet, bake_int4_weights, qparams_from_state, qparams_to_state, weight_bits_of
+from care_q.qat.ops import QATNet, bake_int4_weights, qparams_from_state, qparams_to_state
 from care_q.qat.report import render_markdown
 from care_q.quant.fakequant import QuantOps
+from care_q.quant.lowbit import weight_bits_of
 from care_q.quant.observers import HistogramObserver
 from care_q.quant.qtypes import DType, Method, qparams_from_range
 from care_q.quant.recipe import Recipe, load_recipe

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from care_q.graph.roles import Role
 from care_q.quant.fakequant import QuantOps, quantize_bias, quantize_weight, weight_scales
+from care_q.quant.lowbit import DIVISOR_GUARD_LSB
 from care_q.quant.plan import QuantPlan
 from care_q.quant.qtypes import DType
-from care_q.quant.reconstruction.lowbit import DIVISOR_GUARD_LSB
 from care_q.quant.reconstruction.rounding import Rounding
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from care_q.quant.fakequant import weight_scales
-from care_q.quant.reconstruction.lowbit import INT4_QMAX, int4_scales
+from care_q.quant.lowbit import INT4_QMAX, int4_scales
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound)
 AT_MAX = 1e-3  # |w / s| within this of qmax: a channel's maximum (its code is fixed at +-qmax)

@@ -32,15 +32,15 @@ from care_q.errors import CareQError
 from care_q.graph.ops import FloatOps
 from care_q.quant.fakequant import QuantOps
 from care_q.quant.layout_policy import weight_qmax
-from care_q.quant.plan import QuantPlan
-from care_q.quant.qtypes import DType, QParams, sqnr_db
-from care_q.quant.recipe import ReconSettings
-from care_q.quant.reconstruction.lowbit import (
+from care_q.quant.lowbit import (
     INT4_QMAX,
     refresh_divisor_guards,
     tie_dither,
     weight_bits_of,
 )
+from care_q.quant.plan import QuantPlan
+from care_q.quant.qtypes import DType, QParams, sqnr_db
+from care_q.quant.recipe import ReconSettings
 from care_q.quant.reconstruction.ops import ReconOps
 from care_q.quant.reconstruction.rounding import Rounding
 from care_q.quant.reconstruction.units import Unit, units_of
