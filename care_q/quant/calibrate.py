@@ -19,7 +19,8 @@ def calibrate(plan: QuantPlan, model, batches, total: int | None = None, progres
 
     Sets `plan.qparams`, and `plan.output_qparams` (logits range, for int8 output). Returns the
     number of images seen. With an int8 head (recipe ``head.dtype: int8``) the logits range starts
-    at the lowest 5th-largest logit seen (`plan.logit_floor`), not at the lowest logit.
+    at the lowest 5th-largest logit seen (`plan.logit_floor`), not at the lowest logit, unless the
+    recipe says ``head.logits: full``.
     """
     observers: dict[str, HistogramObserver] = {}
     logits = HistogramObserver("logits")
@@ -36,7 +37,7 @@ def calibrate(plan: QuantPlan, model, batches, total: int | None = None, progres
     # An int8 head's logits (minmax) clip below this floor: what top-1..top-5 and the softmax
     # need keeps the full resolution (on the CIFAR-10 proxy: 2.6x finer steps, top-1 changes
     # from the logit rounding alone 18 -> 11 in 5000 images).
-    plan.logit_floor = floor
+    plan.logit_floor = floor if plan.recipe.head_logits == "top5" else None
     plan.finalize(observers)
     lo, hi = logits.range(Method.MINMAX, DType.INT8, False)
     plan.output_qparams = qparams_from_range(lo, hi, DType.INT8, False)

@@ -132,6 +132,9 @@ class Recipe:
     qat: QATSettings | None = None
     source: str = "<built-in>"
     head: str = "float"  # int8: the classifier's LayerNorm output, weights and logits int8 (static int8 FC)
+    # an int8 head's logits range: top5 starts at the lowest 5th-largest calibration logit (finer steps
+    # where top-1..5 are decided, the low logits clipped); full: min/max (every logit kept: logit SQNR)
+    head_logits: str = "top5"
     # builtin: depthwise convs of more than 25 taps (CARE's 7x7) run in TFLite's own int8 kernel, not
     # XNNPACK's (a runtime-made bias keeps XNNPACK off them); see care_q.quant.layout_policy.tflite_builtin_dwconv
     tflite_large_dwconv: str = "xnnpack"
@@ -158,7 +161,7 @@ class Recipe:
         if self.qat is not None:
             extra["qat"] = dict(self.qat.__dict__)
         if self.head != "float":
-            extra["head"] = {"dtype": self.head}
+            extra["head"] = {"dtype": self.head, "logits": self.head_logits}
         if "npu" in (self.attention, self.head_form):
             extra["npu"] = {"normaliser": self.npu_normaliser}
         if self.tflite_large_dwconv != "xnnpack":
@@ -180,7 +183,7 @@ SCHEMA = {
                    "reciprocal_normaliser": bool},
     "substitutions": {"gelu": ("exact", "sigmoid"), "attention": ("exact", "npu"), "head": ("exact", "npu")},
     "npu": {"normaliser": ("l2", "rsqrt")},
-    "head": {"dtype": ("float", "int8")},
+    "head": {"dtype": ("float", "int8"), "logits": ("top5", "full")},
     "tflite": {"large_dwconv": ("xnnpack", "builtin")},
     "rules": "rules",
     "qat": {"epochs": float, "lr": float, "weight_decay": float, "batch_size": int,
@@ -340,6 +343,7 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         bias_correction=tr.get("bias_correction", False),
         reciprocal_normaliser=tr.get("reciprocal_normaliser", False),
         rules=tuple(rules), qat=qat, source=source, head=data.get("head", {}).get("dtype", "float"),
+        head_logits=data.get("head", {}).get("logits", "top5"),
         tflite_large_dwconv=large_dw, reconstruction=recon)
 
 

@@ -284,6 +284,28 @@ def test_plan_declares_what_calibration_attaches(graph):
     assert plan.logit_floor is not None and plan.logit_floor < float(plan.observers[graph.output].max)
 
 
+@pytest.mark.parametrize("logits", ["top5", "full"])
+def test_int8_logits_range(graph, logits):
+    """head.logits: top5 starts the int8 logits at the lowest 5th-largest calibration logit; full
+    spans every calibration logit (the observed min/max)."""
+    import dataclasses
+
+    from care_q.quant.calibrate import calibrate
+
+    plan = build_plan(graph, dataclasses.replace(load_recipe("ptq_int8"), head_logits=logits))
+    torch.manual_seed(0)
+    model = deploy(create_model("care_test", num_classes=10))
+    x = torch.randn(8, 3, 32, 32)
+    calibrate(plan, model, [x], progress=False)
+    with torch.no_grad():
+        y = model(x)
+    qp = plan.qp(graph.output)
+    step = qp.scale[0]
+    lo = float(y.topk(5, dim=1).values[:, -1].min()) if logits == "top5" else float(y.min())
+    assert abs(qp.lo - lo) <= step and abs(qp.hi - float(y.max())) <= step
+    assert (plan.logit_floor is None) == (logits == "full")
+
+
 def test_reciprocal_range_is_capped_at_one_over_the_divisors_lsb():
     """1 / den: the calibrated range, capped at 1 / one LSB of den (the largest value the guarded
     int8 divisor allows; float normalisers below one LSB, which calibration sees, would stretch it)."""
