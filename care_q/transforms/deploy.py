@@ -255,7 +255,10 @@ class DeployCARE(nn.Module):
 
     def forward(self, x: torch.Tensor, ops: Ops | None = None) -> torch.Tensor:
         ops = ops or FloatOps()
-        x = self.forward_features(x, ops)
+        return self.forward_head(self.forward_features(x, ops), ops)
+
+    def forward_head(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+        """The logits from the last block's output: pool -> GELU -> LayerNorm -> FC."""
         x = ops.tag(Role.POOL, ops.global_pool("head.pool", x))
         x = ops.tag(Role.HEAD, ops.gelu("head.act", x))
         x = ops.tag(Role.HEAD, ops.layer_norm("head.norm", x, self.ln_eps))

@@ -112,9 +112,7 @@ class NPUHeadCARE(DeployCARE):
 
     npu_normaliser = "l2"
 
-    def forward(self, x: torch.Tensor, ops: Ops | None = None) -> torch.Tensor:
-        ops = ops or FloatOps()
-        x = self.forward_features(x, ops)
+    def forward_head(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
         x = ops.tag(Role.POOL, ops.global_pool("head.pool", x))
         x = ops.tag(Role.HEAD, ops.silu("head.act", x))  # the 1.702 is in the last conv (npu_head)
         mu = ops.tag(Role.HEAD, ops.mean_axis("head.norm.mean", x, 1))

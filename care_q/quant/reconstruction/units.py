@@ -1,5 +1,6 @@
 """The units reconstruction works through, in execution order: the stem (with the input's
-quantization), each downsample, each CARE block, the head (pool -> GELU -> LayerNorm -> FC).
+quantization), each downsample, each CARE block, the head (`forward_head`: pool -> GELU -> LayerNorm ->
+FC, or the NPU graph's head).
 
 Each unit runs a piece of `DeployCARE.forward` with any `Ops`; chained with `FloatOps` they
 compute the deploy form's forward exactly (tested).
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from care_q.graph.ops import Ops
-from care_q.graph.roles import Role
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,5 @@ def units_of(dmodel) -> list[Unit]:
             ds = f"stages.{s}.downsample"
             units.append(Unit(ds, lambda x, ops, ds=ds, m=dmodel.downsample[s]: ops.conv(ds, x, m)))
         units.append(Unit(name, lambda x, ops, blk=blk, name=name: blk(x, ops, name)))
-    units.append(Unit("head", lambda x, ops: _head(dmodel, x, ops)))
+    units.append(Unit("head", dmodel.forward_head))  # the NPU graph's head too (NPUHeadCARE)
     return units
-
-
-def _head(dmodel, x: torch.Tensor, ops: Ops) -> torch.Tensor:
-    """`DeployCARE.forward` after the features."""
-    x = ops.tag(Role.POOL, ops.global_pool("head.pool", x))
-    x = ops.tag(Role.HEAD, ops.gelu("head.act", x))
-    x = ops.tag(Role.HEAD, ops.layer_norm("head.norm", x, dmodel.ln_eps))
-    return ops.output("logits", ops.tag(Role.HEAD, ops.linear("head.fc", x, dmodel.fc)))
