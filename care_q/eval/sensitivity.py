@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from care_q.data import check_classes, get_dataset, make_loader
 from care_q.errors import CareQError
@@ -32,7 +31,7 @@ from care_q.eval.analysis import layer_group
 from care_q.eval.report import write_report
 from care_q.pipeline import PrepareConfig, Prepared, prepare
 from care_q.pipeline.fidelity import fp32_logits, shipped_logits, tensor_sqnr
-from care_q.quant.fakequant import QuantOps
+from care_q.quant.mixed import MixedOps
 from care_q.quant.qtypes import DType, sqnr_db
 from care_q.utils.progress import progress_bar
 
@@ -41,31 +40,6 @@ MODES = ("only", "all_but")
 
 
 WEIGHT_OPS = ("conv", "linear")
-
-
-class MixedOps(QuantOps):
-    """`QuantOps` where the tensors `float_except` turned float also keep float weights (convs, the
-    head's linear) and no divisor guard; everything else is exactly `QuantOps`."""
-
-    def _float_weights(self, name) -> bool:
-        return self.mode == "quant" and name in self.plan.float_weights
-
-    def conv(self, name, x, conv):
-        if self._float_weights(name):
-            return self._out(name, F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                                            conv.groups))
-        return super().conv(name, x, conv)
-
-    def linear(self, name, x, fc):
-        if self._float_weights(name):
-            return self._out(name, F.linear(x, fc.weight, fc.bias))
-        return super().linear(name, x, fc)
-
-    def add_const(self, name, x, value):
-        # QuantOps rounds the constant on its int8 input's grid; a float input has none
-        if self.mode == "quant" and self.plan.qp(self.plan.graph_inputs[name][0]) is None:
-            return self._out(name, x + (self.plan.consts.get(name, value) if self.plan.quantized(name) else value))
-        return super().add_const(name, x, value)
 
 
 def group_of(name: str, spec, by: str) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from care_q.quant.fakequant import QuantOps
+from care_q.quant.mixed import MixedOps, float_weights
 from care_q.quant.plan import QuantPlan, build_plan
 from care_q.quant.qtypes import Method, sqnr_db
 from care_q.utils.layout import channels_last
@@ -69,7 +70,9 @@ def minmax_plan(plan: QuantPlan) -> QuantPlan:
 @torch.no_grad()
 def recipe_vs_minmax(dmodel, plan: QuantPlan, x: torch.Tensor) -> dict:
     """Per-tensor SQNR and the logit SQNR (fake quantization vs the deploy form in float) of the
-    recipe's plan and of `minmax_plan`, on ``x``."""
+    recipe's plan, of `minmax_plan`, and of the recipe's int8 activations on float weights
+    (``float_weights``: what the activation grid alone costs; the gap to ``recipe`` is all that
+    weight rounding, AdaRound or reconstruction of the weights, can win back), on ``x``."""
     naive = minmax_plan(plan)
     with channels_last(dmodel):
         sq_recipe, sq_naive = tensor_sqnr(dmodel, plan, x), tensor_sqnr(dmodel, naive, x)
@@ -77,6 +80,7 @@ def recipe_vs_minmax(dmodel, plan: QuantPlan, x: torch.Tensor) -> dict:
         naive_logits = dmodel(x, QuantOps(naive, "quant")).numpy()
         logits = {"recipe": sqnr_db(fl, dmodel(x, QuantOps(plan, "quant")).numpy()),
                   "minmax": sqnr_db(fl, naive_logits),
+                  "float_weights": sqnr_db(fl, dmodel(x, MixedOps(float_weights(plan), "quant")).numpy()),
                   "minmax_nonfinite": float(np.mean(~np.isfinite(naive_logits)))}
     return {"naive": naive, "logit_sqnr_db": logits,
             "sqnr_db": {k: {"recipe": v, "minmax": sq_naive.get(k)} for k, v in sq_recipe.items()}}

@@ -277,8 +277,9 @@ def test_label_names_checked_against_dataset(setup, tmp_path):
 
 def test_sensitivity(setup, tmp_path):
     from care_q.eval.analysis import prepare_plan
-    from care_q.eval.sensitivity import WEIGHT_OPS, MixedOps, float_except, layer_groups, sensitivity
+    from care_q.eval.sensitivity import WEIGHT_OPS, float_except, layer_groups, sensitivity
     from care_q.quant.fakequant import QuantOps
+    from care_q.quant.mixed import MixedOps
 
     prep = prepare_plan("care_test", weights=setup["weights"], calib=str(setup["data"]), num_calib=10, progress=False)
     plan, d = prep.plan, prep.dmodel
