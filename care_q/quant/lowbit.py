@@ -55,6 +55,25 @@ def int4_scales(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
     return (torch.clamp(amax, min=1e-12) / INT4_QMAX).float()
 
 
+CLIP_RATIOS = torch.linspace(0.5, 1.0, 51)  # of max|w|: the int4 clipping ranges searched
+
+
+def int4_mse_scales(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
+    """Symmetric int4 scales that clip: per output channel (or for the tensor), the scale
+    ``r * max|w| / 7`` (r in `CLIP_RATIOS`) with the least squared rounding error of the weights.
+    Written-back weights clamped to +-7 scale keep it: the exporters' ``max|w| / 7`` is this scale."""
+    w = w.detach().float()
+    flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+    amax = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+    best, best_err = amax / INT4_QMAX, None
+    for r in CLIP_RATIOS:
+        s = amax * float(r) / INT4_QMAX
+        err = (torch.clamp(torch.round(flat / s), -INT4_QMAX, INT4_QMAX) * s - flat).square().sum(1, keepdim=True)
+        best = s if best_err is None else torch.where(err < best_err, s, best)
+        best_err = err if best_err is None else torch.minimum(err, best_err)
+    return best.reshape(-1).expand(w.shape[0]).contiguous()
+
+
 def int4_weight(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
     """Symmetric int4 fake quantization over [-7, 7] (straight-through), per output channel."""
     scale = int4_scales(w, per_channel)

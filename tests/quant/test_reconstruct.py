@@ -80,14 +80,26 @@ def test_units_chain_to_the_deploy_form(calibrated):
                      "stages.2.blocks.0", "stages.2.blocks.1", "stages.3.downsample", "stages.3.blocks.0", "head"]
 
 
+def test_units_chain_to_the_npu_graph(calibrated):
+    """The NPU graph (NPU attention and head, `npu_int8_ptq`) through its units is its forward."""
+    net, _, _, images, _ = calibrated
+    built = build(net, parse_recipe(recon_recipe("npu_int8_ptq"), "test"), SIZE)
+    assert type(built.dmodel).__name__ == "NPUHeadCARE"
+    with torch.no_grad():
+        y = images[:4]
+        for u in units_of(built.dmodel):
+            y = u.run(y, FloatOps())
+        assert torch.equal(y, built.dmodel(images[:4]))
+
+
 def test_every_unit_and_the_logits_improve(calibrated, reconstructed):
     net, plan0, dmodel0, images, _ = calibrated
     plan, dmodel, summary, _ = reconstructed
     assert [u["name"] for u in summary["units"]] == [u.name for u in units_of(dmodel)]
     for u in summary["units"]:
         assert u["after"]["mse"] < u["before"]["mse"], u
-    # the int8 logits' range starts at the calibrated floor (only the top classes get resolution;
-    # reconstruction keeps it): the logit error is measured within that range
+    # the int8 logits' step is not learnt (reconstruction keeps the calibrated range): the logit error is
+    # measured within that range
     qp = plan.qp(plan.graph.output)
     assert qp == plan0.qp(plan.graph.output)
     # On the calibration images, what reconstruction minimises: 64 random-weight images say nothing about
@@ -211,6 +223,27 @@ def _onnx_weights(path) -> dict[str, np.ndarray]:
     m = onnx.load(str(path))
     return {i.name[:-len(".weight/q")]: numpy_helper.to_array(i) for i in m.graph.initializer
             if i.name.endswith(".weight/q")}
+
+
+def test_int4_grid_clips_where_that_rounds_better():
+    """int4: the per-channel scale of least squared error among clipped ranges; the written-back
+    weights carry it as their max|w| / 7 (what the exporters recompute), with the same codes."""
+    from care_q.quant.lowbit import int4_mse_scales, int4_scales
+    torch.manual_seed(1)
+    w = torch.randn(8, 64, 3, 3)
+    s, s_max = int4_mse_scales(w), int4_scales(w)
+
+    def err(scale):
+        sc = scale.reshape(-1, 1, 1, 1)
+        return (torch.clamp(torch.round(w / sc), -7, 7) * sc - w).square().reshape(8, -1).sum(1)
+
+    # 576 Gaussian weights per channel: every channel clips its tails and rounds better
+    assert bool((err(s) <= err(s_max)).all()) and float(err(s).sum()) < 0.95 * float(err(s_max).sum())
+    assert bool((s < 0.97 * s_max).all())
+    r = Rounding(w, 7, per_channel=True, learn=False)
+    wb = r.final_weight(learnt=False)
+    assert torch.allclose(int4_scales(wb), s, rtol=1e-6, atol=0)
+    assert torch.equal(torch.round(wb / int4_scales(wb).reshape(-1, 1, 1, 1)), r.nearest)
 
 
 @pytest.mark.parametrize("recipe", ["ptq_int8_recon", "ptq_w4a8_recon"])

@@ -1,7 +1,8 @@
 """AdaRound: learnt up-or-down rounding of one weight tensor on its fixed per-channel grid.
 
-The grid is the exporters' (``max|w| / 127`` per output channel, `care_q.quant.fakequant.weight_scales`;
-int4: ``max|w| / 7``). Each weight's code is ``floor(w / s) + h`` with ``h`` a rectified sigmoid of
+The grid is the exporters' (``max|w| / 127`` per output channel, `care_q.quant.fakequant.weight_scales`);
+int4: the clipping scale of least rounding error (`care_q.quant.lowbit.int4_mse_scales`), which the
+written-back weights (clamped to +-7 steps) carry as their ``max|w| / 7``. Each weight's code is ``floor(w / s) + h`` with ``h`` a rectified sigmoid of
 a learnt ``v`` (Nagel et al., ICML 2020): soft while learning, ``v >= 0`` (round up) at the end.
 The largest-magnitude element of each channel keeps its code +-qmax and its value, so the
 channel's maximum, and with it the scale the exporters recompute from the written-back weights,
@@ -14,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from care_q.quant.fakequant import weight_scales
-from care_q.quant.lowbit import INT4_QMAX, int4_scales
+from care_q.quant.lowbit import INT4_QMAX, int4_mse_scales
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound)
 AT_MAX = 1e-3  # |w / s| within this of qmax: a channel's maximum (its code is fixed at +-qmax)
@@ -27,7 +28,7 @@ class Rounding(nn.Module):
         super().__init__()
         w = w.detach().float()
         self.qmax = qmax
-        s = int4_scales(w, per_channel) if qmax == INT4_QMAX else weight_scales(w, per_channel, qmax).float()
+        s = int4_mse_scales(w, per_channel) if qmax == INT4_QMAX else weight_scales(w, per_channel, qmax).float()
         s = s.reshape((-1,) + (1,) * (w.dim() - 1))
         ratio = w / s
         self.register_buffer("w0", w.clone())
@@ -63,4 +64,6 @@ class Rounding(nn.Module):
         """The weights to write back: the hard codes (``learnt``, else nearest) on the grid, each
         channel's maximum unchanged."""
         codes = self.codes(soft=False) if learnt else self.nearest
+        if self.qmax == INT4_QMAX:  # the clipped grid: the channel's maximum becomes 7 * scale (`int4_mse_scales`)
+            return codes * self.scale
         return torch.where(self.fixed, self.w0, codes * self.scale)
