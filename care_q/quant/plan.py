@@ -18,13 +18,15 @@ settings. A rule that matches no tensor is an error.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 
 from care_q.errors import CareQError
 from care_q.graph.roles import Role
 from care_q.graph.trace import Graph
 from care_q.quant.qtypes import DType, Method, QParams, qparams_from_range
-from care_q.quant.recipe import Recipe
+from care_q.quant.recipe import LAST_BLOCK, Recipe
 
 SHARED_OPS = ("split", "cat", "to_heads", "from_heads", "to_tokens", "from_tokens", "retoken")
 # ops whose int8 output parameters TFLite fixes: LOGISTIC (1/256, -128), L2_NORMALIZATION (1/128, 0)
@@ -203,7 +205,16 @@ class QuantPlan:
         return out
 
 
+def last_block(graph: Graph) -> str | None:
+    """The name of the graph's last CARE block (``stages.S.blocks.B`` of the largest S, then B)."""
+    found = {(int(m[1]), int(m[2])) for n in graph.nodes if (m := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", n.name))}
+    return "stages.{}.blocks.{}".format(*max(found)) if found else None
+
+
 def build_plan(graph: Graph, recipe: Recipe) -> QuantPlan:
+    if any(r.tensors and LAST_BLOCK in r.tensors for r in recipe.rules):
+        last = last_block(graph)
+        recipe = dataclasses.replace(recipe, rules=tuple(r.for_model(last) for r in recipe.rules))
     producer = {graph.input: None, **{o: n for n in graph.nodes for o in n.outputs}}
     specs: dict[str, TensorSpec] = {}
     hits = {r.index: 0 for r in recipe.rules}

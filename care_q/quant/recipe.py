@@ -6,6 +6,7 @@ no tensor are errors that name the file, the field and its line, before any work
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
@@ -19,6 +20,11 @@ from care_q.paths import RECIPES_DIR, yaml_files
 from care_q.quant.qtypes import DType, Method
 
 TARGETS = ("tflite", "onnx")
+
+
+# In a rule's ``tensors`` regex: the model's last CARE block (e.g. stages.3.blocks.3 in care_s0), the
+# only one whose MLP output reaches the head without a residual connection.
+LAST_BLOCK = "{last_block}"
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,14 @@ class Rule:
         if self.tensors is not None and not re.fullmatch(self.tensors, name):
             return False
         return True
+
+    def for_model(self, last_block: str | None) -> Rule:
+        """The rule with `LAST_BLOCK` in ``tensors`` replaced by the model's last block (escaped)."""
+        if self.tensors is None or LAST_BLOCK not in self.tensors:
+            return self
+        if last_block is None:
+            raise CareQError(f"{self.describe()} names {LAST_BLOCK}, but this model has no CARE blocks")
+        return dataclasses.replace(self, tensors=self.tensors.replace(LAST_BLOCK, re.escape(last_block)))
 
     def describe(self) -> str:
         sel = []

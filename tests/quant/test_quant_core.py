@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -282,6 +283,25 @@ def test_plan_declares_what_calibration_attaches(graph):
     assert set(plan.observers) >= {"input", "stem", "stages.2.blocks.0.attn.den"}
     assert plan.output_qparams == plan.qp(graph.output)  # int8 head: the logits' own parameters
     assert plan.logit_floor is not None and plan.logit_floor < float(plan.observers[graph.output].max)
+
+
+def test_last_block_placeholder_selects_the_models_last_block(graph):
+    """``{last_block}`` in a rule's regex is the model's last CARE block: ptq_w4a8_recon's int4 rule
+    skips exactly that block's MLP convs."""
+    from care_q.quant.lowbit import weight_bits_of
+    from care_q.quant.plan import last_block
+
+    assert last_block(graph) == "stages.3.blocks.0"  # care_test: one block per stage
+    plan = build_plan(graph, load_recipe("ptq_w4a8_recon"))
+    bits = weight_bits_of(plan)
+    mlp = {n for n in bits if re.fullmatch(r"stages\.\d\.blocks\.\d\.inter[12]_fc[12]", n)}
+    assert {n for n, b in bits.items() if b == 4} == {n for n in mlp if not n.startswith("stages.3.blocks.0.")}
+    assert {n for n in mlp if n.startswith("stages.3.blocks.0.")} == {"stages.3.blocks.0.inter1_fc1",
+                                                                     "stages.3.blocks.0.inter1_fc2",
+                                                                     "stages.3.blocks.0.inter2_fc1"}
+    rule = parse_recipe("name: r\nrules:\n  - tensors: '{last_block}\\..*'\n    method: minmax\n", "r.yaml").rules[0]
+    with pytest.raises(CareQError, match="names {last_block}, but this model has no CARE blocks"):
+        rule.for_model(None)
 
 
 @pytest.mark.parametrize("logits", ["top5", "full"])

@@ -2,11 +2,12 @@
 
 The grid is the exporters' (``max|w| / 127`` per output channel, `care_q.quant.fakequant.weight_scales`);
 int4: the clipping scale of least rounding error (`care_q.quant.lowbit.int4_mse_scales`), which the
-written-back weights (clamped to +-7 steps) carry as their ``max|w| / 7``. Each weight's code is ``floor(w / s) + h`` with ``h`` a rectified sigmoid of
-a learnt ``v`` (Nagel et al., ICML 2020): soft while learning, ``v >= 0`` (round up) at the end.
-The largest-magnitude element of each channel keeps its code +-qmax and its value, so the
-channel's maximum, and with it the scale the exporters recompute from the written-back weights,
-is unchanged: the integer codes in the artifacts are the learnt ones.
+written-back weights (clamped to +-7 steps) carry as their ``max|w| / 7``. Each weight's code is
+``floor(w / s) + h`` with ``h`` a rectified sigmoid of a learnt ``v`` (Nagel et al., ICML 2020): soft
+while learning, ``v >= 0`` (round up) at the end. int8: the largest-magnitude element of each channel
+keeps its code +-qmax and its value, so the channel's maximum, and with it the scale the exporters
+recompute from the written-back weights, is unchanged: the integer codes in the artifacts are the
+learnt ones.
 """
 
 from __future__ import annotations
