@@ -151,11 +151,12 @@ def test_for_npu_writes_the_fully_int8_tflite(tmp_path, data_root, capsys):
 
     out = tmp_path / "npu"
     rc = main(["ptq", "--model", "care_test", "--img-size", "32", "--calib", "cifar10_test", "--data-root",
-               str(data_root), "--num-calib", "16", "--num-verify", "16", "--latency-runs", "0", "--threads", "1",
+               str(data_root), "--num-calib", "32", "--num-verify", "16", "--latency-runs", "0", "--threads", "1",
                "--for", "npu", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"]["name"] == "npu_int8_ptq" and sorted(report["artifacts"]) == ["tflite"]
+    assert [u["name"] for u in report["reconstruction"]["units"]][-1] == "head"  # calibrated, then reconstructed
     v = report["artifacts"]["tflite"]["verification"]
     assert v["top1_agreement"] == 1.0 and v["max_abs_diff"] == 0.0
     g = read_tflite(out / "care_test_int8.tflite")

@@ -105,7 +105,7 @@ def test_npu_options_bad_input(tmp_path):
         npu_head(base, "l1")
     src = Path(load_recipe("npu_int8_ptq").source).read_text()
     no_int8_head = tmp_path / "a.yaml"
-    no_int8_head.write_text(src.replace("head: {dtype: int8}\n", ""))
+    no_int8_head.write_text(src.replace("head: {dtype: int8, logits: full}\n", ""))
     with pytest.raises(CareQError, match=r"a.yaml:\d+: substitutions.head: npu is the int8 NPU head"):
         load_recipe(no_int8_head)
     stray = tmp_path / "b.yaml"
@@ -120,12 +120,10 @@ def test_npu_options_bad_input(tmp_path):
 
 # ----------------------------------------------------------------------------- the graph at 32x32
 def _recipe(form: str, tmp: Path) -> str | Path:
-    """npu_int8_ptq (normaliser l2), or a copy with ``npu: {normaliser: rsqrt}``."""
-    if form == "l2":
-        return "npu_int8_ptq"
-    path = tmp / "npu_int8_ptq_rsqrt.yaml"
-    path.write_text(Path(load_recipe("npu_int8_ptq").source).read_text()
-                    .replace("npu: {normaliser: l2}", "npu: {normaliser: rsqrt}"))
+    """npu_int8_ptq without its reconstruction, with normaliser ``form`` (l2 as shipped, or rsqrt)."""
+    src = Path(load_recipe("npu_int8_ptq").source).read_text().partition("\nreconstruction:")[0]
+    path = tmp / f"npu_int8_ptq_{form}.yaml"  # the graph as calibrated (reconstruction: tests/quant/test_reconstruct.py)
+    path.write_text(src.replace("npu: {normaliser: l2}", f"npu: {{normaliser: {form}}}") + "\n")
     return path
 
 
