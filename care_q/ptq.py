@@ -223,8 +223,8 @@ def render_markdown(r: dict, plan) -> str:
     ls = r["logit_sqnr_db_fake_quant"]
     L += ["", "## Linear attention: per-tensor SQNR (dB), this recipe vs one global min/max", "",
           f"Logits (fake-quant vs FP32): recipe {ls['recipe']:.1f} dB, min/max everywhere {ls['minmax']:.1f} dB; "
-          f"the recipe's int8 activations on float weights {ls['float_weights']:.1f} dB (what weight rounding, "
-          f"learnt or not, can at most win back is the gap to it).",
+          f"the recipe's int8 activations on float weights {ls['float_weights']:.1f} dB (what the activations' grid "
+          f"costs alone; rounding learnt against the output can go a little past it).",
           "", "| role | tensors | mean SQNR recipe | mean SQNR min/max |", "|---|---:|---:|---:|"]
     by_role: dict[str, list] = {}
     for k, v in r["sqnr_db"].items():

@@ -71,8 +71,9 @@ def minmax_plan(plan: QuantPlan) -> QuantPlan:
 def recipe_vs_minmax(dmodel, plan: QuantPlan, x: torch.Tensor) -> dict:
     """Per-tensor SQNR and the logit SQNR (fake quantization vs the deploy form in float) of the
     recipe's plan, of `minmax_plan`, and of the recipe's int8 activations on float weights
-    (``float_weights``: what the activation grid alone costs; the gap to ``recipe`` is all that
-    weight rounding, AdaRound or reconstruction of the weights, can win back), on ``x``."""
+    (``float_weights``: what the activation grid alone costs; the gap to ``recipe`` is what the
+    weights' rounding costs, which reconstruction reduces and, learning against the output, can
+    turn into a small gain), on ``x``."""
     naive = minmax_plan(plan)
     with channels_last(dmodel):
         sq_recipe, sq_naive = tensor_sqnr(dmodel, plan, x), tensor_sqnr(dmodel, naive, x)
