@@ -55,18 +55,19 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
         targets: list[str] | None = None, img_size: int | None = None, io: str | None = None,
         out: str | Path = "out", num_verify: int = 128, threads: int = 2, latency_runs: int = 0,
         fallback_synthetic: bool = False, progress: bool | None = None, seed: int = 0,
-        min_agreement: float = MIN_AGREEMENT, device: str = "auto") -> dict:
+        min_agreement: float = MIN_AGREEMENT, device: str = "auto", recon_steps: int | None = None) -> dict:
     """Quantize a CARE model to int8 artifacts and write a report. Returns the report dict.
 
     The keyword form of `run_ptq(PTQConfig(...))`. Raises CareQError before any work for an
     unknown model/set/recipe or a target the recipe cannot honour; after export, when an artifact
     agrees with the fake-quant reference on fewer than ``min_agreement`` of the verification images.
     A recipe with a ``reconstruction`` section reconstructs on ``device`` (auto: CUDA when present)
-    and checkpoints what it learnt in ``<out>/reconstruction.pt`` (a killed run resumes there).
+    and checkpoints what it learnt in ``<out>/reconstruction.pt`` (a killed run resumes there);
+    ``recon_steps`` replaces its steps per unit.
     """
     prep = PrepareConfig(model, weights=weights, recipe=recipe, calib=calib, num_calib=num_calib, img_size=img_size,
                          data_root=data_root, seed=seed, fallback_synthetic=fallback_synthetic, progress=progress,
-                         device=device)
+                         device=device, recon_steps=recon_steps)
     return run_ptq(PTQConfig(prep, targets=tuple(targets) if targets else None, io=io, out=Path(out),
                              num_verify=num_verify, threads=threads, latency_runs=latency_runs,
                              min_agreement=min_agreement))

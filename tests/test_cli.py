@@ -152,11 +152,12 @@ def test_for_npu_writes_the_fully_int8_tflite(tmp_path, data_root, capsys):
     out = tmp_path / "npu"
     rc = main(["ptq", "--model", "care_test", "--img-size", "32", "--calib", "cifar10_test", "--data-root",
                str(data_root), "--num-calib", "32", "--num-verify", "16", "--latency-runs", "0", "--threads", "1",
-               "--for", "npu", "--out", str(out)])
+               "--for", "npu", "--recon-steps", "20", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"]["name"] == "npu_int8_ptq" and sorted(report["artifacts"]) == ["tflite"]
     assert [u["name"] for u in report["reconstruction"]["units"]][-1] == "head"  # calibrated, then reconstructed
+    assert report["reconstruction"]["iterations"] == 20 == report["recipe"]["reconstruction"]["iterations"]
     v = report["artifacts"]["tflite"]["verification"]
     assert v["top1_agreement"] == 1.0 and v["max_abs_diff"] == 0.0
     g = read_tflite(out / "care_test_int8.tflite")
@@ -164,7 +165,13 @@ def test_for_npu_writes_the_fully_int8_tflite(tmp_path, data_root, capsys):
     assert not ops & {"QUANTIZE", "DEQUANTIZE", "GELU", "DIV", "ELU"}, ops
 
 
-def test_for_npu_refuses_onnx_before_any_work(tmp_path, capsys):
+def test_ptq_option_errors_before_any_work(tmp_path, capsys):
+    for args, why in ((["--for", "npu", "--recon-steps", "0"], "reconstruction steps must be at least 1, got 0"),
+                      (["--recon-steps", "5"],
+                       "recipe 'ptq_int8' has no reconstruction section: reconstruction steps do not apply")):
+        rc = main(["ptq", "--model", "care_test", *args, "--out", str(tmp_path / "o")])
+        assert rc == 2 and why in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
     rc = main(["ptq", "--model", "care_test", "--for", "npu", "--target", "tflite,onnx", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.splitlines()
     assert rc == 2 and err == ["care-q ptq: error: --for npu writes a .tflite (the NPU runtimes read TFLite); "

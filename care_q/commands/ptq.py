@@ -31,6 +31,9 @@ def add_parser(sub):
                    help="fail when an artifact's top-1 agreement with the fake-quant reference is lower")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where reconstruction recipes learn (auto: CUDA when present)")
+    p.add_argument("--recon-steps", type=int,
+                   help="reconstruction steps per unit, for recipes that reconstruct (default: the recipe's; "
+                        "fewer is faster and less exact)")
     p.add_argument("--fallback-synthetic", action="store_true",
                    help="calibrate on data-free synthetic_bn when the set is unavailable")
     p.add_argument("--out", required=True, help="output folder")
@@ -54,7 +57,8 @@ def run(args) -> int:
             num_calib=args.num_calib, recipe=recipe_for(args),
             targets=args.target.split(",") if args.target else None, img_size=args.img_size, io=args.io,
             out=args.out, num_verify=args.num_verify, threads=args.threads, latency_runs=args.latency_runs,
-            fallback_synthetic=args.fallback_synthetic, min_agreement=args.min_agreement, device=args.device)
+            fallback_synthetic=args.fallback_synthetic, min_agreement=args.min_agreement, device=args.device,
+            recon_steps=args.recon_steps)
     c = Console(highlight=False)
     for t, a in r["artifacts"].items():
         v = a["verification"]

@@ -17,7 +17,8 @@ class PrepareConfig:
     the data-free ``synthetic_bn`` set instead (noted and warned). ``img_size`` overrides the
     weights' sidecar resolution. For a recipe with a ``reconstruction`` section: ``checkpoint``, where
     what has been learnt is saved after each unit (a killed run resumes there; None: no
-    checkpoint), and ``device`` (auto: CUDA when torch sees one, else cpu).
+    checkpoint), and ``device`` (auto: CUDA when torch sees one, else cpu); ``recon_steps`` replaces
+    the recipe's ``reconstruction.iterations`` (fewer: faster, less exact).
     """
 
     model: str
@@ -32,6 +33,7 @@ class PrepareConfig:
     progress: bool | None = None
     checkpoint: Path | None = None
     device: str = "auto"
+    recon_steps: int | None = None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ is the part without data (QAT rebuilds a checkpoint's model with it).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -158,6 +159,18 @@ def calibrate_built(built: Built, rec: Recipe, ds, size: int, progress: bool | N
     return {"images": n, "seconds": seconds, "bias_correction": corrected, "reconstruction": recon}
 
 
+def with_recon_steps(rec: Recipe, steps: int | None) -> Recipe:
+    """``rec`` with ``steps`` reconstruction steps per unit (None: the recipe's own)."""
+    if steps is None:
+        return rec
+    if rec.reconstruction is None:
+        raise CareQError(f"recipe '{rec.name}' has no reconstruction section: reconstruction steps do not apply "
+                         f"(recipes with one: ptq_int8_recon, ptq_w4a8_recon, npu_int8_ptq)")
+    if steps < 1:
+        raise CareQError(f"reconstruction steps must be at least 1, got {steps}")
+    return dataclasses.replace(rec, reconstruction=dataclasses.replace(rec.reconstruction, iterations=steps))
+
+
 def check_reconstruction(rec: Recipe, images: int | None) -> None:
     """A reconstruction recipe's errors that need the number of calibration images (before any work)."""
     s = rec.reconstruction
@@ -168,7 +181,7 @@ def check_reconstruction(rec: Recipe, images: int | None) -> None:
 
 def prepare(cfg: PrepareConfig) -> Prepared:
     """Load, transform, trace, plan and calibrate (see the module docstring)."""
-    rec = load_recipe(cfg.recipe)
+    rec = with_recon_steps(load_recipe(cfg.recipe), cfg.recon_steps)
     check_reconstruction(rec, cfg.num_calib)
     if rec.reconstruction is not None:
         resolve_device(cfg.device)
