@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from care_q.errors import CareQError
-from care_q.eval.baselines import _quiet, failure
+from care_q.eval.baselines import failure, quiet
 
 INSTALL = "pip install aimet-torch==2.42.0"
 ONNX_NAME = "aimet_adaround_qdq.onnx"
@@ -90,7 +90,7 @@ def _run(stage: str, fn, *args, **kwargs):
     # AIMET's loggers write through handlers made at import (not through sys.stderr): mute below ERROR
     logging.disable(logging.WARNING)
     try:
-        with _quiet():
+        with quiet():
             return fn(*args, **kwargs)
     except Exception as e:  # AIMET's errors are results
         raise _Stage(stage, e) from e

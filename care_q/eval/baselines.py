@@ -55,7 +55,7 @@ def failure(e: BaseException, stage: str) -> dict:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """Silence the tools' warnings, logging and progress output (stdout and native stderr)."""
 
     buf = io.StringIO()
@@ -105,7 +105,7 @@ def ort_quantize_static(fp32_onnx: Path, x: np.ndarray, path: Path) -> dict:
     settings = {"quant_format": "QDQ", "per_channel": True, "calibrate_method": "MinMax",
                 "activation_type": "QInt8", "weight_type": "QInt8", "images": int(len(x))}
     with atomic_path(path) as tmp:
-        with _quiet():
+        with quiet():
             quantize_static(str(fp32_onnx), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax)
@@ -121,7 +121,7 @@ def nncf_quantize(fp32_onnx: Path, x: np.ndarray, path: Path) -> dict:
     data = nncf.Dataset([x[i:i + 1] for i in range(len(x))], lambda item: {input_name: item})
     settings = {"model_type": "TRANSFORMER", "subset_size": int(len(x)), "preset": "default (mixed)"}
     try:
-        with _quiet():
+        with quiet():
             q = nncf.quantize(model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(x))
     except nncf.InternalError as e:
         # On CARE the transformer model type's default (mixed: asymmetric activations where NNCF
@@ -133,7 +133,7 @@ def nncf_quantize(fp32_onnx: Path, x: np.ndarray, path: Path) -> dict:
         settings["preset"] = "performance"
         settings["note"] = ("the transformer default (mixed preset) fails on CARE: QConfigs for a unified scale "
                             "group (asymmetric and symmetric Add into one Concat) are not equal")
-        with _quiet():
+        with quiet():
             q = nncf.quantize(model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(x),
                               preset=nncf.QuantizationPreset.PERFORMANCE)
     with atomic_path(path) as tmp:
@@ -154,7 +154,7 @@ def aeq_static_int8(fp32_tflite: Path, x: np.ndarray, path: Path, threads: int =
         raise CareQError(f"{fp32_tflite}: signature '{sig}' has {len(inputs)} inputs, expected 1")
     settings = {"recipe": "static_wi8_ai8", "algorithm": "min_max_uniform_quant", "signature": sig,
                 "images": int(len(x))}
-    with _quiet():
+    with quiet():
         qt = quantizer.Quantizer(str(fp32_tflite), recipe.static_wi8_ai8())
         cal = qt.calibrate({sig: [{inputs[0]: x[i:i + 1]} for i in range(len(x))]}, num_threads=threads)
         result = qt.quantize(cal)
