@@ -31,7 +31,6 @@ the original error).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -43,6 +42,7 @@ import numpy as np
 
 from care_q.errors import CareQError
 from care_q.eval.baselines import failure, quiet
+from care_q.utils.io import atomic_write_bytes
 
 INSTALL = "pip install aimet-torch==2.42.0"
 ONNX_NAME = "aimet_adaround_qdq.onnx"
@@ -58,9 +58,8 @@ class _Stage(Exception):
 
 
 def _import_failure(e: BaseException) -> dict:
-    return {"type": "error", "exception": type(e).__name__, "stage": "import",
-            "message": f"aimet_torch is not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''});"
-                       f" install it with `{INSTALL}`"}
+    f = failure(e, "import")
+    return {**f, "message": f"aimet_torch is not importable ({f['message']}); install it with `{INSTALL}`"}
 
 
 def _check_args(calib_images, iterations: int, num_batches: int, batch_size: int) -> None:
@@ -217,11 +216,9 @@ def aimet_adaround(net, calib_images, out_dir: Path, *, iterations: int, num_bat
             settings["model_preparer"] = True
             sim = _flow(_prepared(copy.deepcopy(net).eval()), x, work, settings)
         res["sim"] = sim
-        with contextlib.suppress(FileNotFoundError):
-            os.makedirs(out_dir, exist_ok=True)
-            enc = work / f"{ENCODINGS_PREFIX}.encodings"
-            shutil.copyfile(enc, out_dir / f".{enc.name}.tmp")
-            os.replace(out_dir / f".{enc.name}.tmp", out_dir / f"{ENCODINGS_PREFIX}_adaround_param.encodings")
+        enc = work / f"{ENCODINGS_PREFIX}.encodings"
+        if enc.is_file():
+            atomic_write_bytes(enc.read_bytes(), out_dir / f"{ENCODINGS_PREFIX}_adaround_param.encodings")
         try:
             res["export"] = _export(sim, x, out_dir)
             res["onnx"] = _ort_check(Path(res["export"]["path"]), sim, x)

@@ -65,12 +65,11 @@ def int4_mse_scales(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
     w = w.detach().float()
     flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
     amax = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
-    best, best_err = amax / INT4_QMAX, None
+    best, best_err = amax / INT4_QMAX, torch.full_like(amax, float("inf"))
     for r in CLIP_RATIOS:
         s = amax * float(r) / INT4_QMAX
         err = (torch.clamp(torch.round(flat / s), -INT4_QMAX, INT4_QMAX) * s - flat).square().sum(1, keepdim=True)
-        best = s if best_err is None else torch.where(err < best_err, s, best)
-        best_err = err if best_err is None else torch.minimum(err, best_err)
+        best, best_err = torch.where(err < best_err, s, best), torch.minimum(err, best_err)
     return best.reshape(-1).expand(w.shape[0]).contiguous()
 
 
