@@ -21,10 +21,12 @@ import torch
 
 from care_q.errors import CareQError
 from care_q.export.fp32_baselines import fp32_baselines
+from care_q.export.tflite_profile import load_profile
 from care_q.graph.roles import Role
 from care_q.pipeline import MIN_AGREEMENT, ExportConfig, PrepareConfig, Prepared, held_out_images, prepare
 from care_q.pipeline.artifacts import agreement_failure, export_artifacts, resolve_targets
 from care_q.pipeline.fidelity import fp32_logits, recipe_vs_minmax
+from care_q.pipeline.kernels import choose_kernels
 from care_q.quant.recipe import load_recipe
 from care_q.runtime import load_runner
 from care_q.utils.io import atomic_write_json, atomic_write_text
@@ -33,6 +35,7 @@ from care_q.utils.timing import MIN_BLOCKS, block_sizes, measure_isolated
 
 ATTENTION_ROLES = (Role.ATTN_QK, Role.ATTN_ELU, Role.ATTN_PHI, Role.ATTN_KV, Role.ATTN_KMEAN,
                    Role.ATTN_DEN, Role.ATTN_NUM, Role.ATTN_OUT)
+KERNEL_PROFILE = "kernel_profile.json"  # a measured kernel profile, for --kernel-profile to reproduce the file
 FAKE_QUANT_IMAGES = 8  # images of the per-tensor SQNR comparison (recipe vs one global min/max)
 
 
@@ -48,14 +51,16 @@ class PTQConfig:
     threads: int = 2
     latency_runs: int = 0
     min_agreement: float = MIN_AGREEMENT
+    kernel_profile: Path | None = None      # recipe tflite.kernels: measured: a profile from the target device
 
 
 def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet_1k_subset",
-        data_root: str | Path | None = None, num_calib: int | None = None, recipe: str | Path = "ptq_int8",
+        data_root: str | Path | None = None, num_calib: int | None = None, recipe: str | Path = "ptq_int8_cpu",
         targets: list[str] | None = None, img_size: int | None = None, io: str | None = None,
         out: str | Path = "out", num_verify: int = 128, threads: int = 2, latency_runs: int = 0,
         fallback_synthetic: bool = False, progress: bool | None = None, seed: int = 0,
-        min_agreement: float = MIN_AGREEMENT, device: str = "auto", recon_steps: int | None = None) -> dict:
+        min_agreement: float = MIN_AGREEMENT, device: str = "auto", recon_steps: int | None = None,
+        kernel_profile: str | Path | None = None) -> dict:
     """Quantize a CARE model to int8 artifacts and write a report. Returns the report dict.
 
     The keyword form of `run_ptq(PTQConfig(...))`. Raises CareQError before any work for an
@@ -63,14 +68,17 @@ def ptq(model: str, *, weights: str | Path | None = None, calib: str = "imagenet
     agrees with the fake-quant reference on fewer than ``min_agreement`` of the verification images.
     A recipe with a ``reconstruction`` section reconstructs on ``device`` (auto: CUDA when present)
     and checkpoints what it learnt in ``<out>/reconstruction.pt`` (a killed run resumes there);
-    ``recon_steps`` replaces its steps per unit.
+    ``recon_steps`` replaces its steps per unit. A recipe with ``tflite.kernels: measured`` picks each
+    elementwise op's TFLite form (int8 or float island) by one-op timings on this machine, or from
+    ``kernel_profile`` (`care-q bench --kernel-profile`, e.g. measured on a phone).
     """
     prep = PrepareConfig(model, weights=weights, recipe=recipe, calib=calib, num_calib=num_calib, img_size=img_size,
                          data_root=data_root, seed=seed, fallback_synthetic=fallback_synthetic, progress=progress,
                          device=device, recon_steps=recon_steps)
     return run_ptq(PTQConfig(prep, targets=tuple(targets) if targets else None, io=io, out=Path(out),
                              num_verify=num_verify, threads=threads, latency_runs=latency_runs,
-                             min_agreement=min_agreement))
+                             min_agreement=min_agreement,
+                             kernel_profile=Path(kernel_profile) if kernel_profile is not None else None))
 
 
 def run_ptq(cfg: PTQConfig) -> dict:
@@ -78,12 +86,25 @@ def run_ptq(cfg: PTQConfig) -> dict:
     t_start = time.time()
     rec = load_recipe(cfg.prepare.recipe)
     targets, io = resolve_targets(rec, cfg.targets, cfg.io)
+    measured = rec.tflite_kernels == "measured" and "tflite" in targets
+    if cfg.kernel_profile is not None:
+        if rec.tflite_kernels != "measured":
+            raise CareQError(f"--kernel-profile: recipe '{rec.name}' writes every op int8 (tflite.kernels: "
+                             f"{rec.tflite_kernels}); a kernel profile applies to recipes with tflite.kernels: "
+                             f"measured (ptq_int8_cpu)")
+        load_profile(cfg.kernel_profile)  # a bad file fails before any work
     prep_cfg = cfg.prepare
     if rec.reconstruction is not None and prep_cfg.checkpoint is None:
         prep_cfg = replace(prep_cfg, checkpoint=Path(cfg.out) / "reconstruction.pt")
     prep = prepare(prep_cfg)
     model, progress = cfg.prepare.model, cfg.prepare.progress
     xv = held_out_images(prep, cfg.num_verify)
+    kernels = None
+    if measured:
+        what = f"from {cfg.kernel_profile}" if cfg.kernel_profile else "timing one-op models on this machine"
+        with stage(f"tflite: choosing int8 or float per elementwise op ({what})", progress):
+            kernels = choose_kernels(prep.plan, io, threads=cfg.threads, profile=cfg.kernel_profile,
+                                     save_to=Path(cfg.out) / KERNEL_PROFILE)
     compared = recipe_vs_minmax(prep.dmodel, prep.plan, xv[:FAKE_QUANT_IMAGES])
     export = ExportConfig(targets, io, Path(cfg.out), f"{model}_int8", cfg.num_verify, cfg.threads,
                           cfg.min_agreement, progress)
@@ -95,6 +116,7 @@ def run_ptq(cfg: PTQConfig) -> dict:
             notes.append(f"{t}: {a['verification']['note']}")
             warnings.warn(notes[-1], stacklevel=2)
     report = _report(cfg, prep, io, targets, xv, artifacts, compared, notes)
+    report["tflite_kernels"] = kernels
     if cfg.latency_runs:
         t0 = time.time()
         report["latency"] = _latency(prep.net, export.out, model, prep.img_size, artifacts, cfg.threads,
@@ -208,6 +230,7 @@ def render_markdown(r: dict, plan) -> str:
                  f"{v['max_abs_diff']:.3g} | "
                  + (f"{100 * f['top1_agreement']:.1f}%, {f['logit_sqnr_db']:.1f} dB |" if f else "|"))
     L += _reconstruction_lines(r.get("reconstruction"))
+    L += _kernel_lines(r.get("tflite_kernels"))
     L += ["", "## Where the ops run (care-q check)", ""]
     for t, a in r["artifacts"].items():
         L += [f"- {t}: " + line for line in a.get("census", [])]
@@ -244,6 +267,20 @@ def render_markdown(r: dict, plan) -> str:
                  f"{'; '.join(s.why[1:]) or s.why[0]} |")
     L += ["", f"(all {len(plan.specs)} tensors with their parameters: `report.json` -> `tensors`)", ""]
     return "\n".join(L)
+
+
+def _kernel_lines(k: dict | None) -> list[str]:
+    """Which elementwise ops the .tflite runs int8 and which as float islands, and the one-op times."""
+    if not k:
+        return []
+    ops = sorted(set(k["float_by_op"]) | set(k["int8_by_op"]))
+    return ["", f"## TFLite kernels: int8 or float island per elementwise op ({k['source']})", "",
+            f"A float island (DEQUANTIZE, the op in float, QUANTIZE) keeps the op's int8 grids; it is chosen where its "
+            f"one-op time is at most {k['margin']:.0%} of the int8 op's. Candidates' one-op time: all int8 "
+            f"{k['one_op_ms']['int8']:.2f} ms, as chosen {k['one_op_ms']['chosen']:.2f} ms. The same file again: "
+            f"`--kernel-profile {k['profile']}` (timings near the margin vary between runs).", "",
+            "| op | float islands | int8 |", "|---|---:|---:|",
+            *(f"| {o} | {k['float_by_op'].get(o, 0)} | {k['int8_by_op'].get(o, 0)} |" for o in ops)]
 
 
 def _reconstruction_lines(rc: dict | None) -> list[str]:

@@ -168,7 +168,7 @@ def test_for_npu_writes_the_fully_int8_tflite(tmp_path, data_root, capsys):
 def test_ptq_option_errors_before_any_work(tmp_path, capsys):
     for args, why in ((["--for", "npu", "--recon-steps", "0"], "reconstruction steps must be at least 1, got 0"),
                       (["--recon-steps", "5"],
-                       "recipe 'ptq_int8' has no reconstruction section: reconstruction steps do not apply")):
+                       "recipe 'ptq_int8_cpu' has no reconstruction section: reconstruction steps do not apply")):
         rc = main(["ptq", "--model", "care_test", *args, "--out", str(tmp_path / "o")])
         assert rc == 2 and why in capsys.readouterr().err
         assert not (tmp_path / "o").exists()
@@ -177,3 +177,19 @@ def test_ptq_option_errors_before_any_work(tmp_path, capsys):
     assert rc == 2 and err == ["care-q ptq: error: --for npu writes a .tflite (the NPU runtimes read TFLite); "
                                "--target onnx has no NPU form"]
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_kernel_profile(tmp_path, capsys):
+    from one_op import div_chain
+
+    model = tmp_path / "m_int8.tflite"
+    model.write_bytes(div_chain(2))
+    rc = main(["bench", "--artifacts", str(model), "--kernel-profile", str(tmp_path / "p.json"), "--runs", "3",
+               "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "DIV" in out and "the bound" in out
+    assert len(json.loads((tmp_path / "p.json").read_text())["ops"]) == 1  # the two DIVs share a signature
+    for args, why in ((["--device", "adb"], "--device and --benchmark-binary apply to --kernel-profile"),
+                      ([], "--out is required")):
+        assert main(["bench", "--artifacts", str(model), *args]) == 2
+        assert why in capsys.readouterr().err

@@ -47,7 +47,12 @@ def test_onnx_reference_is_noted_off_x86(tmp_path, data_root, monkeypatch):
 def test_report_contents(run):
     out, report = run
     data = json.loads((out / "report.json").read_text())
-    assert data["recipe"]["name"] == "ptq_int8"
+    assert data["recipe"]["name"] == "ptq_int8_cpu"
+    # the default CPU recipe timed its elementwise ops here and kept the profile it chose from
+    k = data["tflite_kernels"]
+    assert k["candidates"] == sum(k["float_by_op"].values()) + sum(k["int8_by_op"].values()) > 0
+    assert k["profile"] == str(out / "kernel_profile.json") and (out / "kernel_profile.json").exists()
+    assert "## TFLite kernels" in (out / "report.md").read_text()
     t = data["tensors"]["stages.2.blocks.0.attn.kv"]
     assert t["role"] == "attn_kv" and t["symmetric"] and t["qparams"]["zero_point"] == 0
     assert data["sqnr_db"]["stages.2.blocks.0.attn.num"]["recipe"] > 0
@@ -97,7 +102,9 @@ def test_random_weights_come_from_the_seed(tmp_path, data_root):
     for i, global_seed in enumerate((1, 2)):
         with torch.random.fork_rng(), pytest.warns(UserWarning, match="weights are random"):
             torch.manual_seed(global_seed)  # the global RNG in another state each time (restored after)
+            # the second run reuses the first's kernel timings (measured ones vary between runs)
             care_q.ptq("care_test", calib="cifar10_test", data_root=data_root, num_calib=8, img_size=32,
-                       out=tmp_path / str(i), targets=["tflite"], num_verify=8, latency_runs=0, progress=False)
+                       out=tmp_path / str(i), targets=["tflite"], num_verify=8, latency_runs=0, progress=False,
+                       kernel_profile=tmp_path / "0" / "kernel_profile.json" if i else None)
         files.append((tmp_path / str(i) / "care_test_int8.tflite").read_bytes())
     assert files[0] == files[1]

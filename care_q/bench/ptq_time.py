@@ -21,7 +21,7 @@ from care_q.ptq import stage_seconds
 def ptq_time_command(cfg: dict, P: dict) -> list[str]:
     """The command as a user types it: the defaults left out."""
     cmd = ["care-q", "ptq", "--model", P["model"], "--calib", P["calib"]]
-    for flag, value, default in (("--recipe", P["recipe"], "ptq_int8"), ("--threads", cfg["threads"], 2),
+    for flag, value, default in (("--recipe", P["recipe"], "ptq_int8_cpu"), ("--threads", cfg["threads"], 2),
                                  ("--num-calib", P.get("num_calib"), None)):
         if value != default:
             cmd += [flag, str(value)]

@@ -19,7 +19,15 @@ def add_parser(sub):
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probe (and its crash check)")
     p.add_argument("--accuracy-from", metavar="EVAL_DIR",
                    help="a care-q eval output folder (or its report.json): adds the accuracy-drop vs latency plot")
-    p.add_argument("--out", required=True, help="output folder for report.md / .json / .html")
+    p.add_argument("--kernel-profile", metavar="JSON",
+                   help="instead: time each op of one int8 .tflite (--artifacts) as int8 and as a float island, "
+                        "write the profile here (for care-q ptq --recipe ptq_int8_cpu --kernel-profile) and print "
+                        "the per-op bound")
+    p.add_argument("--device", metavar="adb[:SERIAL]",
+                   help="with --kernel-profile: time on an Android device over adb instead of this machine")
+    p.add_argument("--benchmark-binary", metavar="PATH",
+                   help="with --device: TFLite's benchmark_model built for the device")
+    p.add_argument("--out", help="output folder for report.md / .json / .html (required unless --kernel-profile)")
     # On-device benchmarking (--device adb:SERIAL ...) belongs to care_q.device.adb.run_device_bench:
     # register its options here; run() stores its return value under r["device"] before the report
     # is written (care_q.eval.report.device_blocks renders it).
@@ -31,7 +39,15 @@ def run(args) -> int:
     from rich.table import Table
 
     from care_q.bench.host import bench
+    from care_q.errors import CareQError
     from care_q.eval.report import failure_text
+
+    if args.kernel_profile:
+        return _kernel_profile(args)
+    if args.device or args.benchmark_binary:
+        raise CareQError("--device and --benchmark-binary apply to --kernel-profile")
+    if not args.out:
+        raise CareQError("--out is required (the report's folder)")
 
     r = bench(args.artifacts, threads=args.threads, runs=args.runs, blocks=args.blocks, warmup=args.warmup,
               tflite_delegates=tuple(d.strip() for d in args.tflite_delegates.split(",") if d.strip()),
@@ -61,3 +77,23 @@ def run(args) -> int:
         c.print(f"[red]{n}: {failure_text(f)}[/]")
     c.print(f"report: {args.out}/report.md, report.html ({r['seconds']} s)")
     return 1 if failed else 0
+
+
+def _kernel_profile(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from care_q.bench.kernel_profile import kernel_profile
+
+    s = kernel_profile(args.artifacts, args.kernel_profile, threads=args.threads, runs=args.runs,
+                       device=args.device, binary=args.benchmark_binary)
+    t = Table(title=f"one-op times on {s['device']}, {s['threads']} threads ({s['ops']} ops, {s['distinct']} distinct)")
+    for col in ("op", "type", "ops", "as written ms", "faster form ms", "float island faster"):
+        t.add_column(col, justify="left" if col in ("op", "type") else "right")
+    for g in s["groups"]:
+        t.add_row(g["op"], g["dtype"], str(g["count"]), f"{g['ms']:.3f}", f"{g['best_ms']:.3f}", str(g["float_faster"]))
+    c = Console()
+    c.print(t)
+    c.print(f"sum of one-op times: as written {s['ms']:.2f} ms, each op in its faster form (the bound) "
+            f"{s['bound_ms']:.2f} ms; profile: {s['profile']}")
+    return 0

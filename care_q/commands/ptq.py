@@ -6,7 +6,7 @@ from care_q.commands.common import add_data_root, add_model_args, add_threads
 from care_q.errors import CareQError
 
 # --for: which recipe serves which kind of device (a recipe given with --recipe overrides it)
-RECIPE_FOR = {"cpu": "ptq_int8", "npu": "npu_int8_ptq"}
+RECIPE_FOR = {"cpu": "ptq_int8_cpu", "npu": "npu_int8_ptq"}
 
 
 def add_parser(sub):
@@ -17,7 +17,7 @@ def add_parser(sub):
     add_data_root(p)
     p.add_argument("--num-calib", type=int, help="calibration images (default: the whole set)")
     p.add_argument("--for", dest="for_device", choices=sorted(RECIPE_FOR), default="cpu",
-                   help="the device the artifacts are for: cpu (default: recipe ptq_int8, .tflite + .onnx) or npu "
+                   help="the device the artifacts are for: cpu (default: recipe ptq_int8_cpu, .tflite + .onnx) or npu "
                         "(recipe npu_int8_ptq: a fully int8 .tflite for Edge TPU / NNAPI / Ethos-U, int8 in and out)")
     p.add_argument("--recipe", help="recipe name (care-q recipes) or YAML path (default: the --for device's)")
     p.add_argument("--target", default=None, help="comma list: tflite,onnx (default: the recipe's)")
@@ -34,6 +34,9 @@ def add_parser(sub):
     p.add_argument("--recon-steps", type=int,
                    help="reconstruction steps per unit, for recipes that reconstruct (default: the recipe's; "
                         "fewer is faster and less exact)")
+    p.add_argument("--kernel-profile", metavar="JSON",
+                   help="for recipes that choose TFLite kernels by timing (ptq_int8_cpu): one-op timings measured on "
+                        "the target device (care-q bench --kernel-profile) instead of this machine")
     p.add_argument("--fallback-synthetic", action="store_true",
                    help="calibrate on data-free synthetic_bn when the set is unavailable")
     p.add_argument("--out", required=True, help="output folder")
@@ -58,7 +61,7 @@ def run(args) -> int:
             targets=args.target.split(",") if args.target else None, img_size=args.img_size, io=args.io,
             out=args.out, num_verify=args.num_verify, threads=args.threads, latency_runs=args.latency_runs,
             fallback_synthetic=args.fallback_synthetic, min_agreement=args.min_agreement, device=args.device,
-            recon_steps=args.recon_steps)
+            recon_steps=args.recon_steps, kernel_profile=args.kernel_profile)
     c = Console(highlight=False)
     for t, a in r["artifacts"].items():
         v = a["verification"]

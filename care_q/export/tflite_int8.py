@@ -37,6 +37,9 @@ from care_q.quant.plan import QuantPlan
 from care_q.quant.qtypes import DType
 
 OP = fb.BuiltinOperator
+# graph ops the emitter can write as float islands (plan.float_kernels): DEQUANTIZE of the int8 inputs,
+# the op in float32, QUANTIZE to its int8 output
+FLOAT_KERNEL_OPS = ("div", "gelu", "elu", "add", "mul", "sub")
 _NP = {DType.INT8: np.int8, DType.UINT8: np.uint8, DType.INT16: np.int16}
 
 
@@ -83,6 +86,8 @@ class _Emitter:
         self.b = TFLiteBuilder("care-q int8 " + plan.recipe.name)
         self.idx: dict[str, int] = {}
         self.layout = _layouts(plan)
+        self._float_out: set[str] = set()      # outputs of the float island being written
+        self._dequantized: dict[str, int] = {}  # int8 tensor -> its DEQUANTIZE (shared by islands)
 
     # ---------------------------------------------------------------- tensors
     def act(self, name: str, shape=None, like: str | None = None) -> int:
@@ -91,6 +96,8 @@ class _Emitter:
         qp = self.plan.qp(spec_name)
         if shape is None:
             shape = _tfl_shape(self.plan.graph.shapes[name], self.layout[name])
+        if name in self._float_out:
+            return self.b.tensor(f"{name}.float", shape, np.float32)
         if qp is None:
             return self.b.tensor(name, shape, np.float32)
         if qp.dtype == DType.INT16:
@@ -131,7 +138,10 @@ class _Emitter:
             if qin.dtype != DType.INT8:
                 raise CareQError("int8 I/O needs an int8 input tensor")
         for n in g.nodes:
-            getattr(self, f"op_{n.op}")(n)
+            if n.name in self.plan.float_kernels:
+                self._float_island(n)
+            else:
+                getattr(self, f"op_{n.op}")(n)
         out = self.idx[g.output]
         if self.plan.quantized(g.output) and self.io == "float":  # int8 head: float logits out
             f = b.tensor("logits", b.shape_of(out), np.float32)
@@ -151,6 +161,30 @@ class _Emitter:
         if self.debug_outputs:  # every graph tensor readable after invoke (debugging numerics)
             b.outputs.extend(i for n, i in self.idx.items() if i != out and n != g.input)
         return b.to_bytes()
+
+    def _float_island(self, n) -> None:
+        """Node ``n`` in float32 on its int8 grids: DEQUANTIZE (once per int8 input tensor), the op, QUANTIZE."""
+        if n.op not in FLOAT_KERNEL_OPS:
+            raise CareQError(f"{n.name}: '{n.op}' cannot run as a float island (those are {list(FLOAT_KERNEL_OPS)})")
+        if not all(self.plan.quantized(t) for t in [*n.inputs, *n.outputs]):
+            raise CareQError(f"{n.name}: a float island needs int8 inputs and outputs")
+        b, saved = self.b, {t: self.idx[t] for t in n.inputs}
+        for t in n.inputs:
+            if t not in self._dequantized:
+                f = b.tensor(f"{t}.dequantized", b.shape_of(self.idx[t]), np.float32)
+                b.op(OP.DEQUANTIZE, [self.idx[t]], [f], version=2)
+                self._dequantized[t] = f
+            self.idx[t] = self._dequantized[t]
+        self._float_out = set(n.outputs)
+        try:
+            getattr(self, f"op_{n.op}")(n)
+        finally:
+            self._float_out = set()
+            self.idx.update(saved)
+        for o in n.outputs:
+            q = self.act(o)
+            b.op(OP.QUANTIZE, [self.idx[o]], [q], version=2)
+            self.idx[o] = q
 
     def _int8_weights(self, name: str, weight, bias, in_tensor: str):
         """(int8 weight codes in the module's layout, their per-output-channel scales, the int32
@@ -265,7 +299,7 @@ class _Emitter:
 
     def op_gelu(self, n):
         self._unary(n, OP.GELU, fb.BuiltinOptions.GeluOptions, options(fb.GeluOptionsT, approximate=False),
-                    version=2 if self.plan.quantized(n.outputs[0]) else 1)
+                    version=2 if self.plan.quantized(n.outputs[0]) and n.outputs[0] not in self._float_out else 1)
 
     def op_elu(self, n):
         self._unary(n, OP.ELU, version=2)

@@ -102,6 +102,9 @@ class QuantPlan:
     logit_floor: float | None = None
     # tensors whose conv / linear weights stay float (care_q.eval.sensitivity.float_except)
     float_weights: frozenset[str] = frozenset()
+    # nodes the .tflite computes in float between DEQUANTIZE and QUANTIZE, on their int8 grids
+    # (recipe tflite.kernels: measured; care_q.pipeline.kernels); the ONNX QDQ file is unaffected
+    float_kernels: frozenset[str] = frozenset()
     _inputs: dict[str, list[str]] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property

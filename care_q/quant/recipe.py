@@ -152,6 +152,10 @@ class Recipe:
     # builtin: depthwise convs of more than 25 taps (CARE's 7x7) run in TFLite's own int8 kernel, not
     # XNNPACK's (a runtime-made bias keeps XNNPACK off them); see care_q.quant.layout_policy.tflite_builtin_dwconv
     tflite_large_dwconv: str = "xnnpack"
+    # measured: int8 elementwise ops (DIV, GELU, ELU, ADD, MUL, SUB) run as float islands in the .tflite
+    # (DEQUANTIZE, the float op, QUANTIZE: the same grids) where one-op timings say the island is faster
+    # (care_q.pipeline.kernels; a phone's profile with care-q ptq --kernel-profile); int8: every op int8
+    tflite_kernels: str = "int8"
     reconstruction: ReconSettings | None = None  # PTQ only: see ReconSettings
 
     def to_json(self) -> dict:
@@ -178,8 +182,9 @@ class Recipe:
             extra["head"] = {"dtype": self.head, "logits": self.head_logits}
         if "npu" in (self.attention, self.head_form):
             extra["npu"] = {"normaliser": self.npu_normaliser}
-        if self.tflite_large_dwconv != "xnnpack":
-            extra["tflite"] = {"large_dwconv": self.tflite_large_dwconv}
+        if self.tflite_large_dwconv != "xnnpack" or self.tflite_kernels != "int8":
+            extra["tflite"] = {"large_dwconv": self.tflite_large_dwconv} | (
+                {"kernels": self.tflite_kernels} if self.tflite_kernels != "int8" else {})
         if self.reconstruction is not None:
             extra["reconstruction"] = self.reconstruction.to_json()
         return extra
@@ -198,7 +203,7 @@ SCHEMA = {
     "substitutions": {"gelu": ("exact", "sigmoid"), "attention": ("exact", "npu"), "head": ("exact", "npu")},
     "npu": {"normaliser": ("l2", "rsqrt")},
     "head": {"dtype": ("float", "int8"), "logits": ("top5", "full")},
-    "tflite": {"large_dwconv": ("xnnpack", "builtin")},
+    "tflite": {"large_dwconv": ("xnnpack", "builtin"), "kernels": ("int8", "measured")},
     "rules": "rules",
     "qat": {"epochs": float, "lr": float, "weight_decay": float, "batch_size": int,
             "distill_weight": float, "temperature": float, "learn_scales": bool, "freeze_bn": bool,
@@ -335,6 +340,14 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         raise CareQError(f"{source}:{data['tflite']['__lines__']['large_dwconv']}: tflite.large_dwconv: builtin "
                          f"gives those convs a runtime-made bias, which NPU delegates do not take; an NPU recipe "
                          f"(substitutions.attention: npu) needs xnnpack")
+    if data.get("tflite", {}).get("kernels", "int8") == "measured":
+        line = data["tflite"]["__lines__"]["kernels"]
+        if data.get("substitutions", {}).get("attention") == "npu":
+            raise CareQError(f"{source}:{line}: tflite.kernels: measured puts float islands in the graph; an NPU "
+                             f"recipe (substitutions.attention: npu) must stay fully int8")
+        if kind == "qat":
+            raise CareQError(f"{source}:{line}: tflite.kernels: measured is chosen after calibration by care-q ptq; "
+                             f"it is not available in QAT recipes (kind: qat)")
     if tr.get("reciprocal_normaliser") and data.get("substitutions", {}).get("attention") == "npu":
         raise CareQError(f"{source}:{tr['__lines__']['reciprocal_normaliser']}: transforms.reciprocal_normaliser "
                          f"rewrites the exact attention's division; the NPU attention (substitutions.attention: npu) "
@@ -358,7 +371,8 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         reciprocal_normaliser=tr.get("reciprocal_normaliser", False),
         rules=tuple(rules), qat=qat, source=source, head=data.get("head", {}).get("dtype", "float"),
         head_logits=data.get("head", {}).get("logits", "top5"),
-        tflite_large_dwconv=large_dw, reconstruction=recon)
+        tflite_large_dwconv=large_dw, tflite_kernels=data.get("tflite", {}).get("kernels", "int8"),
+        reconstruction=recon)
 
 
 def _check_npu(data: dict, source: str) -> None:

@@ -667,11 +667,11 @@ def test_accuracy_and_latency_run_one_sequence_and_resume(tmp_path, fake_steps, 
     ptqs = [kw for name, kw in calls if name == "ptq"]
     common = {"model": "care_s0", "data_root": "/data", "threads": 2, "progress": False, "seed": 0,
               "latency_runs": 0, "min_agreement": 0.0}
-    assert ptqs[0] == {**common, "recipe": "ptq_int8", "targets": None, "weights": Path(A["weights"]),
+    assert ptqs[0] == {**common, "recipe": "ptq_int8_cpu", "targets": None, "weights": Path(A["weights"]),
                        "calib": "cifar10_train", "num_calib": 200}
     assert ptqs[1] == {**ptqs[0], "recipe": "ptq_int8_x86", "targets": ["onnx"]}
     lat_weights = root / "latency" / "care_s0" / "weights" / "care_s0_random.pth"
-    assert ptqs[2] == {**common, "recipe": "ptq_int8", "targets": None, "weights": lat_weights,
+    assert ptqs[2] == {**common, "recipe": "ptq_int8_cpu", "targets": None, "weights": lat_weights,
                        "calib": "imagenet_1k_subset", "num_calib": 8, "img_size": 224, "num_verify": 16}
     assert ptqs[3] == {**ptqs[2], "recipe": "ptq_int8_x86", "targets": ["onnx"]}
     assert [kw for name, kw in calls if name == "fp32"] == [{"name": "care_s0", "img": 64, "samples": 8},

@@ -143,6 +143,7 @@ def test_shipped_recipes_parse():
     # tflite.large_dwconv: in the recipe's content (and a QAT run's key) only where not the default
     assert load_recipe("ptq_int8").to_json()["tflite"] == {"large_dwconv": "builtin"}
     assert "tflite" not in load_recipe("ptq_int8_full").to_json()
+    assert load_recipe("ptq_int8_cpu").to_json()["tflite"] == {"large_dwconv": "builtin", "kernels": "measured"}
     # likewise transforms.reciprocal_normaliser (a QAT run's key stays what it was without it)
     assert "reciprocal_normaliser" not in load_recipe("qat_int8").to_json()["transforms"]
 
@@ -162,6 +163,10 @@ def test_shipped_recipes_parse():
     ("name: x\nkind: qat\nsubstitutions: {attention: npu}\ntransforms: {reciprocal_normaliser: true}\n",
      r"<t>:4: transforms.reciprocal_normaliser .* the NPU attention .* has none"),
     ("name: x\ntransforms: {reciprocal_normaliser: yes please}\n", r"<t>:2: 'transforms.reciprocal_normaliser'"),
+    ("name: x\ntflite: {kernels: fast}\n", r"<t>:2: 'tflite.kernels' is 'fast'"),
+    ("name: x\nkind: qat\ntflite:\n  kernels: measured\n", r"<t>:4: tflite.kernels: measured .* not available in QAT"),
+    ("name: x\nsubstitutions: {attention: npu}\nhead: {dtype: int8}\ntflite:\n  kernels: measured\n",
+     r"<t>:5: tflite.kernels: measured .* must stay fully int8"),
 ])
 def test_recipe_errors(text, match):
     with pytest.raises(CareQError, match=match):
