@@ -177,6 +177,31 @@ def anchor_blocks(res: dict) -> list:
     return out
 
 
+def profile_blocks(res: dict) -> list:
+    """Per model: the care-q .tflite's one-op profile by op kind, its bound, and the FP32 file's sum."""
+    profs = {m: p for m, p in (res.get("profiles") or {}).items() if p}
+    if not profs:
+        return []
+    out = [R.H(2, "Per-op profile and bound (TFLite, XNNPACK)"),
+           R.P("Each op of the care-q .tflite timed as a model of its own (`care_q/export/tflite_profile.py`), int8 ops "
+               "also as float islands (DEQUANTIZE, the op in float, QUANTIZE); ops of one signature once, an empty "
+               "model's invoke cost subtracted. Bound: every op in its faster form. One-op sums are not the graph's "
+               "time (a whole graph fuses and partitions), so they are compared with each other: the care-q file's "
+               "sum against its bound, and against the FP32 file's ops timed alike.")]
+    for model, p in profs.items():
+        fp = p.get("fp32") or {}
+        within = p["ms"] / p["bound_ms"] if p["bound_ms"] else None
+        rows = [[g["op"], g["dtype"], g["count"], R.num(g["ms"], ".3f"), R.num(g["best_ms"], ".3f"), g["float_faster"]]
+                for g in p["groups"][:10]]
+        out += [R.H(3, model),
+                R.P(f"Sums: care-q file {p['ms']:.2f} ms, its bound {p['bound_ms']:.2f} ms "
+                    f"({'–' if within is None else f'{within:.2f}x'} the bound), FP32 file {R.num(fp.get('ms'))} ms "
+                    f"(care-q / FP32 {R.num(p.get('ratio_sum'))}, bound / FP32 {R.num(p.get('ratio_bound'))})."),
+                R.T(["op", "type", "ops", "as written (ms)", "faster form (ms)", "float island faster"], rows,
+                    "llrrrr")]
+    return out
+
+
 def qat_blocks(res: dict) -> list:
     qt = res.get("qat") or {}
     if not qt:
@@ -307,6 +332,7 @@ def suite_blocks(res: dict, figures: bool = True) -> list:
         out.append(R.tradeoff_figure(tradeoff_points(res), "Top-1 drop on the proxy vs latency relative to FP32 in the "
                                                            "same runtime (care_s0 at deployment resolution)"))
     out += latency_blocks(res)
+    out += profile_blocks(res)
     out += anchor_blocks(res)
     if figures and res.get("latency"):
         for model, b in res["latency"].items():

@@ -42,6 +42,7 @@ STEP_CODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "analysis": (("care_q.eval.analysis",), ()),
     "bench": (("care_q.bench.host",), ()),
     "anchors": (("care_q.bench.anchors",), ()),
+    "profile": (("care_q.export.tflite_profile",), ()),
     "qat_train": (("care_q.qat",), AFTER_TRAINING),
     "qat": (("care_q.qat",), ()),
 }

@@ -16,6 +16,7 @@ from care_q.bench.host import bench
 from care_q.bench.keys import code_digest
 from care_q.bench.steps import Steps
 from care_q.eval.evaluate import file_digest
+from care_q.export.tflite_profile import profile_tflite
 from care_q.models import create_model, randomize_like_trained, save_checkpoint
 
 NUM_VERIFY = 16  # ptq's verification images for a latency model (its weights are random: agreement only)
@@ -60,8 +61,29 @@ def run_latency(cfg: dict, Lc: dict, A: dict, root: Path, steps: Steps, data_roo
                          slow_runs=Lc["slow_runs"], memory=True, progress=progress, report=False)
 
         out[model] = {"methods": made["methods"], "baselines": made["baselines"],
-                      "bench": steps.run(f"{run.prefix}/bench", bench_cfg, do_bench)}
+                      "bench": steps.run(f"{run.prefix}/bench", bench_cfg, do_bench),
+                      "profile": run_profile(run.prefix, made["methods"], threads, steps)}
     return out
+
+
+PROFILE_RUNS = 20  # timed runs of each one-op model (median)
+
+
+def run_profile(prefix: str, methods: dict, threads: int, steps: Steps) -> dict | None:
+    """The care-q .tflite's per-op profile and bound beside its FP32 file's (`care_q.export.tflite_profile`),
+    a cached step; None where either file is missing."""
+    int8, fp32 = (methods.get(k) or {} for k in ("careq_tflite", "fp32_tflite"))
+    if not int8.get("path") or not fp32.get("path") or "failure" in int8 or "failure" in fp32:
+        return None
+    key = {"threads": threads, "runs": PROFILE_RUNS, "code": code_digest("profile"),
+           "files": {k: file_digest(Path(m["path"])) for k, m in (("int8", int8), ("fp32", fp32))}}
+
+    def do():
+        p = profile_tflite(int8["path"], threads=threads, runs=PROFILE_RUNS, fp32=fp32["path"])
+        p.pop("rows")
+        return p
+
+    return steps.run(f"{prefix}/profile", key, do)
 
 
 ANCHOR_CALIB = 8  # seeded N(0, 1) calibration images of every anchor

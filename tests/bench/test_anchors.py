@@ -206,3 +206,19 @@ def test_latency_table_shows_the_ratio_its_spread_and_the_load():
     assert "**Warning: other processes used 40%" in md
     assert "| care-q int8 TFLite | TFLite XNNPACK | 30.00 | 33.00 | 0.75x | 0.70–0.81 | 40% | 7.00 | 0.28x |" in md
     assert "| FP32 TFLite | TFLite XNNPACK | 40.00 | 41.00 | 1.00x | – | – | 25.00 | 1.00x |" in md
+
+
+def test_profile_table_sets_the_file_beside_its_bound():
+    from care_q.bench.benchmarks import profile_blocks
+    from care_q.eval import report as R
+
+    groups = [{"op": "CONV_2D", "dtype": "int8", "count": 87, "ms": 3.25, "best_ms": 3.25, "float_faster": 0},
+              {"op": "DIV", "dtype": "float32", "count": 12, "ms": 0.1, "best_ms": 0.1, "float_faster": 0}]
+    res = {"profiles": {"care_s0": {"ms": 8.4, "bound_ms": 8.0, "groups": groups, "ratio_sum": 0.75,
+                                    "ratio_bound": 0.714, "fp32": {"ms": 11.2}}, "care_s1": None}}
+    md = R.to_markdown(profile_blocks(res))
+    assert "## Per-op profile and bound (TFLite, XNNPACK)" in md and "### care_s1" not in md
+    assert "Sums: care-q file 8.40 ms, its bound 8.00 ms (1.05x the bound), FP32 file 11.20 ms " \
+           "(care-q / FP32 0.75, bound / FP32 0.71)." in md
+    assert "| CONV_2D | int8 | 87 | 3.250 | 3.250 | 0 |" in md
+    assert profile_blocks({"profiles": {}}) == []

@@ -532,8 +532,12 @@ def test_code_digest_follows_the_modules_a_step_runs(tmp_path):
     after = {k: code_digest(k, pkg) for k in kinds}
     changed = {k for k in kinds if after[k] != before[k]}
     assert {"ptq", "qat"} <= changed and not {"weights", "fp32", "qat_train"} & changed
-    _touch(pkg / "models" / "care.py")              # the model: every step
-    assert all(code_digest(k, pkg) != after[k] for k in kinds)
+    assert "profile" not in changed                 # the op profiler reads .tflite files, not the exporters
+    _touch(pkg / "export" / "tflite_profile.py")
+    assert {k for k in kinds if code_digest(k, pkg) != after[k]} == {"profile", "ptq"}  # ptq_int8_cpu times ops
+    after = {k: code_digest(k, pkg) for k in kinds}
+    _touch(pkg / "models" / "care.py")              # the model: every step that builds or runs one
+    assert {k for k in kinds if code_digest(k, pkg) == after[k]} == {"profile"}
 
 
 def test_closure_reads_every_kind_of_import(tmp_path):
@@ -634,6 +638,9 @@ def fake_steps(monkeypatch):
     monkeypatch.setattr(latency_suite, "randomize_like_trained", lambda net, seed: net)
     monkeypatch.setattr(latency_suite, "save_checkpoint", save_checkpoint)
     monkeypatch.setattr(latency_suite, "bench", lambda arts, **kw: rec("bench", files=sorted(arts), **kw) or {"n": 1})
+    monkeypatch.setattr(latency_suite, "profile_tflite",
+                        lambda path, **kw: rec("profile", file=Path(path).name, fp32=Path(kw["fp32"]).name)
+                        or {"rows": [], "ms": 1.0})
     monkeypatch.setattr(accuracy, "load_sidecar", lambda w: SimpleNamespace(input_size=(3, 64, 64)))
     monkeypatch.setattr(accuracy, "evaluate", lambda model, **kw: rec("eval", files=sorted(kw["artifacts"])) or {"e": 1})
     monkeypatch.setattr(accuracy, "prepare_plan", lambda model, **kw: rec("prepare_plan", **kw) or "plan")
@@ -685,11 +692,15 @@ def test_accuracy_and_latency_run_one_sequence_and_resume(tmp_path, fake_steps, 
     assert acc["fp32"]["onnx"] == {"path": str(root / "proxy" / "fp32" / "care_s0_fp32.onnx"), "size_bytes": 4,
                                    "verify": {"ok": True}, "exporter": "fake"}
     assert acc["analysis"] == {"plan": "plan", "num_images": 16, "data_root": "/data", "seed": 1}
-    assert lat["care_s0"]["bench"] == {"n": 1} and len(steps.timings) == 12 and steps.cached == []
+    assert lat["care_s0"]["bench"] == {"n": 1} and len(steps.timings) == 13 and steps.cached == []
+    # the per-op profile: care-q's .tflite beside its FP32 file (rows dropped from the cached result)
+    assert [kw for name, kw in calls if name == "profile"] == [{"file": "care_s0_int8.tflite",
+                                                               "fp32": "care_s0_fp32.tflite"}]
+    assert lat["care_s0"]["profile"] == {"ms": 1.0}
 
     fake_steps.clear()
     steps, acc2, lat2 = run_both()                    # everything cached
-    assert fake_steps == [] and (acc2, lat2) == (acc, lat) and len(steps.cached) == 12
+    assert fake_steps == [] and (acc2, lat2) == (acc, lat) and len(steps.cached) == 13
 
     real = latency_suite.code_digest
     monkeypatch.setattr(latency_suite, "code_digest", lambda kind: "edited" if kind == "bench" else real(kind))
@@ -699,4 +710,4 @@ def test_accuracy_and_latency_run_one_sequence_and_resume(tmp_path, fake_steps, 
     fake_steps.clear()
     (root / "proxy" / "eval.step.json").unlink()      # killed while evaluating
     steps, *_ = run_both()
-    assert [name for name, _ in fake_steps] == ["eval"] and len(steps.cached) == 11
+    assert [name for name, _ in fake_steps] == ["eval"] and len(steps.cached) == 12
