@@ -105,7 +105,7 @@ def test_ptq_from_the_wheel(wheel_env, tmp_path):
          tmp_path, env, timeout=600)
     report = json.loads((out / "report.json").read_text())
     assert Path(report["recipe"]["source"]).resolve() == \
-        next((venv / "lib").glob("python3*/site-packages")).resolve() / "care_q" / "recipes" / "ptq_int8.yaml"
+        next((venv / "lib").glob("python3*/site-packages")).resolve() / "care_q" / "recipes" / "ptq_int8_cpu.yaml"
     assert report["calibration"]["set"] == str(images) and report["calibration"]["images"] == 8
     for t, name in (("tflite", "care_test_int8.tflite"), ("onnx", "care_test_int8_qdq.onnx")):
         a = report["artifacts"][t]

@@ -21,14 +21,14 @@ N = 24  # verification / evaluation images
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory, data_root, one_torch_thread):
-    """ptq of care_test at 32 with ptq_int8 (bias correction on), and the same configuration prepared
-    again for the analyses."""
+    """ptq of care_test at 32 with the default CPU recipe (ptq_int8_cpu: ptq_int8's plan, bias correction
+    on), and the same configuration prepared again for the analyses."""
     out = tmp_path_factory.mktemp("pipeline")
     kw = dict(calib="cifar10_test", data_root=data_root, num_calib=32, img_size=32, seed=3)
     with pytest.warns(UserWarning, match="weights are random"):
         report = ptq("care_test", out=out, num_verify=N, latency_runs=0, progress=False, **kw)
     with pytest.warns(UserWarning, match="weights are random"):
-        prep = prepare(PrepareConfig("care_test", progress=False, **kw))
+        prep = prepare(PrepareConfig("care_test", recipe="ptq_int8_cpu", progress=False, **kw))
     return out, report, prep
 
 
