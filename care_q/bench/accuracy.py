@@ -20,7 +20,7 @@ def proxy_run(A: dict) -> ModelRun:
     return ModelRun(prefix=A["name"], model=A["model"], weights=Path(A["weights"]),
                     img_size=load_sidecar(A["weights"]).input_size[-1], calib=A["calib"], num_calib=A["num_calib"],
                     recipe=A["recipe"], x86_recipe=A.get("onnx_x86_recipe"), baselines=tuple(A["baselines"]),
-                    fp32_samples=8)
+                    fp32_samples=8, extra_recipes=tuple(A.get("extra_recipes") or ()))
 
 
 def run_accuracy(cfg: dict, A: dict, root: Path, steps: Steps, data_root, progress) -> dict:
@@ -49,4 +49,4 @@ def run_accuracy(cfg: dict, A: dict, root: Path, steps: Steps, data_root, progre
                                               "images": A["analysis_images"], "code": code_digest("analysis")},
                    do_analysis)
     return {"fp32": made["fp32"], "ptq": made["ptq"], "baselines": made["baselines"], "methods": made["methods"],
-            "eval": ev, "analysis": an}
+            "extra_ptq": made["extra_ptq"], "extra_methods": made["extra_methods"], "eval": ev, "analysis": an}

@@ -18,6 +18,7 @@ from care_q.eval.baselines import SUFFIX, calibration_images, run_baselines
 from care_q.export.fp32 import export_fp32
 from care_q.models import create_model
 from care_q.ptq import ptq
+from care_q.quant.recipe import load_recipe
 
 METHODS = [  # key, label, runtime, group
     ("fp32_tflite", "FP32 TFLite (litert-torch)", "tflite", "fp32"),
@@ -37,6 +38,19 @@ def artifact_file(method: str, model: str) -> str:
             "careq_tflite": f"{model}_int8.tflite", "careq_onnx": f"{model}_int8_qdq.onnx",
             "careq_onnx_x86": f"{model}_int8_x86_qdq.onnx"}.get(method) \
         or f"{model}{SUFFIX[method]}"
+
+
+RUNTIME_LABEL = {"tflite": "TFLite", "onnx": "ONNX QDQ"}
+
+
+def extra_methods(recipes) -> list[tuple[str, str, str, str]]:
+    """METHODS rows of the suite's extra care-q recipes (``accuracy.extra_recipes``): one per recipe and target."""
+    return [(f"careq_{t}:{r}", f"care-q int8 {RUNTIME_LABEL[t]}, {r}", t, "care-q")
+            for r in recipes for t in load_recipe(r).targets]
+
+
+def extra_file(model: str, recipe: str, target: str) -> str:
+    return f"{model}_int8_{recipe}.tflite" if target == "tflite" else f"{model}_int8_{recipe}_qdq.onnx"
 
 
 def method_paths(model: str, fp32_dir: Path, ptq_dir: Path, baselines: dict,
@@ -84,6 +98,7 @@ class ModelRun:
     fp32_samples: int      # images the FP32 exports are verified on
     size_arg: int | None = None     # the input size passed to ptq and the baselines' calibration (None: the checkpoint's)
     num_verify: int | None = None   # ptq's verification images (None: its default)
+    extra_recipes: tuple[str, ...] = ()  # more care-q recipes beside ``recipe`` (each a ptq step of its own)
 
     def size_kw(self) -> dict:
         return {} if self.size_arg is None else {"img_size": self.size_arg}
@@ -156,5 +171,24 @@ def make_artifacts(run: ModelRun, root: Path, steps: Steps, *, seed: int, thread
         steps.run(f"{run.prefix}/ptq_x86", {**calib, **recipe_key(run.x86_recipe), "code": code_digest("ptq")},
                   do_x86, x86)
     methods = method_paths(run.model, d / "fp32", d / "ptq", bl, x86)
+    extra = {}
+    for r in run.extra_recipes:
+        dr = d / f"ptq_{r}"
+
+        def do_extra(r=r, dr=dr):
+            torch.manual_seed(seed)
+            rep = ptq(run.model, recipe=r, out=dr, latency_runs=0, min_agreement=0.0, **common)
+            for t, a in rep["artifacts"].items():  # named by recipe: the eval's table tells them apart
+                src, a["path"] = Path(a["path"]), str(dr / extra_file(run.model, r, t))
+                os.replace(src, a["path"])
+            return strip_ptq(rep)
+
+        extra[r] = steps.run(f"{run.prefix}/ptq_{r}", {**calib, **recipe_key(r), "code": code_digest("ptq")},
+                             do_extra, dr)
+        for t in load_recipe(r).targets:
+            name = extra_file(run.model, r, t)
+            methods[f"careq_{t}:{r}"] = {"file": name, "path": str(dr / name), "source": "int8"}
     arts = {m["file"]: {"path": m["path"], "source": m["source"]} for m in methods.values() if "failure" not in m}
-    return {"fp32": fp, "ptq": pq, "baselines": bl, "methods": methods, "artifacts": arts}
+    return {"fp32": fp, "ptq": pq, "baselines": bl, "methods": methods, "artifacts": arts, "extra_ptq": extra,
+            "extra_methods": extra_methods(run.extra_recipes)}
+

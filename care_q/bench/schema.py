@@ -25,7 +25,7 @@ SCHEMA = {
     "name": _STR, "threads": _INT, "seed": _INT,
     "accuracy": {"name": _STR, "model": _STR, "weights": _OPT_STR, "dataset": _STR, "limit": _OPT_INT,
                  "calib": _STR, "num_calib": _INT, "recipe": _STR, "onnx_x86_recipe": _OPT_STR, "baselines": _LIST,
-                 "analysis_images": _INT},
+                 "extra_recipes": _LIST, "analysis_images": _INT},
     "latency": {"models": _LIST, "img_size": _INT, "calib": _STR, "num_calib": _INT, "runs": _INT, "blocks": _INT,
                 "warmup": _INT, "tflite_delegates": _LIST, "baselines": _LIST, "slow_delegates": _LIST,
                 "slow_runs": _INT, "slow_models": _LIST, "anchors": _LIST},
@@ -132,6 +132,7 @@ def load_suite(path: str | Path = SUITE, quick: bool = False, shared: str | Path
     if "qat" in data:
         _check_qat(data["qat"], at)
     _check_x86(data["accuracy"].get("onnx_x86_recipe"), at)
+    _check_extra(data["accuracy"], at)
     _check_names(data, at)
     if data["latency"]["blocks"] < MIN_BLOCKS:
         raise CareQError(f"{at('latency.blocks')}: 'latency.blocks' must be at least {MIN_BLOCKS} (the spread of the "
@@ -173,6 +174,19 @@ def _check_x86(x86: str | None, at) -> None:
     if rec.kind != "ptq" or "onnx" not in rec.targets:
         raise CareQError(f"{at('accuracy.onnx_x86_recipe')}: recipe '{x86}' must be a PTQ recipe with the onnx "
                          f"target (it is a {rec.kind} recipe for {list(rec.targets)})")
+
+
+def _check_extra(A: dict, at) -> None:
+    """accuracy.extra_recipes: PTQ recipes other than accuracy.recipe, each once."""
+    seen = [A["recipe"]]
+    for name in A["extra_recipes"]:
+        rec = _recipe(name, at("accuracy.extra_recipes"))
+        if rec.kind != "ptq":
+            raise CareQError(f"{at('accuracy.extra_recipes')}: recipe '{name}' is a {rec.kind} recipe; "
+                             f"accuracy.extra_recipes takes PTQ recipes (QAT ones go in qat.recipes)")
+        if name in seen:
+            raise CareQError(f"{at('accuracy.extra_recipes')}: recipe '{name}' is already in the accuracy section")
+        seen.append(name)
 
 
 def _check_names(data: dict, at) -> None:

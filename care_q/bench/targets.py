@@ -15,7 +15,7 @@ def method_rows(acc: dict | None, lat: dict) -> list[dict]:
     """One row per method: accuracy on the proxy, latency/size per latency model."""
     rows = []
     ev = acc["eval"] if acc else None
-    for key, label, runtime, group in METHODS:
+    for key, label, runtime, group in METHODS + [tuple(m) for m in (acc or {}).get("extra_methods") or []]:
         if not ((acc and key in acc["methods"]) or any(key in res["methods"] for res in lat.values())):
             continue  # not in this suite (the x86 recipe's ONNX without accuracy.onnx_x86_recipe)
         row = {"method": key, "label": label, "runtime": runtime, "group": group, "latency": {}}

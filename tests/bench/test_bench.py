@@ -711,3 +711,41 @@ def test_accuracy_and_latency_run_one_sequence_and_resume(tmp_path, fake_steps, 
     (root / "proxy" / "eval.step.json").unlink()      # killed while evaluating
     steps, *_ = run_both()
     assert [name for name, _ in fake_steps] == ["eval"] and len(steps.cached) == 12
+
+
+def test_extra_recipes_are_evaluated_beside_the_suite_recipe(tmp_path, fake_steps):
+    """accuracy.extra_recipes (issue 19's reconstruction recipes): a ptq step each, their files named by recipe,
+    evaluated with the rest and one table row per recipe and target."""
+    from care_q.bench.accuracy import run_accuracy
+    from care_q.bench.schema import SUITE, load_suite
+    from care_q.bench.steps import Steps
+    from care_q.bench.targets import method_rows
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "care_s0_cifar10_64.pth").write_bytes(b"trained")
+    cfg = load_suite(SUITE, quick=True, shared=tmp_path)
+    A = {**cfg["accuracy"], "extra_recipes": ["ptq_int8_recon", "ptq_w4a8_recon"]}
+    root = tmp_path / "bench"
+    acc = run_accuracy(cfg, A, root, Steps(root, log=lambda m: None), "/data", False)
+    assert [kw["recipe"] for name, kw in fake_steps if name == "ptq"] == [
+        "ptq_int8_cpu", "ptq_int8_x86", "ptq_int8_recon", "ptq_w4a8_recon"]
+    f = root / "proxy" / "ptq_ptq_w4a8_recon" / "care_s0_int8_ptq_w4a8_recon.tflite"
+    assert acc["methods"]["careq_tflite:ptq_w4a8_recon"]["path"] == str(f) and f.read_bytes() == b"ptq_w4a8_recon"
+    evaluated = [kw["files"] for name, kw in fake_steps if name == "eval"][0]
+    assert {"care_s0_int8_ptq_int8_recon.tflite", "care_s0_int8_ptq_int8_recon_qdq.onnx",
+            "care_s0_int8_ptq_w4a8_recon.tflite", "care_s0_int8_ptq_w4a8_recon_qdq.onnx"} <= set(evaluated)
+    labels = [r["label"] for r in method_rows({**acc, "eval": {"artifacts": {}}}, {})]
+    assert labels[-4:] == ["care-q int8 TFLite, ptq_int8_recon", "care-q int8 ONNX QDQ, ptq_int8_recon",
+                           "care-q int8 TFLite, ptq_w4a8_recon", "care-q int8 ONNX QDQ, ptq_w4a8_recon"]
+
+
+@pytest.mark.parametrize(("extra", "match"), [("[qat_int8]", "is a qat recipe"),
+                                              ("[ptq_int8_cpu]", "already in the accuracy section"),
+                                              ("[nope]", "unknown recipe 'nope'")])
+def test_extra_recipes_errors(tmp_path, extra, match):
+    from care_q.bench.schema import SUITE, load_suite
+
+    bad = tmp_path / "s.yaml"
+    bad.write_text(SUITE.read_text().replace("extra_recipes: [ptq_int8_recon, ptq_w4a8_recon]", f"extra_recipes: {extra}"))
+    with pytest.raises(CareQError, match=match):
+        load_suite(bad, shared=tmp_path)
