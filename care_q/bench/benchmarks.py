@@ -251,9 +251,11 @@ def npu_blocks(res: dict) -> list:
         return []
     A = res["config"]["accuracy"]
     Q = res["config"].get("qat") or {}
-    out = [R.H(2, f"NPU coverage and accuracy on the {A['model']} proxy (issue 7)"),
-           R.P("Static census (`care-q check`, no device) of each recipe's int8 .tflite: share of MACs on the "
-               "accelerator (Edge TPU: before its single CPU cut), delegated partitions, ops left on the CPU. "
+    out = [R.H(2, f"NPU coverage and accuracy on the {A['model']} proxy (issues 7, 20)"),
+           R.P("Census (`care-q check`, no device) of each recipe's int8 .tflite: Edge TPU and NNAPI FL6 by published "
+               "rules (share of MACs on the accelerator, Edge TPU: before its single CPU cut; ops left on the CPU), "
+               "Ethos-U55-128 and U85-256 compiled by Arm's Vela (ops it leaves on the CPU, NPU segments, its "
+               "estimate of the NPU's time at the proxy's input size). "
                "Accuracy: the artifact on the proxy test set (PTQ) or the fake-quant model the artifact is "
                "verified against (QAT); `npu_int8` is fine-tuned "
                + f"{(Q.get('recipe_epochs') or {}).get('npu_int8', Q.get('epochs', '?'))} epoch(s). "
@@ -268,11 +270,21 @@ def npu_blocks(res: dict) -> list:
             return R.pct((c.get(t) or {}).get("mac_share"), 2)
 
         cpu = ", ".join(f"{k} x{v}" for k, v in sorted(((c.get("nnapi:FL6") or {}).get("cpu_ops") or {}).items()))
+
+        def vela(t, c=c):
+            v = c.get(t)
+            if not v:
+                return "–"
+            ops = sum((v.get("cpu_ops") or {}).values())
+            return f"{ops} CPU ops, {v.get('segments', '?')} segments, {R.num(v.get('time_ms'))} ms"
+
         tbl.append([f"`{name}` ({r['kind']})", R.pct(r.get("top1")), R.pts(drop) if drop is not None else "–",
                     share("edgetpu"), (c.get("edgetpu") or {}).get("first_unmapped", "–"), share("nnapi:FL6"),
-                    cpu or "–", share("xnnpack"), (c.get("xnnpack") or {}).get("partitions", "–")])
+                    cpu or "–", vela("ethos-u55-128"), vela("ethos-u85-256"), share("xnnpack"),
+                    (c.get("xnnpack") or {}).get("partitions", "–")])
     out.append(R.T(["recipe", "top-1", "vs FP32", "Edge TPU MACs", "Edge TPU first unmapped op", "NNAPI FL6 MACs",
-                    "NNAPI FL6 CPU ops", "XNNPACK MACs", "XNNPACK partitions"], tbl, "lrrrlrlrr"))
+                    "NNAPI FL6 CPU ops", "Ethos-U55-128 (Vela)", "Ethos-U85-256 (Vela)", "XNNPACK MACs",
+                    "XNNPACK partitions"], tbl, "lrrrlrlllrr"))
     return out
 
 

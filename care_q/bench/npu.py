@@ -1,14 +1,16 @@
-"""The suite's NPU comparison (issue 7): a static census of care-q's PTQ proxy artifact and of every
-QAT recipe's .tflite, per NPU target, side by side with their accuracy."""
+"""The suite's NPU comparison (issues 7, 20): the census of care-q's PTQ proxy artifacts (the suite's recipe
+and its extra recipes, npu_int8_ptq among them), ai-edge-quantizer's int8 model and every QAT recipe's
+.tflite, per NPU target (Edge TPU and NNAPI FL6 by published rules, Ethos-U55/U85 compiled by Vela),
+side by side with their accuracy."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from care_q.bench.artifacts import artifact_file
+from care_q.bench.artifacts import artifact_file, extra_file
 from care_q.census import check
 
-NPU_TARGETS = ("xnnpack", "nnapi:6", "edgetpu")
+NPU_TARGETS = ("xnnpack", "nnapi:6", "edgetpu", "ethos-u55-128", "ethos-u85-256")
 
 
 def coverage(path: Path) -> dict:
@@ -18,7 +20,12 @@ def coverage(path: Path) -> dict:
     out = {}
     for key, t in rep.targets.items():
         d = t.to_dict(rep.ops)
-        e = {"mac_share": d["mac_share"], "partitions": d["partitions"], "cpu_ops": d["cpu_ops"]}
+        e = {"mac_share": d["mac_share"], "partitions": d["partitions"], "cpu_ops": d["cpu_ops"],
+             "source": d["source"]}
+        if d.get("compiled"):  # Vela: its estimate of the NPU's time, its segments
+            e["time_ms"] = None if d["compiled"].get("inference_time_s") is None else \
+                1e3 * d["compiled"]["inference_time_s"]
+            e["segments"] = len(d["segments"])
         if d.get("edgetpu") and d["edgetpu"]["first_unmapped"]:
             f = d["edgetpu"]["first_unmapped"]
             e["first_unmapped"] = f"#{f['index']} {f['op']} ({f['output']})"
@@ -31,13 +38,17 @@ def npu_coverage(acc: dict | None, qt: dict, A: dict, root: Path) -> dict:
     with their accuracy."""
     rows = {}
     if acc:
-        f = root / A["name"] / "ptq" / artifact_file("careq_tflite", A["model"])
         arts = (acc.get("eval") or {}).get("artifacts") or {}
-        m = (arts.get(f.name) or {}).get("metrics") or {}
         fp = (arts.get(artifact_file("fp32_tflite", A["model"])) or {}).get("metrics") or {}
-        if f.exists():
-            rows[A["recipe"]] = {"file": f.name, "coverage": coverage(f), "top1": m.get("top1"),
-                                 "fp32_top1": fp.get("top1"), "kind": "ptq"}
+        d = root / A["name"]
+        files = {A["recipe"]: (d / "ptq" / artifact_file("careq_tflite", A["model"]), "ptq")}
+        files |= {r: (d / f"ptq_{r}" / extra_file(A["model"], r, "tflite"), "ptq") for r in A.get("extra_recipes") or ()}
+        files["ai_edge_quantizer"] = (d / "baselines" / artifact_file("ai_edge_quantizer", A["model"]), "baseline")
+        for name, (f, kind) in files.items():
+            if f.exists():
+                m = (arts.get(f.name) or {}).get("metrics") or {}
+                rows[name] = {"file": f.name, "coverage": coverage(f), "top1": m.get("top1"),
+                              "fp32_top1": fp.get("top1"), "kind": kind}
     for name, r in qt.items():
         arts = r.get("artifacts") or {}
         tfl = next((v["file"] for v in arts.values() if v["file"].endswith(".tflite")), None)

@@ -222,3 +222,42 @@ def test_profile_table_sets_the_file_beside_its_bound():
            "(care-q / FP32 0.75, bound / FP32 0.71)." in md
     assert "| CONV_2D | int8 | 87 | 3.250 | 3.250 | 0 |" in md
     assert profile_blocks({"profiles": {}}) == []
+
+
+def test_npu_table_has_every_ptq_recipe_and_vela_columns(tmp_path):
+    """The NPU comparison reads the suite's recipe and its extra recipes (npu_int8_ptq among them) from
+    their folders, compiles each with Vela for U55/U85 beside the rule census, and renders one row each."""
+    import torch
+
+    from care_q import create_model
+    from care_q.bench.benchmarks import npu_blocks
+    from care_q.bench.npu import npu_coverage
+    from care_q.eval import report as R
+    from care_q.export.tflite_int8 import emit_tflite_int8
+    from care_q.graph.trace import trace
+    from care_q.quant.calibrate import calibrate
+    from care_q.quant.plan import build_plan
+    from care_q.quant.recipe import load_recipe
+    from care_q.transforms import deploy
+
+    torch.manual_seed(0)
+    model = deploy(create_model("care_test", num_classes=10))
+    plan = build_plan(trace(model, torch.zeros(1, 3, 32, 32)), load_recipe("ptq_int8"))
+    calibrate(plan, model, [torch.randn(16, 3, 32, 32)], progress=False)
+    data = emit_tflite_int8(plan)
+    for sub, name in (("ptq", "care_test_int8.tflite"), ("ptq_npu_int8_ptq", "care_test_int8_npu_int8_ptq.tflite")):
+        (tmp_path / "proxy" / sub).mkdir(parents=True)
+        (tmp_path / "proxy" / sub / name).write_bytes(data)
+    A = {"name": "proxy", "model": "care_test", "recipe": "ptq_int8_cpu", "extra_recipes": ["npu_int8_ptq"]}
+    acc = {"eval": {"artifacts": {"care_test_int8_npu_int8_ptq.tflite": {"metrics": {"top1": 0.74}},
+                                  "care_test_fp32.tflite": {"metrics": {"top1": 0.75}}}}}
+    rows = npu_coverage(acc, {}, A, tmp_path)
+    assert list(rows) == ["ptq_int8_cpu", "npu_int8_ptq"]  # no ai-edge-quantizer file: no row
+    c = rows["npu_int8_ptq"]["coverage"]
+    assert c["ethos-u85-256"]["source"] == "compiled" and c["ethos-u85-256"]["time_ms"] > 0
+    assert c["ethos-u85-256"]["segments"] >= 1 and c["nnapi:FL6"]["source"] == "rules"
+    res = {"npu": rows, "config": {"accuracy": {"model": "care_test"}, "qat": {}}}
+    md = R.to_markdown(npu_blocks(res))
+    assert "| Ethos-U55-128 (Vela) | Ethos-U85-256 (Vela) |" in md and "| `npu_int8_ptq` (ptq) | 74.00% | -1.00 |" in md
+    u85 = c["ethos-u85-256"]
+    assert f"| {sum(u85['cpu_ops'].values())} CPU ops, {u85['segments']} segments, {u85['time_ms']:.2f} ms |" in md
