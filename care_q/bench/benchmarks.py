@@ -263,28 +263,48 @@ def npu_blocks(res: dict) -> list:
                "on the CPU by design; the MAC shares below 100% are the FC's.")]
     tbl = []
     for name, r in rows.items():
-        c = r["coverage"]
         drop = None if r.get("top1") is None or r.get("fp32_top1") is None else 100 * (r["top1"] - r["fp32_top1"])
-
-        def share(t, c=c):
-            return R.pct((c.get(t) or {}).get("mac_share"), 2)
-
-        cpu = ", ".join(f"{k} x{v}" for k, v in sorted(((c.get("nnapi:FL6") or {}).get("cpu_ops") or {}).items()))
-
-        def vela(t, c=c):
-            v = c.get(t)
-            if not v:
-                return "–"
-            ops = sum((v.get("cpu_ops") or {}).values())
-            return f"{ops} CPU ops, {v.get('segments', '?')} segments, {R.num(v.get('time_ms'))} ms"
-
         tbl.append([f"`{name}` ({r['kind']})", R.pct(r.get("top1")), R.pts(drop) if drop is not None else "–",
-                    share("edgetpu"), (c.get("edgetpu") or {}).get("first_unmapped", "–"), share("nnapi:FL6"),
-                    cpu or "–", vela("ethos-u55-128"), vela("ethos-u85-256"), share("xnnpack"),
-                    (c.get("xnnpack") or {}).get("partitions", "–")])
-    out.append(R.T(["recipe", "top-1", "vs FP32", "Edge TPU MACs", "Edge TPU first unmapped op", "NNAPI FL6 MACs",
-                    "NNAPI FL6 CPU ops", "Ethos-U55-128 (Vela)", "Ethos-U85-256 (Vela)", "XNNPACK MACs",
-                    "XNNPACK partitions"], tbl, "lrrrlrlllrr"))
+                    *_npu_cells(r["coverage"])])
+    out.append(R.T(["recipe", "top-1", "vs FP32", *NPU_HEADERS], tbl, "lrrrlrlllrr"))
+    return out
+
+
+NPU_HEADERS = ["Edge TPU MACs", "Edge TPU first unmapped op", "NNAPI FL6 MACs", "NNAPI FL6 CPU ops",
+               "Ethos-U55-128 (Vela)", "Ethos-U85-256 (Vela)", "XNNPACK MACs", "XNNPACK partitions"]
+
+
+def _npu_cells(c: dict) -> list:
+    """One file's NPU census (`care_q.bench.npu.coverage`) as the cells of NPU_HEADERS."""
+    def share(t):
+        return R.pct((c.get(t) or {}).get("mac_share"), 2)
+
+    def vela(t):
+        v = c.get(t)
+        if not v:
+            return "–"
+        return f"{sum((v.get('cpu_ops') or {}).values())} CPU ops, {v.get('segments', '?')} segments, " \
+               f"{R.num(v.get('time_ms'))} ms"
+
+    cpu = ", ".join(f"{k} x{v}" for k, v in sorted(((c.get("nnapi:FL6") or {}).get("cpu_ops") or {}).items()))
+    return [share("edgetpu"), (c.get("edgetpu") or {}).get("first_unmapped", "–"), share("nnapi:FL6"), cpu or "–",
+            vela("ethos-u55-128"), vela("ethos-u85-256"), share("xnnpack"), (c.get("xnnpack") or {}).get("partitions", "–")]
+
+
+def npu_latency_blocks(res: dict) -> list:
+    """Issue 20 at deployment resolution: each latency model's NPU graph beside care-q's CPU file and
+    ai-edge-quantizer's, Ethos-U compiled by Vela (its estimated time at this size)."""
+    per = {m: v for m, v in (res.get("npu_latency") or {}).items() if v}
+    if not per:
+        return []
+    L = res["config"]["latency"]
+    out = [R.H(2, f"NPU compile at {L['img_size']}x{L['img_size']} (issue 20)"),
+           R.P(f"Random weights; `{L.get('npu_recipe')}` calibrated on {L['num_calib']} images with one reconstruction "
+               f"step (what Vela and the rules see is the graph, not its values). Columns as in the proxy's NPU table; "
+               f"Vela's time: its estimate for that accelerator at this input size.")]
+    for model, rows in per.items():
+        out += [R.H(3, model), R.T(["file", *NPU_HEADERS], [[f"`{r['file']}` ({name})", *_npu_cells(r["coverage"])]
+                                                             for name, r in rows.items()], "lrlrlllrr")]
     return out
 
 
@@ -344,6 +364,7 @@ def suite_blocks(res: dict, figures: bool = True) -> list:
         out.append(R.tradeoff_figure(tradeoff_points(res), "Top-1 drop on the proxy vs latency relative to FP32 in the "
                                                            "same runtime (care_s0 at deployment resolution)"))
     out += latency_blocks(res)
+    out += npu_latency_blocks(res)
     out += profile_blocks(res)
     out += anchor_blocks(res)
     if figures and res.get("latency"):

@@ -11,13 +11,15 @@ from pathlib import Path
 import torch
 
 from care_q.bench.anchors import build_anchor
-from care_q.bench.artifacts import ModelRun, make_artifacts
+from care_q.bench.artifacts import ModelRun, calib_key, make_artifacts, recipe_key
 from care_q.bench.host import bench
 from care_q.bench.keys import code_digest
+from care_q.bench.npu import coverage
 from care_q.bench.steps import Steps
 from care_q.eval.evaluate import file_digest
 from care_q.export.tflite_profile import profile_tflite
 from care_q.models import create_model, randomize_like_trained, save_checkpoint
+from care_q.ptq import ptq
 
 NUM_VERIFY = 16  # ptq's verification images for a latency model (its weights are random: agreement only)
 
@@ -62,8 +64,44 @@ def run_latency(cfg: dict, Lc: dict, A: dict, root: Path, steps: Steps, data_roo
 
         out[model] = {"methods": made["methods"], "baselines": made["baselines"],
                       "bench": steps.run(f"{run.prefix}/bench", bench_cfg, do_bench),
-                      "profile": run_profile(run.prefix, made["methods"], threads, steps)}
+                      "profile": run_profile(run.prefix, made["methods"], threads, steps),
+                      "npu": run_npu(run, Lc.get("npu_recipe"), made["methods"], root, steps, seed=seed,
+                                     threads=threads, data_root=data_root)}
     return out
+
+
+NPU_RECON_STEPS = 1  # the NPU graph's structure is what Vela compiles: one reconstruction step, not the recipe's
+
+
+def run_npu(run: ModelRun, recipe: str | None, methods: dict, root: Path, steps: Steps, *, seed: int, threads: int,
+            data_root) -> dict | None:
+    """Issue 20 at deployment resolution: the model's NPU graph by ``recipe`` (a ptq step), then the NPU census
+    (`care_q.bench.npu.coverage`: Edge TPU and NNAPI by rules, Ethos-U by Vela) of it, of care-q's CPU .tflite
+    and of ai-edge-quantizer's: {label: {"file", "coverage"}}; None without a recipe."""
+    if not recipe:
+        return None
+    d = root / run.prefix / "ptq_npu"
+
+    def do_ptq():
+        torch.manual_seed(seed)
+        rep = ptq(run.model, recipe=recipe, weights=run.weights, calib=run.calib, num_calib=run.num_calib,
+                  data_root=data_root, threads=threads, seed=seed, out=d, latency_runs=0, min_agreement=0.0,
+                  recon_steps=NPU_RECON_STEPS, progress=False, **run.ptq_kw())
+        return {"path": rep["artifacts"]["tflite"]["path"]}
+
+    made = steps.run(f"{run.prefix}/ptq_npu", {**calib_key(run, seed), **recipe_key(recipe), "recon_steps":
+                                               NPU_RECON_STEPS, "code": code_digest("ptq")}, do_ptq, d)
+    files = {recipe: Path(made["path"])}
+    for key, label in (("careq_tflite", run.recipe), ("ai_edge_quantizer", "ai_edge_quantizer")):
+        m = methods.get(key) or {}
+        if m.get("path") and "failure" not in m and Path(m["path"]).exists():
+            files[label] = Path(m["path"])
+    key = {"code": code_digest("npu"), "files": {k: file_digest(f) for k, f in files.items()}}
+
+    def do():
+        return {k: {"file": f.name, "coverage": coverage(f)} for k, f in files.items()}
+
+    return steps.run(f"{run.prefix}/npu", key, do)
 
 
 PROFILE_RUNS = 20  # timed runs of each one-op model (median)

@@ -28,7 +28,7 @@ SCHEMA = {
                  "extra_recipes": _LIST, "analysis_images": _INT},
     "latency": {"models": _LIST, "img_size": _INT, "calib": _STR, "num_calib": _INT, "runs": _INT, "blocks": _INT,
                 "warmup": _INT, "tflite_delegates": _LIST, "baselines": _LIST, "slow_delegates": _LIST,
-                "slow_runs": _INT, "slow_models": _LIST, "anchors": _LIST},
+                "slow_runs": _INT, "slow_models": _LIST, "anchors": _LIST, "npu_recipe": _OPT_STR},
     "targets": {"accuracy_drop_pt": _FLOAT, "tflite_latency_ratio": _FLOAT, "onnx_latency_ratio": _FLOAT,
                 "size_ratio": _FLOAT},
     "qat": {"recipes": _LIST, "dataset": _STR, "epochs": _FLOAT, "recipe_epochs": _FLOAT_MAP, "limit": _OPT_INT,
@@ -133,6 +133,7 @@ def load_suite(path: str | Path = SUITE, quick: bool = False, shared: str | Path
         _check_qat(data["qat"], at)
     _check_x86(data["accuracy"].get("onnx_x86_recipe"), at)
     _check_extra(data["accuracy"], at)
+    _check_npu(data["latency"].get("npu_recipe"), at)
     _check_names(data, at)
     if data["latency"]["blocks"] < MIN_BLOCKS:
         raise CareQError(f"{at('latency.blocks')}: 'latency.blocks' must be at least {MIN_BLOCKS} (the spread of the "
@@ -187,6 +188,15 @@ def _check_extra(A: dict, at) -> None:
         if name in seen:
             raise CareQError(f"{at('accuracy.extra_recipes')}: recipe '{name}' is already in the accuracy section")
         seen.append(name)
+
+
+def _check_npu(name: str | None, at) -> None:
+    if not name:
+        return
+    rec = _recipe(name, at("latency.npu_recipe"))
+    if rec.kind != "ptq" or rec.attention != "npu":
+        raise CareQError(f"{at('latency.npu_recipe')}: recipe '{name}' must be a PTQ recipe of the NPU graph "
+                         f"(substitutions.attention: npu), like npu_int8_ptq")
 
 
 def _check_names(data: dict, at) -> None:

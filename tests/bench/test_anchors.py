@@ -260,4 +260,13 @@ def test_npu_table_has_every_ptq_recipe_and_vela_columns(tmp_path):
     md = R.to_markdown(npu_blocks(res))
     assert "| Ethos-U55-128 (Vela) | Ethos-U85-256 (Vela) |" in md and "| `npu_int8_ptq` (ptq) | 74.00% | -1.00 |" in md
     u85 = c["ethos-u85-256"]
-    assert f"| {sum(u85['cpu_ops'].values())} CPU ops, {u85['segments']} segments, {u85['time_ms']:.2f} ms |" in md
+    cell = f"| {sum(u85['cpu_ops'].values())} CPU ops, {u85['segments']} segments, {u85['time_ms']:.2f} ms |"
+    assert cell in md
+    # the same census per latency model at deployment resolution (issue 20's table at 224)
+    from care_q.bench.benchmarks import npu_latency_blocks
+
+    res = {"npu_latency": {"care_s0": {"npu_int8_ptq": rows["npu_int8_ptq"]}, "care_s1": None},
+           "config": {"latency": {"img_size": 224, "num_calib": 8, "npu_recipe": "npu_int8_ptq"}}}
+    md = R.to_markdown(npu_latency_blocks(res))
+    assert "## NPU compile at 224x224 (issue 20)" in md and "### care_s1" not in md
+    assert "| `care_test_int8_npu_int8_ptq.tflite` (npu_int8_ptq) |" in md and cell in md

@@ -534,7 +534,8 @@ def test_code_digest_follows_the_modules_a_step_runs(tmp_path):
     assert {"ptq", "qat"} <= changed and not {"weights", "fp32", "qat_train"} & changed
     assert "profile" not in changed                 # the op profiler reads .tflite files, not the exporters
     _touch(pkg / "export" / "tflite_profile.py")
-    assert {k for k in kinds if code_digest(k, pkg) != after[k]} == {"profile", "ptq"}  # ptq_int8_cpu times ops
+    # ptq_int8_cpu times ops; the NPU census step reads files through the bench helpers that import ptq
+    assert {k for k in kinds if code_digest(k, pkg) != after[k]} == {"npu", "profile", "ptq"}
     after = {k: code_digest(k, pkg) for k in kinds}
     _touch(pkg / "models" / "care.py")              # the model: every step that builds or runs one
     assert {k for k in kinds if code_digest(k, pkg) == after[k]} == {"profile"}
@@ -638,6 +639,8 @@ def fake_steps(monkeypatch):
     monkeypatch.setattr(latency_suite, "randomize_like_trained", lambda net, seed: net)
     monkeypatch.setattr(latency_suite, "save_checkpoint", save_checkpoint)
     monkeypatch.setattr(latency_suite, "bench", lambda arts, **kw: rec("bench", files=sorted(arts), **kw) or {"n": 1})
+    monkeypatch.setattr(latency_suite, "ptq", ptq)
+    monkeypatch.setattr(latency_suite, "coverage", lambda path: rec("npu", file=Path(path).name) or {"u85": 1})
     monkeypatch.setattr(latency_suite, "profile_tflite",
                         lambda path, **kw: rec("profile", file=Path(path).name, fp32=Path(kw["fp32"]).name)
                         or {"rows": [], "ms": 1.0})
@@ -692,7 +695,17 @@ def test_accuracy_and_latency_run_one_sequence_and_resume(tmp_path, fake_steps, 
     assert acc["fp32"]["onnx"] == {"path": str(root / "proxy" / "fp32" / "care_s0_fp32.onnx"), "size_bytes": 4,
                                    "verify": {"ok": True}, "exporter": "fake"}
     assert acc["analysis"] == {"plan": "plan", "num_images": 16, "data_root": "/data", "seed": 1}
-    assert lat["care_s0"]["bench"] == {"n": 1} and len(steps.timings) == 13 and steps.cached == []
+    assert lat["care_s0"]["bench"] == {"n": 1} and len(steps.timings) == 15 and steps.cached == []
+    # issue 20 at 224: the NPU graph by the suite's npu_recipe (one reconstruction step), then the NPU census
+    # of it, of care-q's CPU file and of ai-edge-quantizer's
+    assert ptqs[4] == {**common, "recipe": "npu_int8_ptq", "targets": None, "weights": lat_weights,
+                       "calib": "imagenet_1k_subset", "num_calib": 8, "img_size": 224, "num_verify": 16,
+                       "recon_steps": 1}
+    assert [kw["file"] for name, kw in calls if name == "npu"] == [
+        "care_s0_int8.tflite", "care_s0_int8.tflite", "care_s0_aeq_int8.tflite"]
+    assert lat["care_s0"]["npu"] == {"npu_int8_ptq": {"file": "care_s0_int8.tflite", "coverage": {"u85": 1}},
+                                     "ptq_int8_cpu": {"file": "care_s0_int8.tflite", "coverage": {"u85": 1}},
+                                     "ai_edge_quantizer": {"file": "care_s0_aeq_int8.tflite", "coverage": {"u85": 1}}}
     # the per-op profile: care-q's .tflite beside its FP32 file (rows dropped from the cached result)
     assert [kw for name, kw in calls if name == "profile"] == [{"file": "care_s0_int8.tflite",
                                                                "fp32": "care_s0_fp32.tflite"}]
@@ -700,7 +713,7 @@ def test_accuracy_and_latency_run_one_sequence_and_resume(tmp_path, fake_steps, 
 
     fake_steps.clear()
     steps, acc2, lat2 = run_both()                    # everything cached
-    assert fake_steps == [] and (acc2, lat2) == (acc, lat) and len(steps.cached) == 13
+    assert fake_steps == [] and (acc2, lat2) == (acc, lat) and len(steps.cached) == 15
 
     real = latency_suite.code_digest
     monkeypatch.setattr(latency_suite, "code_digest", lambda kind: "edited" if kind == "bench" else real(kind))
@@ -710,7 +723,7 @@ def test_accuracy_and_latency_run_one_sequence_and_resume(tmp_path, fake_steps, 
     fake_steps.clear()
     (root / "proxy" / "eval.step.json").unlink()      # killed while evaluating
     steps, *_ = run_both()
-    assert [name for name, _ in fake_steps] == ["eval"] and len(steps.cached) == 12
+    assert [name for name, _ in fake_steps] == ["eval"] and len(steps.cached) == 14
 
 
 def test_extra_recipes_are_evaluated_beside_the_suite_recipe(tmp_path, fake_steps):
@@ -746,6 +759,6 @@ def test_extra_recipes_errors(tmp_path, extra, match):
     from care_q.bench.schema import SUITE, load_suite
 
     bad = tmp_path / "s.yaml"
-    bad.write_text(SUITE.read_text().replace("extra_recipes: [ptq_int8_recon, ptq_w4a8_recon]", f"extra_recipes: {extra}"))
+    bad.write_text(SUITE.read_text().replace("extra_recipes: [ptq_int8_recon, ptq_w4a8_recon, npu_int8_ptq]", f"extra_recipes: {extra}"))
     with pytest.raises(CareQError, match=match):
         load_suite(bad, shared=tmp_path)
