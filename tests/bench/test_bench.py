@@ -759,6 +759,7 @@ def test_extra_recipes_errors(tmp_path, extra, match):
     from care_q.bench.schema import SUITE, load_suite
 
     bad = tmp_path / "s.yaml"
-    bad.write_text(SUITE.read_text().replace("extra_recipes: [ptq_int8_recon, ptq_w4a8_recon, npu_int8_ptq]", f"extra_recipes: {extra}"))
+    text = SUITE.read_text()
+    bad.write_text(text.replace("extra_recipes: [ptq_int8_recon, ptq_w4a8_recon, npu_int8_ptq]", f"extra_recipes: {extra}"))
     with pytest.raises(CareQError, match=match):
         load_suite(bad, shared=tmp_path)
