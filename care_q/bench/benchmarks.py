@@ -299,7 +299,7 @@ def npu_latency_blocks(res: dict) -> list:
         return []
     L = res["config"]["latency"]
     out = [R.H(2, f"NPU compile at {L['img_size']}x{L['img_size']} (issue 20)"),
-           R.P(f"Random weights; `{L.get('npu_recipe')}` calibrated on {L['num_calib']} images with one reconstruction "
+           R.P(f"Random weights; `{L.get('npu_recipe')}` calibrated on at least 32 images with one reconstruction "
                f"step (what Vela and the rules see is the graph, not its values). Columns as in the proxy's NPU table; "
                f"Vela's time: its estimate for that accelerator at this input size.")]
     for model, rows in per.items():

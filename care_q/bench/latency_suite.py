@@ -71,6 +71,7 @@ def run_latency(cfg: dict, Lc: dict, A: dict, root: Path, steps: Steps, data_roo
 
 
 NPU_RECON_STEPS = 1  # the NPU graph's structure is what Vela compiles: one reconstruction step, not the recipe's
+NPU_CALIB = 32       # at least one reconstruction batch of the NPU recipe
 
 
 def run_npu(run: ModelRun, recipe: str | None, methods: dict, root: Path, steps: Steps, *, seed: int, threads: int,
@@ -84,13 +85,14 @@ def run_npu(run: ModelRun, recipe: str | None, methods: dict, root: Path, steps:
 
     def do_ptq():
         torch.manual_seed(seed)
-        rep = ptq(run.model, recipe=recipe, weights=run.weights, calib=run.calib, num_calib=run.num_calib,
+        rep = ptq(run.model, recipe=recipe, weights=run.weights, calib=run.calib, num_calib=max(run.num_calib, NPU_CALIB),
                   data_root=data_root, threads=threads, seed=seed, out=d, latency_runs=0, min_agreement=0.0,
                   recon_steps=NPU_RECON_STEPS, progress=False, **run.ptq_kw())
         return {"path": rep["artifacts"]["tflite"]["path"]}
 
     made = steps.run(f"{run.prefix}/ptq_npu", {**calib_key(run, seed), **recipe_key(recipe), "recon_steps":
-                                               NPU_RECON_STEPS, "code": code_digest("ptq")}, do_ptq, d)
+                                               NPU_RECON_STEPS, "npu_calib": NPU_CALIB, "code": code_digest("ptq")},
+                     do_ptq, d)
     files = {recipe: Path(made["path"])}
     for key, label in (("careq_tflite", run.recipe), ("ai_edge_quantizer", "ai_edge_quantizer")):
         m = methods.get(key) or {}

@@ -699,8 +699,8 @@ def test_accuracy_and_latency_run_one_sequence_and_resume(tmp_path, fake_steps, 
     # issue 20 at 224: the NPU graph by the suite's npu_recipe (one reconstruction step), then the NPU census
     # of it, of care-q's CPU file and of ai-edge-quantizer's
     assert ptqs[4] == {**common, "recipe": "npu_int8_ptq", "targets": None, "weights": lat_weights,
-                       "calib": "imagenet_1k_subset", "num_calib": 8, "img_size": 224, "num_verify": 16,
-                       "recon_steps": 1}
+                       "calib": "imagenet_1k_subset", "num_calib": 32, "img_size": 224, "num_verify": 16,
+                       "recon_steps": 1}  # one reconstruction batch at least
     assert [kw["file"] for name, kw in calls if name == "npu"] == [
         "care_s0_int8.tflite", "care_s0_int8.tflite", "care_s0_aeq_int8.tflite"]
     assert lat["care_s0"]["npu"] == {"npu_int8_ptq": {"file": "care_s0_int8.tflite", "coverage": {"u85": 1}},
