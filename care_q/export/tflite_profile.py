@@ -143,18 +143,32 @@ class _OneOp:
         return _pack(self.m)
 
 
-def _as_written(m, op) -> bytes:
-    sg, one = m.subgraphs[0], _OneOp(m)
-    ins = []
+def _inputs(m, op, take) -> list[int] | None:
+    """The op's inputs in a one-op model: absent ones (-1) kept, each other ``take(src, constant data or None)``
+    (its index there, or None: the op has no such form)."""
+    out = []
     for t in op.inputs:
         if t < 0:
-            ins.append(-1)
+            out.append(-1)
             continue
-        src = sg.tensors[t]
-        data = _const(m, src)
-        ins.append(one.tensor(src, data=data))
+        src = m.subgraphs[0].tensors[t]
+        i = take(src, _const(m, src))
+        if i is None:
+            return None
+        out.append(i)
+    return out
+
+
+def _as_written(m, op) -> bytes:
+    sg, one = m.subgraphs[0], _OneOp(m)
+
+    def take(src, data):
+        i = one.tensor(src, data=data)
         if data is None:
-            one.sg.inputs.append(ins[-1])
+            one.sg.inputs.append(i)
+        return i
+
+    ins = _inputs(m, op, take)
     outs = [one.tensor(sg.tensors[t]) for t in op.outputs]
     one.add(op.opcodeIndex, ins, outs, like=op)
     one.sg.outputs = outs
@@ -168,26 +182,24 @@ def _island(m, op) -> bytes | None:
         return None
     one = _OneOp(m)
     dq, qz = one.code(fb.BuiltinOperator.DEQUANTIZE, 2), one.code(fb.BuiltinOperator.QUANTIZE, 2)
-    ins = []
-    for t in op.inputs:
-        if t < 0:
-            ins.append(-1)
-            continue
-        src = sg.tensors[t]
-        data = _const(m, src)
+
+    def take(src, data):
         quant = src.quantization is not None and src.quantization.scale is not None and len(src.quantization.scale)
         if data is not None:
             if src.type in _QUANTIZED or (src.type == fb.TensorType.INT32 and quant):  # weights, biases
-                ins.append(one.tensor(src, fb.TensorType.FLOAT32, _dequantized(src, data), keep_quant=False))
-            else:  # shapes, axes, permutations
-                ins.append(one.tensor(src, data=data))
-        elif src.type in _QUANTIZED:
-            q = one.tensor(src)
-            one.sg.inputs.append(q)
-            ins.append(one.tensor(src, fb.TensorType.FLOAT32, keep_quant=False))
-            one.add(dq, [q], [ins[-1]])
-        else:  # a run-time int32 operand (a bias made at run time): no float form
+                return one.tensor(src, fb.TensorType.FLOAT32, _dequantized(src, data), keep_quant=False)
+            return one.tensor(src, data=data)  # shapes, axes, permutations
+        if src.type not in _QUANTIZED:  # a run-time int32 operand (a bias made at run time): no float form
             return None
+        q = one.tensor(src)
+        one.sg.inputs.append(q)
+        f = one.tensor(src, fb.TensorType.FLOAT32, keep_quant=False)
+        one.add(dq, [q], [f])
+        return f
+
+    ins = _inputs(m, op, take)
+    if ins is None:
+        return None
     fouts = [one.tensor(sg.tensors[t], fb.TensorType.FLOAT32, keep_quant=False) for t in op.outputs]
     c = m.operatorCodes[op.opcodeIndex]
     one.add(one.code(max(c.builtinCode, c.deprecatedBuiltinCode), 1), ins, fouts, like=op)
