@@ -185,9 +185,9 @@ def make_artifacts(run: ModelRun, root: Path, steps: Steps, *, seed: int, thread
 
         extra[r] = steps.run(f"{run.prefix}/ptq_{r}", {**calib, **recipe_key(r), "code": code_digest("ptq")},
                              do_extra, dr)
-        for t in load_recipe(r).targets:
+        for key, _, t, _ in extra_methods([r]):
             name = extra_file(run.model, r, t)
-            methods[f"careq_{t}:{r}"] = {"file": name, "path": str(dr / name), "source": "int8"}
+            methods[key] = {"file": name, "path": str(dr / name), "source": "int8"}
     arts = {m["file"]: {"path": m["path"], "source": m["source"]} for m in methods.values() if "failure" not in m}
     return {"fp32": fp, "ptq": pq, "baselines": bl, "methods": methods, "artifacts": arts, "extra_ptq": extra,
             "extra_methods": extra_methods(run.extra_recipes)}

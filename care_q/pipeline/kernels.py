@@ -49,7 +49,7 @@ def choose_kernels(plan: QuantPlan, io: str = "float", *, threads: int = 2, runs
     plan.float_kernels = frozenset(choice["float"])
     by_op = Counter(cand[n] for n in choice["float"])
     return {"source": str(profile) if profile is not None else f"measured on this machine ({threads} threads)",
-            "profile": str(profile if profile is not None else save_to),
+            "profile": None if profile is None and save_to is None else str(profile if profile is not None else save_to),
             "device": prof.get("device", "host"), "margin": MARGIN, "candidates": len(cand),
             "float": choice["float"], "float_by_op": dict(by_op),
             "int8_by_op": dict(Counter(cand.values()) - by_op),

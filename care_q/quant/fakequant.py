@@ -263,7 +263,7 @@ class QuantOps(Ops):
 
     def add(self, name, a, b):
         ins = self.plan.graph_inputs[name]
-        if self.xnnpack and len(ins) == 2 and name not in self.plan.float_kernels and self._exact_ok(name, ins):
+        if self._tflite_int8_kernel(name) and len(ins) == 2 and self._exact_ok(name, ins):
             y = self._xnnpack_add(name, a, b, ins)
             if y is not None:
                 return self._out(name, y)
@@ -292,10 +292,14 @@ class QuantOps(Ops):
             return self._out(name, self._dq(name, q).to(a.dtype))
         return self._out(name, a * b)
 
+    def _tflite_int8_kernel(self, name: str) -> bool:
+        """The TFLite reference, and node ``name`` runs TFLite's int8 kernel (not a float island, plan.float_kernels)."""
+        return self.xnnpack and name not in self.plan.float_kernels
+
     def _tflite_ok(self, name: str, inputs: list[str], *xs: torch.Tensor) -> bool:
         """Emulate TFLite's int8 kernel: the TFLite reference, every tensor int8, no gradient
         wanted (QAT trains the float path)."""
-        return self.xnnpack and name not in self.plan.float_kernels and self._int8_ok(name, inputs, *xs)
+        return self._tflite_int8_kernel(name) and self._int8_ok(name, inputs, *xs)
 
     def _int8_ok(self, name: str, inputs: list[str], *xs: torch.Tensor) -> bool:
         """A runtime's int8 kernel can be emulated: exact mode, every tensor int8, no gradient."""
