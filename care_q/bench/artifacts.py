@@ -79,7 +79,11 @@ def strip_ptq(rep: dict) -> dict:
     """The parts of a ptq report the suite keeps (the per-tensor table stays in its report.json)."""
     keep = ("model", "img_size", "io", "targets", "calibration", "verification_images", "artifacts",
             "fp32_param_bytes", "logit_sqnr_db_fake_quant", "notes", "seconds")
-    return {k: rep.get(k) for k in keep}
+    out = {k: rep.get(k) for k in keep}
+    rc = rep.get("reconstruction")
+    if rc:  # its time and per-unit errors (issue 19's time target), not the learnt values
+        out["reconstruction"] = {k: rc.get(k) for k in ("iterations", "images", "seconds", "device", "resumed_units", "units")}
+    return out
 
 
 @dataclass(frozen=True)

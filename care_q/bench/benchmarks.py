@@ -11,18 +11,20 @@ from care_q.eval import plots
 from care_q.eval import report as R
 from care_q.utils.machine import busy_warning
 
+SECTIONS = ("accuracy", "qat", "latency", "ptq_time")  # the suite's sections (`care_q.bench.suite`), in order
+
 
 def _status(v) -> str:
     return "–" if v is None else ("PASS" if v else "**FAIL**")
 
 
 def _fmt_target_value(v) -> str:
-    return "–" if v is None else f"{v:.2f}"
+    return "–" if v is None else (str(v) if isinstance(v, int) else f"{v:.2f}")
 
 
 def target_blocks(res: dict) -> list:
     rows = [[t["what"], t["target"], _fmt_target_value(t["value"]), _status(t["ok"])] for t in res["targets"]]
-    return [R.H(2, "Targets (issues 3, 5 and 7)"), R.T(["what", "target", "measured", "status"], rows, "lrrl")]
+    return [R.H(2, "Targets (issues 3, 5, 7, 19, 20 and 21)"), R.T(["what", "target", "measured", "status"], rows, "lrrl")]
 
 
 def accuracy_blocks(res: dict) -> list:
@@ -359,6 +361,11 @@ def suite_blocks(res: dict, figures: bool = True) -> list:
                + (f" ({len(res['cached_steps'])} reused from an earlier, interrupted or identical run)"
                   if res.get("cached_steps") else "") + ". "
                "Rerun `make bench` to reproduce: accuracy exactly, latency within noise. Do not edit by hand.")]
+    left = [s for s in SECTIONS if s not in res.get("sections", SECTIONS)]
+    if left:
+        out.append(R.P(f"**Sections not run this time: {', '.join(left)}** (`python -m care_q.bench.suite "
+                       + " ".join(f"--skip {s}" for s in left) + "`); their last results are in this file's git "
+                       "history, measured with the code of that time."))
     out += target_blocks(res) + accuracy_blocks(res) + qat_blocks(res) + npu_blocks(res)
     if figures and res.get("accuracy") and res.get("latency"):
         out.append(R.tradeoff_figure(tradeoff_points(res), "Top-1 drop on the proxy vs latency relative to FP32 in the "

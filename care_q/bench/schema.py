@@ -21,6 +21,15 @@ SUITE = EVAL_DIR / "suite.yaml"
 
 _INT, _FLOAT, _STR, _LIST, _OPT_INT, _OPT_STR = "int", "float", "str", "list[str]", "int|null", "str|null"
 _FLOAT_MAP = "map[str, number]"
+# The issues' targets (`care_q.bench.targets`, `care_q.bench.issue_targets`); the suite's ``targets:`` overrides any
+DEFAULT_TARGETS = {
+    "accuracy_drop_pt": 0.5, "size_ratio": 0.28,                 # issue 3 (int8 artifacts on the proxy, care_s0)
+    "tflite_latency_ratio": 0.55, "onnx_latency_ratio": 0.5,     # issue 21 (issue 3's 0.45 / 0.55 were closed blocked)
+    "pt2e_time_ratio": 0.7, "bound_ratio": 1.15, "cpu_drop_pt": 0.3,  # issue 21
+    "recon_drop_pt": 0.1, "recon_agreement_pct": 98.0, "recon_sqnr_db": 22.5,  # issue 19
+    "w4a8_drop_pt": 1.0, "recon_seconds": 600.0,                 # issue 19
+    "npu_drop_pt": 0.5,                                          # issue 20
+}
 SCHEMA = {
     "name": _STR, "threads": _INT, "seed": _INT,
     "accuracy": {"name": _STR, "model": _STR, "weights": _OPT_STR, "dataset": _STR, "limit": _OPT_INT,
@@ -29,8 +38,7 @@ SCHEMA = {
     "latency": {"models": _LIST, "img_size": _INT, "calib": _STR, "num_calib": _INT, "runs": _INT, "blocks": _INT,
                 "warmup": _INT, "tflite_delegates": _LIST, "baselines": _LIST, "slow_delegates": _LIST,
                 "slow_runs": _INT, "slow_models": _LIST, "anchors": _LIST, "npu_recipe": _OPT_STR},
-    "targets": {"accuracy_drop_pt": _FLOAT, "tflite_latency_ratio": _FLOAT, "onnx_latency_ratio": _FLOAT,
-                "size_ratio": _FLOAT},
+    "targets": {k: _FLOAT for k in DEFAULT_TARGETS},
     "qat": {"recipes": _LIST, "dataset": _STR, "epochs": _FLOAT, "recipe_epochs": _FLOAT_MAP, "limit": _OPT_INT,
             "eval_limit": _OPT_INT, "target_drop_pt": _FLOAT, "num_verify": _INT},
     "ptq_time": {"model": _STR, "calib": _STR, "num_calib": _OPT_INT, "recipe": _STR, "target_seconds": _FLOAT},
@@ -85,7 +93,8 @@ def _validate(data: dict, schema: dict, lines: dict, src: str, prefix: str = "",
         else:
             _check(v, schema[k], where, src, lines.get(where))
     if not partial:
-        missing = [k for k in schema if k not in data and not (prefix == "" and k in OPTIONAL)]
+        missing = [k for k in schema if k not in data and not (prefix == "" and k in OPTIONAL)
+                   and prefix != "targets."]  # a target left out keeps its default
         if missing:
             at = f"{src}:{lines[prefix.rstrip('.')]}" if prefix and prefix.rstrip(".") in lines else src
             raise CareQError(f"{at}: missing key(s) {[prefix + m for m in missing]}")
@@ -117,6 +126,7 @@ def load_suite(path: str | Path = SUITE, quick: bool = False, shared: str | Path
     lines = _key_lines(node)
     quick_over = data.pop("quick", None) or {}
     _validate(data, SCHEMA, lines, str(path))
+    data["targets"] = {**DEFAULT_TARGETS, **(data.get("targets") or {})}
     _validate(quick_over, {k: SCHEMA[k] for k in ("accuracy", "latency", "qat", "ptq_time")}, lines, str(path), "quick.",
               partial=True)
     if quick:

@@ -35,20 +35,19 @@ import torch
 from rich.console import Console
 
 from care_q.bench.accuracy import run_accuracy
-from care_q.bench.benchmarks import render_benchmarks, summary_lines, write_suite_report
+from care_q.bench.benchmarks import SECTIONS, render_benchmarks, summary_lines, write_suite_report
+from care_q.bench.issue_targets import issue_checks
 from care_q.bench.latency_suite import run_anchors, run_latency
 from care_q.bench.npu import npu_coverage
 from care_q.bench.ptq_time import run_ptq_time
 from care_q.bench.qat_steps import adopt_qat, run_qat
 from care_q.bench.schema import SUITE, load_suite
 from care_q.bench.steps import Steps
-from care_q.bench.targets import DEFAULT_TARGETS, method_rows, qat_checks, target_checks, time_checks
+from care_q.bench.targets import method_rows, qat_checks, target_checks, time_checks
 from care_q.errors import CareQError
 from care_q.paths import EVAL_DIR, REPO_ROOT
 from care_q.utils.io import atomic_write_text
 from care_q.utils.machine import machine_info
-
-SECTIONS = ("accuracy", "qat", "latency", "ptq_time")
 
 
 def default_out(quick: bool) -> Path:
@@ -80,14 +79,16 @@ def run_suite(suite: str | Path = SUITE, *, quick: bool = False, out: str | Path
     pt = run_ptq_time(cfg, cfg["ptq_time"], root, steps, data_root) if "ptq_time" in sections and "ptq_time" in cfg else None
     rows = method_rows(acc, lat)
     res = {"command": "suite", "suite": cfg["name"], "source": cfg["source"], "quick": quick, "config": cfg,
+           "sections": [s for s in SECTIONS if s in sections],
            "started": started, "rows": rows,
-           "targets": target_checks(rows, cfg.get("targets") or DEFAULT_TARGETS, A["model"] if acc else None, list(lat))
+           "targets": target_checks(rows, cfg["targets"], A["model"] if acc else None, list(lat))
            + qat_checks(qt, cfg.get("qat") or {}) + time_checks(pt, cfg.get("ptq_time")),
            "accuracy": acc, "ptq_time": pt, "qat": qt, "npu": npu_coverage(acc, qt, A, root),
            "latency": {m: v["bench"] for m, v in lat.items()}, "anchors": anchors,
            "profiles": {m: v.get("profile") for m, v in lat.items()},
            "npu_latency": {m: v.get("npu") for m, v in lat.items()},
            "steps": steps.timings, "cached_steps": steps.cached, "machine": machine_info(), "seconds": round(time.time() - t0, 1)}
+    res["targets"] += issue_checks(res, cfg["targets"])
     paths = write_suite_report(res, root)
     bpath = Path(benchmarks) if benchmarks else (root / "BENCHMARKS.md" if quick else EVAL_DIR / "BENCHMARKS.md")
     atomic_write_text(render_benchmarks(res, report_dir=root), bpath)
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shared", help="the shared folder for ${SHARED} (default $SHARED, else ../shared)")
     p.add_argument("--data-root", help="data root (default $CARE_Q_DATA)")
     p.add_argument("--only", choices=list(SECTIONS), help="run one section")
+    p.add_argument("--skip", action="append", default=[], choices=list(SECTIONS), metavar="SECTION",
+                   help=f"leave a section out (repeatable; one of {', '.join(SECTIONS)}); the table says so")
     p.add_argument("--adopt-qat", action="append", default=[], metavar="RECIPE=CHECKPOINT",
                    help="seed the QAT step of RECIPE with a run trained elsewhere (e.g. on a GPU) and exit; "
                         "the next bench evaluates, exports and verifies it")
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = run_suite(args.suite, quick=args.quick, out=args.out, benchmarks=args.benchmarks, shared=args.shared,
                         data_root=args.data_root,
-                        sections=(args.only,) if args.only else SECTIONS)
+                        sections=tuple(x for x in ((args.only,) if args.only else SECTIONS) if x not in args.skip))
     except CareQError as e:
         print(f"make bench: error: {e}", file=sys.stderr)
         return 2

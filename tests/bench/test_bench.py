@@ -289,8 +289,8 @@ def test_rows_and_targets_of_the_x86_recipe(tmp_path):
     x86 = [r for r in rows if r["method"] == "careq_onnx_x86"]
     assert len(x86) == 1 and x86[0]["latency"]["care_s0"]["file"] == "care_s0_int8_x86_qdq.onnx"
     t = {c["what"]: c["value"] for c in target_checks(rows, DEFAULT_TARGETS, None, ["care_s0"])}
-    assert t["care-q int8 ONNX QDQ, x86 recipe: latency / FP32, care_s0 (batch 1)"] == 0.8
-    assert t["care-q int8 ONNX QDQ: latency / FP32, care_s0 (batch 1)"] == 0.9
+    assert t["issue 21: care-q int8 ONNX QDQ, x86 recipe: latency / FP32, care_s0 (batch 1)"] == 0.8
+    assert t["issue 21: care-q int8 ONNX QDQ: latency / FP32, care_s0 (batch 1)"] == 0.9
     rows = method_rows(None, lat(None))
     assert "careq_onnx_x86" not in {r["method"] for r in rows}
     assert not any("x86" in c["what"] for c in target_checks(rows, DEFAULT_TARGETS, None, ["care_s0"]))
@@ -760,6 +760,7 @@ def test_extra_recipes_errors(tmp_path, extra, match):
 
     bad = tmp_path / "s.yaml"
     text = SUITE.read_text()
-    bad.write_text(text.replace("extra_recipes: [ptq_int8_recon, ptq_w4a8_recon, npu_int8_ptq]", f"extra_recipes: {extra}"))
+    listed = "extra_recipes: [ptq_int8, ptq_int8_recon, ptq_w4a8_recon, npu_int8_ptq]"
+    bad.write_text(text.replace(listed, f"extra_recipes: {extra}"))
     with pytest.raises(CareQError, match=match):
         load_suite(bad, shared=tmp_path)
