@@ -53,15 +53,31 @@ def tflite_float_ops(path: str | Path) -> dict[str, int]:
     return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def _tflite_integer_outputs(path: Path) -> int:
+    """How many ops of subgraph 0 write an int8 / uint8 / int16 tensor (0 in an FP32 file)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    try:
+        sg = schema.Model.GetRootAsModel(path.read_bytes(), 0).Subgraphs(0)
+        ints = {schema.TensorType.INT8, schema.TensorType.UINT8, schema.TensorType.INT16}
+        return sum(1 for i in range(sg.OperatorsLength()) for j in range(sg.Operators(i).OutputsLength())
+                   if sg.Tensors(sg.Operators(i).Outputs(j)).Type() in ints)
+    except OSError as e:
+        raise CareQError(f"{path}: cannot read it: {e.strerror}") from None
+    except Exception as e:
+        raise CareQError(f"{path}: not a readable TFLite flatbuffer ({type(e).__name__}: {e})") from None
+
+
 def detect_source(path: str | Path) -> str:
-    """'fp32' or 'int8': from the file name (``*fp32*`` / ``*float*``), else from its quantize ops."""
+    """'fp32' or 'int8': from the file name (``*fp32*`` / ``*float*``), else from its ops: a .tflite is int8
+    if any op computes in integers (an int8-in, int8-out file has no QUANTIZE), an .onnx if it quantizes."""
     path = Path(path)
     stem = path.stem.lower()
     if "fp32" in stem or "float" in stem:
         return "fp32"
     try:
         if path.suffix.lower() == ".tflite":
-            return "int8" if tflite_op_census(path).get("QUANTIZE", 0) else "fp32"
+            return "int8" if _tflite_integer_outputs(path) else "fp32"
         return "int8" if onnx_op_census(path).get("QuantizeLinear", 0) else "fp32"
     except CareQError:
         return "int8"

@@ -316,3 +316,23 @@ def test_sensitivity(setup, tmp_path):
     assert (tmp_path / "sens" / "report.md").exists() and (tmp_path / "sens" / "report.html").exists()
     with pytest.raises(CareQError, match="unknown grouping"):
         layer_groups(plan, "layer")
+
+
+def test_detect_source_of_int8_io_and_float_files(tmp_path):
+    """An int8-in, int8-out .tflite (the NPU recipe's: no QUANTIZE op) is int8; a float one is fp32."""
+    from ai_edge_litert import schema_py_generated as fb
+    from one_op import div_chain
+
+    from care_q.eval.census import detect_source
+    from care_q.export.tflite_builder import TFLiteBuilder, options
+
+    (tmp_path / "npu.tflite").write_bytes(div_chain(1))
+    b = TFLiteBuilder("float")
+    x, y = b.tensor("x", (1, 4), np.float32), b.tensor("y", (1, 4), np.float32)
+    b.op(fb.BuiltinOperator.ADD, [x, x], [y], fb.BuiltinOptions.AddOptions, options(fb.AddOptionsT))
+    b.inputs, b.outputs = [x], [y]
+    (tmp_path / "net.tflite").write_bytes(b.to_bytes())
+    assert detect_source(tmp_path / "npu.tflite") == "int8"
+    assert detect_source(tmp_path / "net.tflite") == "fp32"
+    (tmp_path / "npu_fp32.tflite").write_bytes(div_chain(1))  # the name decides first
+    assert detect_source(tmp_path / "npu_fp32.tflite") == "fp32"
