@@ -22,9 +22,23 @@ def _fmt_target_value(v) -> str:
     return "–" if v is None else (str(v) if isinstance(v, int) else f"{v:.2f}")
 
 
+PLAIN_INT8_GAIN = 0.9  # a plain CNN's int8 / FP32 at or above this: the host's int8 kernels give (almost) nothing
+
+
 def target_blocks(res: dict) -> list:
     rows = [[t["what"], t["target"], _fmt_target_value(t["value"]), _status(t["ok"])] for t in res["targets"]]
-    return [R.H(2, "Targets (issues 3, 5, 7, 19, 20 and 21)"), R.T(["what", "target", "measured", "status"], rows, "lrrl")]
+    out = [R.H(2, "Targets (issues 3, 5, 7, 19, 20 and 21)"), R.T(["what", "target", "measured", "status"], rows, "lrrl")]
+    an = [a for a in anchor_rows(res) if a["stats"].get("ratio") is not None]
+    if an:  # the latency targets beside what int8 gave outside care-q in the same run
+        out.append(R.P("Latency targets in context, the same run's anchors (int8 / own FP32): " + "; ".join(
+            f"{a['anchor']} {'TFLite' if a['runtime'] == 'tflite' else 'onnxruntime'} {a['stats']['ratio']:.2f}x"
+            for a in an) + "."))
+        plain = [a for a in an if a["runtime"] == "tflite" and "backbone" not in a["anchor"]]
+        if plain and min(a["stats"]["ratio"] for a in plain) >= PLAIN_INT8_GAIN:
+            out.append(R.P(f"**On this host plain CNNs gain nothing from int8 in TFLite (every TFLite anchor at "
+                           f">= {PLAIN_INT8_GAIN}x its FP32): its int8 kernels, not care-q's graph, set the TFLite "
+                           f"ratios; compare care-q with the anchors, not with a ratio measured on another host.**"))
+    return out
 
 
 def accuracy_blocks(res: dict) -> list:
@@ -261,8 +275,9 @@ def npu_blocks(res: dict) -> list:
                "Accuracy: the artifact on the proxy test set (PTQ) or the fake-quant model the artifact is "
                "verified against (QAT); `npu_int8` is fine-tuned "
                + f"{(Q.get('recipe_epochs') or {}).get('npu_int8', Q.get('epochs', '?'))} epoch(s). "
-               "The ops after the classifier's global pool (float GELU/LayerNorm, the FC) are the head and stay "
-               "on the CPU by design; the MAC shares below 100% are the FC's.")]
+               "In the CPU recipes' files the ops after the classifier's global pool (float GELU/LayerNorm, the FC) "
+               "stay on the CPU by design (the MAC shares just below 100% are the FC's); `npu_int8_ptq` and QAT "
+               "`npu_int8` are int8 from input to logits. Vela's segments count the NPU's and the CPU's stretches.")]
     tbl = []
     for name, r in rows.items():
         drop = None if r.get("top1") is None or r.get("fp32_top1") is None else 100 * (r["top1"] - r["fp32_top1"])

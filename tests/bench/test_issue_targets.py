@@ -124,3 +124,25 @@ def test_table_says_which_sections_were_left_out():
                                                       figures=False))
     _, headers, rows, _ = target_blocks(res)[1]
     assert headers[2] == "measured" and [r[2] for r in rows] == ["0", "inf"]  # counts stay integers
+
+
+def test_latency_targets_beside_the_same_runs_anchors():
+    """Under the targets: each anchor's int8 / FP32; a warning where plain CNNs gain nothing from int8 in TFLite."""
+    from care_q.bench.benchmarks import target_blocks
+
+    def res(resnet_ratio):
+        built = {"resnet18": {"label": "torchvision ResNet-18", "artifacts": {
+            "r_int8.tflite": {"source": "int8", "route": "tflite", "tool": "PT2E"},
+            "r_int8.onnx": {"source": "int8", "route": "onnx", "tool": "ORT"}}},
+            "care_s0_backbone": {"label": "care_s0 backbone (no head)", "artifacts": {
+                "b_int8.tflite": {"source": "int8", "route": "tflite", "tool": "PT2E"}}}}
+        lat = {"tflite/xnnpack": {"r_int8.tflite": {"ratio": resnet_ratio}, "b_int8.tflite": {"ratio": 1.57}},
+               "onnxruntime": {"r_int8.onnx": {"ratio": 0.56}}}
+        return {"targets": [], "anchors": {"built": built, "bench": {"latency": lat}}}
+
+    text = str(target_blocks(res(1.07)))
+    assert "torchvision ResNet-18 TFLite 1.07x; torchvision ResNet-18 onnxruntime 0.56x; care_s0 backbone (no head) " \
+           "TFLite 1.57x" in text
+    assert "plain CNNs gain nothing from int8 in TFLite" in text
+    assert "gain nothing" not in str(target_blocks(res(0.33)))  # the backbone's 1.57x is care-q's rival, not the host
+    assert len(target_blocks({"targets": []})) == 2  # no anchors: the table alone
