@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from care_q.bench.artifacts import METHODS, SETTING
 from care_q.bench.qat_steps import QAT_NUM_VERIFY, qat_epochs
-from care_q.bench.schema import DEFAULT_TARGETS  # noqa: F401  (the thresholds, re-exported for callers)
 from care_q.qat.config import TARGET_AGREEMENT
 
 NPU_TARGET_DROP_PT = 1.0  # issue 7's npu_int8 accuracy goal

@@ -277,7 +277,8 @@ def test_ptq_time_runs_the_users_command_fresh_and_checks_the_budget(tmp_path, m
 def test_rows_and_targets_of_the_x86_recipe(tmp_path):
     """The x86 recipe's ONNX gets its own row and target lines where the suite has it, none otherwise."""
     from care_q.bench.artifacts import method_paths
-    from care_q.bench.targets import DEFAULT_TARGETS, method_rows, target_checks
+    from care_q.bench.schema import DEFAULT_TARGETS
+    from care_q.bench.targets import method_rows, target_checks
 
     def lat(x86):
         methods = method_paths("care_s0", tmp_path / "fp32", tmp_path / "ptq", {}, x86)
