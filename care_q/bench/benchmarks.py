@@ -277,7 +277,8 @@ def npu_blocks(res: dict) -> list:
                + f"{(Q.get('recipe_epochs') or {}).get('npu_int8', Q.get('epochs', '?'))} epoch(s). "
                "In the CPU recipes' files the ops after the classifier's global pool (float GELU/LayerNorm, the FC) "
                "stay on the CPU by design (the MAC shares just below 100% are the FC's); `npu_int8_ptq` and QAT "
-               "`npu_int8` are int8 from input to logits. Vela's segments count the NPU's and the CPU's stretches.")]
+               "`npu_int8` are int8 from input to logits. NPU segments: the stretches Vela compiles for the NPU "
+               "(each CPU op between two of them hands the tensor back to the host).")]
     tbl = []
     for name, r in rows.items():
         drop = None if r.get("top1") is None or r.get("fp32_top1") is None else 100 * (r["top1"] - r["fp32_top1"])
@@ -300,7 +301,7 @@ def _npu_cells(c: dict) -> list:
         v = c.get(t)
         if not v:
             return "–"
-        return f"{sum((v.get('cpu_ops') or {}).values())} CPU ops, {v.get('segments', '?')} segments, " \
+        return f"{sum((v.get('cpu_ops') or {}).values())} CPU ops, {v.get('partitions', '?')} NPU segments, " \
                f"{R.num(v.get('time_ms'))} ms"
 
     cpu = ", ".join(f"{k} x{v}" for k, v in sorted(((c.get("nnapi:FL6") or {}).get("cpu_ops") or {}).items()))
