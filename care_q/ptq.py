@@ -138,7 +138,7 @@ def _report(cfg: PTQConfig, prep: Prepared, io: str, targets, xv, artifacts: dic
         "img_size": prep.img_size, "recipe": prep.recipe.to_json(), "io": io, "targets": list(targets),
         "calibration": {"set": prep.calib, "images": prep.calib_images, "seconds": prep.calib_seconds},
         "cross_layer_equalization": prep.equalization, "bias_correction": prep.bias_correction,
-        "reconstruction": prep.reconstruction,
+        "reconstruction": prep.reconstruction, "deploy_form_vs_fp32": prep.deploy_vs_fp32,
         "verification_images": int(xv.shape[0]),
         "artifacts": artifacts, "fp32_param_bytes": sum(p.numel() * 4 for p in prep.net.parameters()),
         "logit_sqnr_db_fake_quant": {k: compared["logit_sqnr_db"][k] for k in ("recipe", "minmax", "float_weights")},
@@ -248,7 +248,12 @@ def render_markdown(r: dict, plan) -> str:
     L += ["", "## Linear attention: per-tensor SQNR (dB), this recipe vs one global min/max", "",
           f"Logits (fake-quant vs FP32): recipe {ls['recipe']:.1f} dB, min/max everywhere {ls['minmax']:.1f} dB; "
           f"the recipe's int8 activations on float weights {ls['float_weights']:.1f} dB (what the activations' grid "
-          f"costs alone; rounding learnt against the output can go a little past it).",
+          f"costs alone; rounding learnt against the output can go a little past it)."
+          + ("" if not r.get("deploy_form_vs_fp32") else
+             f" The deploy form in float (the recipe's substitutions, before calibration) against the original FP32 "
+             f"model: {r['deploy_form_vs_fp32']['logit_sqnr_db']:.1f} dB, top-1 agreement "
+             f"{100 * r['deploy_form_vs_fp32']['top1_agreement']:.1f}% (first calibration batch, "
+             f"{r['deploy_form_vs_fp32']['images']} images)."),
           "", "| role | tensors | mean SQNR recipe | mean SQNR min/max |", "|---|---:|---:|---:|"]
     by_role: dict[str, list] = {}
     for k, v in r["sqnr_db"].items():

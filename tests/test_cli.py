@@ -160,6 +160,8 @@ def test_for_npu_writes_the_fully_int8_tflite(tmp_path, data_root, capsys):
     assert report["reconstruction"]["iterations"] == 20 == report["recipe"]["reconstruction"]["iterations"]
     v = report["artifacts"]["tflite"]["verification"]
     assert v["top1_agreement"] == 1.0 and v["max_abs_diff"] == 0.0
+    # the NPU substitutions change the function: their own error, before any int8, is in the report
+    assert report["deploy_form_vs_fp32"]["logit_sqnr_db"] < 60
     g = read_tflite(out / "care_test_int8.tflite")
     ops = {op.name for op in g.ops}
     assert not ops & {"QUANTIZE", "DEQUANTIZE", "GELU", "DIV", "ELU"}, ops

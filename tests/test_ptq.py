@@ -58,6 +58,10 @@ def test_report_contents(run):
     assert data["sqnr_db"]["stages.2.blocks.0.attn.num"]["recipe"] > 0
     md = (out / "report.md").read_text()
     assert "top-1 agreement" in md and "attn_phi" in md and "xnnpack:" in md and "float islands" in md
+    # ptq_int8_cpu substitutes nothing: as built, its deploy form equals FP32 to float round-off
+    d = data["deploy_form_vs_fp32"]
+    assert d["top1_agreement"] == 1.0 and 90 < d["logit_sqnr_db"] < float("inf") and d["images"] == 32
+    assert f"original FP32 model: {d['logit_sqnr_db']:.1f} dB, top-1 agreement 100.0% (first calibration batch" in md
     assert not list(out.glob(".*.tmp"))  # no temporary files left behind
 
 

@@ -43,6 +43,14 @@ def fp32_logits(net, x: torch.Tensor) -> np.ndarray:
     return np.concatenate([net(x[i:i + CHUNK]).numpy() for i in range(0, len(x), CHUNK)])
 
 
+def deploy_form_fidelity(net, dmodel, x: torch.Tensor) -> dict:
+    """The deploy form in float, as built (the recipe's substitutions, before calibration changes its biases
+    and weights), against the original FP32 model on ``x``: float round-off for an exact deploy form, else
+    what the substitutions cost before any int8 (reconstruction fits the units to this form, so it cannot
+    win that back)."""
+    return {**fidelity(fp32_logits(net, x), reference_logits(dmodel, None, x)), "images": int(x.shape[0])}
+
+
 def shipped_logits(dmodel, plan: QuantPlan, x: torch.Tensor) -> np.ndarray:
     """The TFLite artifact's logits, by its exact reference."""
     return reference_logits(dmodel, QuantOps(plan, "quant", exact="xnnpack"), x)

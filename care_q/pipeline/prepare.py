@@ -26,6 +26,7 @@ from care_q.errors import CareQError
 from care_q.graph.trace import Graph, trace
 from care_q.models import create_model, load_sidecar
 from care_q.pipeline.config import PrepareConfig
+from care_q.pipeline.fidelity import deploy_form_fidelity
 from care_q.quant.bias_correction import bias_correction, images_for
 from care_q.quant.calibrate import calibrate
 from care_q.quant.plan import QuantPlan, build_plan
@@ -71,6 +72,7 @@ class Prepared:
     bias_correction: dict | None = None
     notes: list[str] = field(default_factory=list)
     reconstruction: dict | None = None  # care_q.quant.reconstruction.reconstruct's summary
+    deploy_vs_fp32: dict | None = None  # `deploy_form_fidelity` before calibration: what the substitutions cost
 
     @property
     def model(self) -> str:
@@ -193,13 +195,14 @@ def prepare(cfg: PrepareConfig) -> Prepared:
     size = pre.input_size[1]
     ds, used = calibration_set(cfg, pre, net, notes)
     check_reconstruction(rec, len(ds))
-    first = next(iter(make_loader(ds, batch_size=rec.batch_size)))[0] if rec.attention == "npu" else None
-    built = build(net, rec, size, first)
+    first = next(iter(make_loader(ds, batch_size=rec.batch_size)))[0]
+    built = build(net, rec, size, first if rec.attention == "npu" else None)
+    exactness = deploy_form_fidelity(net, built.dmodel, first)  # before calibration changes biases and weights
     cal = calibrate_built(built, rec, ds, size, cfg.progress, cfg.checkpoint, cfg.device, cfg.seed)
     recon = cal["reconstruction"]
     return Prepared(cfg, rec, net, built.dmodel, built.graph, built.plan, pre, size, used, ds, cal["images"],
                     cal["seconds"], built.equalization, cal["bias_correction"],
-                    notes + built.notes + (recon["notes"] if recon else []), recon)
+                    notes + built.notes + (recon["notes"] if recon else []), recon, exactness)
 
 
 def _images(ds, n: int) -> torch.Tensor:
