@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from care_q.bench.issue_targets import PT2E_ANCHOR
+from care_q.bench.targets import anchor_rows
 from care_q.eval import plots
 from care_q.eval import report as R
 from care_q.utils.machine import busy_warning
@@ -33,7 +35,7 @@ def target_blocks(res: dict) -> list:
         out.append(R.P("Latency targets in context, the same run's anchors (int8 / own FP32): " + "; ".join(
             f"{a['anchor']} {'TFLite' if a['runtime'] == 'tflite' else 'onnxruntime'} {a['stats']['ratio']:.2f}x"
             for a in an) + "."))
-        plain = [a for a in an if a["runtime"] == "tflite" and "backbone" not in a["anchor"]]
+        plain = [a for a in an if a["runtime"] == "tflite" and a["name"] != PT2E_ANCHOR]
         if plain and min(a["stats"]["ratio"] for a in plain) >= PLAIN_INT8_GAIN:
             out.append(R.P(f"**On this host plain CNNs gain nothing from int8 in TFLite (every TFLite anchor at "
                            f">= {PLAIN_INT8_GAIN}x its FP32): its int8 kernels, not care-q's graph, set the TFLite "
@@ -143,29 +145,6 @@ def load_text(s: dict) -> str:
     """The share of the cores other processes took while this comparison ran."""
     v = s.get("other_cpu_share")
     return "–" if v is None else f"{100 * v:.0f}%"
-
-
-def anchor_rows(res: dict) -> list[dict]:
-    """One row per anchor and runtime: its int8 file against its own FP32 in the anchors' bench."""
-    an = res.get("anchors") or {}
-    b = an.get("bench") or {}
-    setting = {"tflite": "tflite/xnnpack", "onnx": "onnxruntime"}
-    rows = []
-    for name, built in (an.get("built") or {}).items():
-        arts, fails = built.get("artifacts") or {}, built.get("failures") or {}
-        for f, a in arts.items():
-            if a["source"] != "int8":
-                continue
-            s = ((b.get("latency") or {}).get(setting[a["route"]]) or {}).get(f) or {}
-            fail = ((b.get("artifacts") or {}).get(f) or {}).get("failure")
-            rows.append({"anchor": built.get("label", name), "runtime": a["route"], "tool": a["tool"], "file": f,
-                         "stats": s, "fp32_ms": s.get("fp32_median_ms"), "failure": fail,
-                         "size_ratio": ((b.get("artifacts") or {}).get(f) or {}).get("size_ratio")})
-        for f, fl in fails.items():
-            rows.append({"anchor": built.get("label", name), "runtime": "tflite" if f.endswith(".tflite") else "onnx",
-                         "tool": fl.get("stage", ""), "file": f, "stats": {}, "fp32_ms": None, "failure": fl,
-                         "size_ratio": None})
-    return rows
 
 
 def anchor_blocks(res: dict) -> list:

@@ -8,6 +8,8 @@ The thresholds are the suite's ``targets:`` (`care_q.bench.schema.DEFAULT_TARGET
 
 from __future__ import annotations
 
+from care_q.bench.targets import anchor_rows
+
 LATENCY_MODEL = "care_s0"          # the issues' latency targets are on care_s0 at 224
 PT2E_ANCHOR = "care_s0_backbone"   # litert-torch PT2E's int8 CARE backbone (`care_q.bench.anchors`)
 VELA_TARGETS = ("ethos-u55-128", "ethos-u85-256")
@@ -33,13 +35,10 @@ def cpu_checks(res: dict, rows: dict, T: dict) -> list[dict]:
     The ratios to FP32 are `care_q.bench.targets.target_checks`' rows."""
     out = []
     e = rows.get("careq_tflite", {}).get("latency", {}).get(LATENCY_MODEL)
-    an = res.get("anchors") or {}
-    built = (an.get("built") or {}).get(PT2E_ANCHOR)
-    if e is not None and built:
-        files = [f for f, a in (built.get("artifacts") or {}).items() if a["source"] == "int8" and a["route"] == "tflite"]
-        s = ((an.get("bench") or {}).get("latency") or {}).get("tflite/xnnpack", {}).get(files[0]) if files else None
-        ours = (e.get("stats") or {}).get("median_ms")
-        v = None if not s or not s.get("median_ms") or ours is None else ours / s["median_ms"]
+    pt2e = [a for a in anchor_rows(res) if a["name"] == PT2E_ANCHOR and a["runtime"] == "tflite"]
+    if e is not None and pt2e:
+        theirs, ours = pt2e[0]["stats"].get("median_ms"), (e.get("stats") or {}).get("median_ms")
+        v = None if not theirs or ours is None else ours / theirs
         out.append(_check(f"issue 21: care-q int8 TFLite / litert-torch PT2E int8 backbone (no head), median time, "
                           f"{LATENCY_MODEL}", "<=", T["pt2e_time_ratio"], v))
     p = (res.get("profiles") or {}).get(LATENCY_MODEL)

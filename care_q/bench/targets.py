@@ -1,6 +1,6 @@
-"""The suite's table rows (one per method: accuracy on the proxy, latency and size per latency model)
-and its target checks (issues 3, 5, 7 and 21's ratios to FP32), from the sections' results; the rest of
-issues 19, 20 and 21 are `care_q.bench.issue_targets`'."""
+"""The suite's table rows (one per method: accuracy on the proxy, latency and size per latency model;
+one per anchor: `anchor_rows`) and its target checks (issues 3, 5, 7 and 21's ratios to FP32), from the
+sections' results; the rest of issues 19, 20 and 21 are `care_q.bench.issue_targets`'."""
 
 from __future__ import annotations
 
@@ -122,3 +122,27 @@ def time_checks(pt: dict | None, P: dict | None) -> list[dict]:
     v = None if "failure" in pt else pt["seconds"]
     return [{"what": f"`{pt['command']}`: wall time, process start to exit (s)", "target": f"<= {P['target_seconds']:g}",
              "value": v, "ok": None if v is None else v <= P["target_seconds"]}]
+
+
+def anchor_rows(res: dict) -> list[dict]:
+    """One row per anchor and runtime: its int8 file against its own FP32 in the anchors' bench."""
+    an = res.get("anchors") or {}
+    b = an.get("bench") or {}
+    setting = {"tflite": "tflite/xnnpack", "onnx": "onnxruntime"}
+    rows = []
+    for name, built in (an.get("built") or {}).items():
+        arts, fails = built.get("artifacts") or {}, built.get("failures") or {}
+        for f, a in arts.items():
+            if a["source"] != "int8":
+                continue
+            s = ((b.get("latency") or {}).get(setting[a["route"]]) or {}).get(f) or {}
+            fail = ((b.get("artifacts") or {}).get(f) or {}).get("failure")
+            rows.append({"name": name, "anchor": built.get("label", name), "runtime": a["route"], "tool": a["tool"],
+                         "file": f, "stats": s, "fp32_ms": s.get("fp32_median_ms"), "failure": fail,
+                         "size_ratio": ((b.get("artifacts") or {}).get(f) or {}).get("size_ratio")})
+        for f, fl in fails.items():
+            rows.append({"name": name, "anchor": built.get("label", name),
+                         "runtime": "tflite" if f.endswith(".tflite") else "onnx",
+                         "tool": fl.get("stage", ""), "file": f, "stats": {}, "fp32_ms": None, "failure": fl,
+                         "size_ratio": None})
+    return rows

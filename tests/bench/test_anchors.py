@@ -162,7 +162,8 @@ def test_run_anchors_caches_each_build_and_times_them_together(tmp_path, monkeyp
 
 
 def test_anchor_table_and_summary():
-    from care_q.bench.benchmarks import anchor_blocks, anchor_rows, summary_lines
+    from care_q.bench.benchmarks import anchor_blocks, summary_lines
+    from care_q.bench.targets import anchor_rows
     from care_q.eval import report as R
 
     built = {"resnet18": {"label": "torchvision ResNet-18", "artifacts": {

@@ -27,8 +27,8 @@ def _result():
     recon = {"iterations": 300, "images": 1000, "seconds": 480.0, "device": "cpu"}
     return {"rows": rows,
             "anchors": {"built": {"care_s0_backbone": {"artifacts": {
-                "b_fp32.tflite": {"source": "fp32", "route": "tflite"},
-                "b_int8.tflite": {"source": "int8", "route": "tflite"}}}},
+                "b_fp32.tflite": {"source": "fp32", "route": "tflite", "tool": "litert-torch"},
+                "b_int8.tflite": {"source": "int8", "route": "tflite", "tool": "litert-torch PT2E int8"}}}},
                 "bench": {"latency": {"tflite/xnnpack": {"b_int8.tflite": {"median_ms": 9.0},
                                                          "b_fp32.tflite": {"median_ms": 11.0}}}}},
             "profiles": {"care_s0": {"ms": 9.9, "bound_ms": 8.25}},
