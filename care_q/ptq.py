@@ -288,6 +288,14 @@ def _kernel_lines(k: dict | None) -> list[str]:
             *(f"| {o} | {k['float_by_op'].get(o, 0)} | {k['int8_by_op'].get(o, 0)} |" for o in ops)]
 
 
+def _float_summary(counts: dict) -> str:
+    """'12 biases, 9 parameters of the substitutions' from reconstruction's counts of float parameters."""
+    parts = [f"{counts['biases']} biases"] if counts.get("biases") else []
+    if counts.get("substitution"):
+        parts.append(f"{counts['substitution']} parameters of the substitutions (NPU kernel affine, output scales)")
+    return ", ".join(parts)
+
+
 def _reconstruction_lines(rc: dict | None) -> list[str]:
     """The per-unit error of the fake-quant model against FP32 before and after reconstruction."""
     if not rc:
@@ -298,7 +306,12 @@ def _reconstruction_lines(rc: dict | None) -> list[str]:
          "Each unit's fake-quant output against its FP32 output on (up to 256 of) the calibration images, "
          "its input coming from the reconstructed units before it: SQNR and mean squared error before "
          "(calibrated step sizes, nearest rounding) and after; kept: what was written back (the candidate "
-         "with the lowest error, never worse than before).", "",
+         "with the lowest error, never worse than before)."
+         + (" The FP32 outputs are the original model's, before the recipe's substitutions." if
+            rc.get("target") == "original" else "")
+         + (f" Learnt in float as well: {_float_summary(rc['float_params'])}."
+            if any(rc.get("float_params", {}).values()) else ""),
+         "",
          "| unit | SQNR before (dB) | SQNR after (dB) | MSE before | MSE after | kept | seconds |",
          "|---|---:|---:|---:|---:|---|---:|"]
     for u in rc["units"]:

@@ -50,6 +50,7 @@ class Built:
     plan: QuantPlan
     equalization: dict | None
     notes: list[str]
+    original: torch.nn.Module | None = None  # the deploy form before substitutions (None: the recipe has none)
 
 
 @dataclass
@@ -98,11 +99,12 @@ def load_network(model: str, weights: str | Path | None, seed: int) -> torch.nn.
 def build(net: torch.nn.Module, rec: Recipe, size: int, first_batch: torch.Tensor | None = None) -> Built:
     """Deploy form -> substitutions -> cross-layer equalization -> trace -> plan (no data but
     ``first_batch``, which sets the NPU attention's output scales)."""
-    dmodel, notes = apply_substitutions(deploy(net), rec, first_batch)
+    original = deploy(net)
+    dmodel, notes = apply_substitutions(original, rec, first_batch)
     # before calibration: an exact FP32 rewrite that calibration and the exporters then see
     equalized = cross_layer_equalization(dmodel) if rec.cross_layer_equalization else None
     graph = trace(dmodel, torch.zeros(1, 3, size, size))
-    return Built(dmodel, graph, build_plan(graph, rec), equalized, notes)
+    return Built(dmodel, graph, build_plan(graph, rec), equalized, notes, None if dmodel is original else original)
 
 
 def calibration_set(cfg: PrepareConfig, pre, net, notes: list[str]) -> tuple[object, str]:
@@ -156,8 +158,11 @@ def calibrate_built(built: Built, rec: Recipe, ds, size: int, progress: bool | N
         recon = None
         if rec.reconstruction is not None:
             images = torch.cat([b[0] for b in make_loader(ds, batch_size=rec.batch_size)])
-            recon = reconstruct(built.plan, built.dmodel, images, rec.reconstruction, checkpoint=checkpoint,
-                                device=device, seed=seed, progress=progress)
+            # the original model's unit outputs are the targets (reconstruction.target: original), so
+            # reconstruction also makes up for what the substitutions changed
+            reference = built.original if rec.reconstruction.target == "original" else None
+            recon = reconstruct(built.plan, built.dmodel, images, rec.reconstruction, reference=reference,
+                                checkpoint=checkpoint, device=device, seed=seed, progress=progress)
     return {"images": n, "seconds": seconds, "bias_correction": corrected, "reconstruction": recon}
 
 

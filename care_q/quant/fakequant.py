@@ -173,7 +173,7 @@ class QuantOps(Ops):
         # bias codes round(b / s_b) must be theirs, else one code in ~1e-7 differs by one.
         s_b = s_w.double() * float(self.plan.qp(in_name).scale[0])
         b0 = b.detach().double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-        return w_int, s_w, torch.round(b0 / s_b)
+        return w_int, s_w, torch.clamp(torch.round(b0 / s_b), -(2 ** 31), 2 ** 31 - 1)  # int32, as the exporters
 
     @staticmethod
     def _w_abs_sum(w_int: torch.Tensor) -> float:

@@ -88,7 +88,9 @@ class QATSettings:
     scale_lr: float | None = None
 
 
-RECON_LEARNABLES = ("rounding", "act_scales")
+RECON_LEARNABLES = ("rounding", "act_scales", "biases", "substitution")
+RECON_DEFAULT_LEARN = ("rounding", "act_scales")
+RECON_TARGETS = ("original", "substituted")
 
 
 @dataclass(frozen=True)
@@ -100,15 +102,22 @@ class ReconSettings:
     ``learn``: ``rounding`` (AdaRound: each weight rounds up or down, soft during the steps, with a
     regulariser of weight ``round_weight`` whose exponent anneals from ``beta_start`` to
     ``beta_end`` after the first ``warmup`` fraction of the steps, hard at the end) and/or
-    ``act_scales`` (LSQ step sizes of the unit's activations). ``drop_prob``: QDrop, each
-    activation element keeps its float value with this probability during the steps.
+    ``act_scales`` (LSQ step sizes of the unit's activations), ``biases`` (the unit's conv / linear
+    biases, in float) and/or ``substitution`` (the float parameters of the recipe's op
+    substitutions: the NPU attention's kernel affine and output scales); float parameters move at
+    ``lr_float`` relative to their mean magnitude. ``drop_prob``: QDrop, each activation element
+    keeps its float value with this probability during the steps. ``target``: whose unit outputs
+    are fitted, the ``original`` model's (before the recipe's substitutions; the same as the
+    deploy form for recipes without them) or the ``substituted`` deploy form's.
     ``images``: at most this many calibration images (default: all)."""
 
     iterations: int = 300
     batch_size: int = 32
     lr_rounding: float = 1e-2
     lr_scales: float = 1e-3
-    learn: tuple[str, ...] = RECON_LEARNABLES
+    learn: tuple[str, ...] = RECON_DEFAULT_LEARN
+    lr_float: float = 1e-3
+    target: str = "original"
     drop_prob: float = 0.5
     round_weight: float = 0.01
     warmup: float = 0.2
@@ -210,6 +219,7 @@ SCHEMA = {
             "ce_weight": float, "schedule": ("cosine", "constant"), "warmup_steps": int, "checkpoint_every": int,
             "scale_lr": float},
     "reconstruction": {"iterations": int, "batch_size": int, "lr_rounding": float, "lr_scales": float,
+                       "lr_float": float, "target": RECON_TARGETS,
                        "learn": [RECON_LEARNABLES], "drop_prob": float, "round_weight": float, "warmup": float,
                        "beta_start": float, "beta_end": float, "images": int},
 }
@@ -405,7 +415,7 @@ def _reconstruction(data: dict, kind: str, source: str) -> ReconSettings | None:
     for key in ("iterations", "batch_size", "images"):
         if key in vals and vals[key] <= 0:
             raise CareQError(f"{at(key)}: reconstruction.{key} must be positive, got {vals[key]}")
-    for key in ("lr_rounding", "lr_scales", "beta_start", "beta_end"):
+    for key in ("lr_rounding", "lr_scales", "lr_float", "beta_start", "beta_end"):
         if key in vals and not vals[key] > 0:
             raise CareQError(f"{at(key)}: reconstruction.{key} must be positive, got {vals[key]}")
     for key, lo, hi in (("drop_prob", 0.0, 1.0), ("warmup", 0.0, 1.0)):
@@ -413,6 +423,9 @@ def _reconstruction(data: dict, kind: str, source: str) -> ReconSettings | None:
             raise CareQError(f"{at(key)}: reconstruction.{key} must be in [{lo:g}, {hi:g}), got {vals[key]}")
     if "round_weight" in vals and vals["round_weight"] < 0:
         raise CareQError(f"{at('round_weight')}: reconstruction.round_weight must be >= 0, got {vals['round_weight']}")
+    if "substitution" in vals.get("learn", ()) and data.get("substitutions", {}).get("attention") != "npu":
+        raise CareQError(f"{at('learn')}: reconstruction.learn 'substitution' learns the NPU attention's kernel and "
+                         f"output scales; it needs substitutions.attention: npu")
     return ReconSettings(**vals)
 
 

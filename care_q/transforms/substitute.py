@@ -180,6 +180,29 @@ def npu_attention(model: DeployCARE, calib: torch.Tensor | None = None, normalis
     return model
 
 
+def substitution_params(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The float parameters of the substitutions inside ``module`` that reconstruction can learn
+    (``reconstruction.learn: substitution``), by name: each NPU attention's kernel affine (the
+    per-channel a and b of ``sigmoid(a x + b)``: ``phi_aff``'s weight and bias) and its output scale.
+    Per-channel, so their int8 forms (a 1x1 depthwise conv, the scale's 1x1 depthwise conv) are exact."""
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, NPUAttention):
+            pre = f"{name}." if name else ""
+            for key, p in (("phi_aff.weight", m.phi_aff.weight), ("phi_aff.bias", m.phi_aff.bias),
+                           ("out_scale", m.out_scale)):
+                out[pre + key] = p
+    return out
+
+
+def unit_output_gains(model: DeployCARE) -> dict[str, float]:
+    """Per block name, how much larger the substituted ``model``'s block output is than the original's:
+    the NPU head folds GELU's 1.702 into the last block's last conv (`npu_head`)."""
+    if isinstance(model, NPUHeadCARE):
+        return {model.block_names()[-1]: GELU_SIGMOID_SLOPE}
+    return {}
+
+
 def apply_substitutions(model: DeployCARE, recipe, calib: torch.Tensor | None = None) -> tuple[DeployCARE, list[str]]:
     """The recipe's ``substitutions`` applied to a deploy form: (model, notes for the report)."""
     notes = []

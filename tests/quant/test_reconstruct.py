@@ -24,7 +24,7 @@ from care_q.pipeline.prepare import build, load_network
 from care_q.quant.calibrate import calibrate
 from care_q.quant.fakequant import QuantOps
 from care_q.quant.qtypes import sqnr_db
-from care_q.quant.recipe import RECON_LEARNABLES, load_recipe, parse_recipe
+from care_q.quant.recipe import RECON_DEFAULT_LEARN, RECON_LEARNABLES, load_recipe, parse_recipe
 from care_q.quant.reconstruction import reconstruct, run, units_of
 from care_q.quant.reconstruction.rounding import Rounding
 
@@ -184,7 +184,7 @@ def test_nan_loss_names_the_unit(calibrated):
 @pytest.mark.parametrize("section, match", [
     ("{iterations: 0}", "reconstruction.iterations must be positive, got 0"),
     ("{iterations: -5}", "reconstruction.iterations must be positive, got -5"),
-    ("{learn: [rounding, biases]}", "'reconstruction.learn' is 'biases'; allowed: rounding, act_scales"),
+    ("{learn: [rounding, weights]}", "'reconstruction.learn' is 'weights'; allowed: rounding, act_scales, biases, substitution"),
     ("{drop_prob: 1.0}", r"reconstruction.drop_prob must be in \[0, 1\)"),
     ("{batch_size: 0}", "reconstruction.batch_size must be positive"),
     ("{lr_rounding: 0}", "reconstruction.lr_rounding must be positive"),
@@ -201,10 +201,17 @@ def test_recipe_errors_qat_and_int4():
     with pytest.raises(CareQError, match="int4 weights .* or in a PTQ recipe with a 'reconstruction' section"):
         parse_recipe("name: r\nkind: ptq\nrules:\n  - ops: [conv]\n    weight_dtype: int4\n", "r.yaml")
     rec = parse_recipe("name: r\nkind: ptq\nreconstruction: {learn: rounding}\n", "r.yaml")
-    assert rec.reconstruction.learn == ("rounding",) and RECON_LEARNABLES == ("rounding", "act_scales")
+    assert rec.reconstruction.learn == ("rounding",) and RECON_DEFAULT_LEARN == ("rounding", "act_scales")
+    assert RECON_LEARNABLES == RECON_DEFAULT_LEARN + ("biases", "substitution")
     assert rec.to_json()["reconstruction"]["learn"] == ["rounding"]
+    assert rec.reconstruction.target == "original"
     for name in ("ptq_int8_recon", "ptq_w4a8_recon"):
-        assert load_recipe(name).reconstruction.learn == RECON_LEARNABLES
+        assert load_recipe(name).reconstruction.learn == RECON_DEFAULT_LEARN
+    with pytest.raises(CareQError, match=r"r.yaml:3: reconstruction.learn 'substitution' learns the NPU attention's "
+                                         r"kernel and output scales; it needs substitutions.attention: npu"):
+        parse_recipe("name: r\nkind: ptq\nreconstruction: {learn: [rounding, substitution]}\n", "r.yaml")
+    with pytest.raises(CareQError, match="'reconstruction.target' is 'fp32'; allowed: original, substituted"):
+        parse_recipe("name: r\nkind: ptq\nreconstruction: {target: fp32}\n", "r.yaml")
 
 
 def test_fewer_images_than_a_batch_fails_before_any_work(data_root, tmp_path, monkeypatch):
@@ -286,3 +293,92 @@ def test_artifacts_are_the_reference_with_the_learnt_codes(recipe, data_root, tm
     md = (tmp_path / "report.md").read_text()
     assert "## Reconstruction" in md and "stages.0.blocks.0" in md
     assert [u["name"] for u in report["reconstruction"]["units"]][-1] == "head"
+
+
+# ----------------------------------------------------------------------------- the NPU graph: original targets
+@pytest.fixture(scope="module")
+def calibrated_npu(data_root, one_torch_thread):
+    """care_test's NPU graph (npu_int8_ptq's substitutions) at 32x32, calibrated, with 64 images; the
+    reconstruction also learns the substitutions' parameters and the biases (as the shipped recipe)."""
+    rec = parse_recipe(recon_recipe("npu_int8_ptq", extra=", learn: [rounding, act_scales, biases, substitution]"),
+                       "test")
+    net = load_network("care_test", None, 0)
+    pre = load_sidecar(None).with_size(SIZE)
+    ds = get_dataset("cifar10_test", pre, data_root=data_root, limit=64, seed=0)
+    images = torch.cat([b[0] for b in make_loader(ds, batch_size=32)])
+    built = build(net, rec, SIZE, images[:32])
+    calibrate(built.plan, built.dmodel, make_loader(ds, batch_size=32))
+    return built, images, rec
+
+
+def test_npu_targets_are_the_original_models_unit_outputs(calibrated_npu):
+    """The targets chain through the original deploy form; the last block's is 1.702 times its output
+    (the NPU head folds GELU's slope into that block's last conv), which the NPU graph's block matches."""
+    built, images, _ = calibrated_npu
+    assert built.original is not None and type(built.original).__name__ == "DeployCARE"
+    ref, gains = run._targets(built.dmodel, built.original, torch.device("cpu"))
+    assert gains == {"stages.3.blocks.0": pytest.approx(1.702)}
+    x = images[:16]
+    with torch.no_grad():
+        y = x
+        for u, r in zip(units_of(built.dmodel), ref):
+            got, want = u.run(y, FloatOps()), r.run(y, FloatOps())  # the same input to both
+            if u.name == "stem" or u.name.endswith("downsample"):
+                assert torch.equal(got, want), u.name  # no substitution there
+            if u.name in gains:
+                assert sqnr_db(gains[u.name] * want, got) > sqnr_db(want, got) + 3, u.name
+            y = want
+        assert torch.equal(y, built.original(x))
+
+
+def _subst(dmodel) -> dict[str, torch.Tensor]:
+    from care_q.transforms.substitute import substitution_params
+    return {k: v.detach().clone() for k, v in substitution_params(dmodel).items()}
+
+
+def _biases(dmodel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in dmodel.named_parameters() if k.endswith(".bias")}
+
+
+def test_npu_reconstruction_learns_the_substitution_and_resumes(calibrated_npu, tmp_path, monkeypatch):
+    built, images, rec = calibrated_npu
+    settings = dataclasses.replace(rec.reconstruction, iterations=8)
+    start, biases = _subst(built.dmodel), _biases(built.dmodel)
+    assert len(start) == 3 * 3  # a, b and the output scale of each of care_test's 3 attention blocks
+    plan_a, dmodel_a = copy.deepcopy((built.plan, built.dmodel))
+    summary_a = reconstruct(plan_a, dmodel_a, images, settings, reference=built.original,
+                            checkpoint=tmp_path / "a.pt", device="cpu", progress=False)
+    n_biases = sum(n.op in ("conv", "linear") and n.module.bias is not None and ".phi_aff" not in n.name
+                   for n in built.plan.graph.nodes)
+    assert summary_a["target"] == "original"
+    assert summary_a["float_params"] == {"substitution": 9, "biases": n_biases} and n_biases > 20
+    learnt, learnt_b = _subst(dmodel_a), _biases(dmodel_a)
+    assert any(not torch.equal(start[k], learnt[k]) for k in start)
+    assert sum(not torch.equal(biases[k], learnt_b[k]) for k in biases) > n_biases // 3
+    for u in summary_a["units"]:
+        assert u["after"]["mse"] <= u["before"]["mse"], u
+    # killed in the eighth unit (after two of the attention blocks), resumed in a new process: the same weights,
+    # step sizes and substitution parameters
+    ckpt = tmp_path / "reconstruction.pt"
+    real, calls = run._train_unit, []
+
+    def killed(unit, *a, **k):
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        calls.append(unit.name)
+        return real(unit, *a, **k)
+
+    plan, dmodel = copy.deepcopy((built.plan, built.dmodel))
+    monkeypatch.setattr(run, "_train_unit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct(plan, dmodel, images, settings, reference=built.original, checkpoint=ckpt, device="cpu",
+                    progress=False)
+    monkeypatch.setattr(run, "_train_unit", real)
+    done = torch.load(ckpt, weights_only=True)
+    assert done["done"] == 7 and sum(k.endswith(("phi_aff.weight", "out_scale")) for k in done["float_params"]) == 4
+    plan, dmodel = copy.deepcopy((built.plan, built.dmodel))
+    summary = reconstruct(plan, dmodel, images, settings, reference=built.original, checkpoint=ckpt, device="cpu",
+                          progress=False)
+    assert summary["resumed_units"] == 7 and plan.qparams == plan_a.qparams
+    for (k, a), (_, b) in zip(dmodel.state_dict().items(), dmodel_a.state_dict().items()):
+        assert torch.equal(a, b), k

@@ -3,13 +3,17 @@
 For each unit (`units_of`: stem, downsamples, CARE blocks, head) in execution order:
 
 1. its input is the output of the already reconstructed, fake-quantized units before it on the
-   calibration images; its target is the FP32 deploy form's output of that unit on the FP32
-   chain (no labels);
+   calibration images; its target is that unit's output on the FP32 chain (no labels) of the
+   ``reference`` model: the original deploy form where the recipe substitutes ops
+   (``reconstruction.target: original``; scaled where a substitution folds a constant across the
+   unit's output, `unit_output_gains`), else the deploy form as it is;
 2. ``iterations`` Adam steps on random batches minimise the squared error (summed over channels,
    mean over the rest, divided by the target's mean square) of the unit's fake-quant output
    against the target, plus AdaRound's
-   rounding regulariser; learnt: each weight's rounding (`Rounding`) and the step sizes of the
-   activation groups the unit is the first to produce; with QDrop (`ReconOps`);
+   rounding regulariser; learnt: each weight's rounding (`Rounding`), the step sizes of the
+   activation groups the unit is the first to produce and, in float, the parameters of the unit's
+   substitutions (`substitution_params`) and its conv / linear biases (stored as int32 at the
+   input's times the weight's scale: any value is exact to that step); with QDrop (`ReconOps`);
 3. the learnt state is written back: hard codes into the deploy form's weights (each channel's
    maximum unchanged, so the exporters recompute the same scales and the learnt codes), learnt
    scales (tie-dithered) into ``plan.qparams``, divisor guards recomputed;
@@ -27,6 +31,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from care_q.errors import CareQError
 from care_q.graph.ops import FloatOps
@@ -44,10 +49,11 @@ from care_q.quant.recipe import ReconSettings
 from care_q.quant.reconstruction.ops import ReconOps
 from care_q.quant.reconstruction.rounding import Rounding
 from care_q.quant.reconstruction.units import Unit, units_of
+from care_q.transforms.substitute import substitution_params, unit_output_gains
 from care_q.utils.io import atomic_torch_save
 from care_q.utils.progress import progress_bar
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 CHUNK = 100  # images per no-grad forward
 SCORE_IMAGES = 256  # calibration images a unit's error is measured on (during its steps, before and after)
 
@@ -122,34 +128,40 @@ def _qp_load(d) -> QParams | None:
     return None if d is None else QParams(tuple(d["scale"]), tuple(d["zero_point"]), DType(d["dtype"]), d["axis"])
 
 
-def _save(path: Path | None, fingerprint: str, done: int, weights: dict, plan: QuantPlan, records: list) -> None:
+def _save(path: Path | None, fingerprint: str, done: int, weights: dict, floats: dict, plan: QuantPlan,
+          records: list) -> None:
     if path is None:
         return
     atomic_torch_save({"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "done": done,
                        "weights": {k: v.detach().cpu().clone() for k, v in weights.items()},
+                       "float_params": {k: v.detach().cpu().clone() for k, v in floats.items()},
                        "qparams": {k: _qp_state(v) for k, v in plan.qparams.items()},
                        "output_qparams": _qp_state(plan.output_qparams),
                        "consts": dict(plan.consts), "units": records}, path)
 
 
-def _resume(path: Path | None, fingerprint: str, plan: QuantPlan, modules: dict, notes: list[str]) -> tuple:
-    """(units done, learnt weights, unit records) from a matching checkpoint, applied to the plan and modules."""
+def _resume(path: Path | None, fingerprint: str, plan: QuantPlan, modules: dict, floats: dict,
+            notes: list[str]) -> tuple:
+    """(units done, learnt weights, learnt float parameters, unit records) from a matching
+    checkpoint, applied to the plan, the modules and ``floats`` (name -> parameter)."""
     if path is None or not Path(path).is_file():
-        return 0, {}, []
+        return 0, {}, {}, []
     state = torch.load(path, weights_only=True)
     if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != fingerprint:
         notes.append(f"reconstruction checkpoint {path} is from another run (model, images, recipe or seed "
                      f"differ); starting over")
         warnings.warn(notes[-1], stacklevel=3)
-        return 0, {}, []
+        return 0, {}, {}, []
     with torch.no_grad():
         for k, w in state["weights"].items():
             modules[k].weight.copy_(w)
+        for k, v in state["float_params"].items():
+            floats[k].copy_(v)
     plan.qparams = {k: _qp_load(v) for k, v in state["qparams"].items()}
     plan.output_qparams = _qp_load(state["output_qparams"])
     plan.consts.clear()
     plan.consts.update(state["consts"])
-    return state["done"], dict(state["weights"]), list(state["units"])
+    return state["done"], dict(state["weights"]), dict(state["float_params"]), list(state["units"])
 
 
 def _unit_error(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, ops, device) -> dict:
@@ -158,7 +170,9 @@ def _unit_error(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, ops, device) 
     return {"mse": float((y.double() - y_fp.double()).square().mean()), "sqnr_db": round(sqnr_db(y_fp, y), 3)}
 
 
-def _rounders(plan: QuantPlan, nodes: list[str], bits: dict[str, int], learn: bool, device) -> dict[str, Rounding]:
+def _rounders(plan: QuantPlan, nodes: list[str], bits: dict[str, int], learn: bool, device,
+              skip: tuple = ()) -> dict[str, Rounding]:
+    """The `Rounding` of each conv/linear of ``nodes`` (not those whose weight is in ``skip``: learnt in float)."""
     per_channel = plan.recipe.weight_granularity == "per_channel"
     nodes_by_name = {n.name: n for n in plan.graph.nodes}
     out = {}
@@ -166,6 +180,8 @@ def _rounders(plan: QuantPlan, nodes: list[str], bits: dict[str, int], learn: bo
         n = nodes_by_name[name]
         if n.op == "linear" and not (plan.quantized(n.outputs[0]) and plan.quantized(n.inputs[0])):
             continue  # a float classifier: nothing to round
+        if any(n.module.weight is p for p in skip):
+            continue
         qmax = INT4_QMAX if bits.get(name) == 4 else weight_qmax(plan)
         out[name] = Rounding(n.module.weight, qmax, per_channel, learn).to(device)
     return out
@@ -180,9 +196,11 @@ def _beta(s: ReconSettings, it: int) -> float | None:
     return s.beta_end + (s.beta_start - s.beta_end) * max(0.0, 1.0 - t)
 
 
-def _train_unit(unit: Unit, plan: QuantPlan, x_q, y_fp, rounders, groups: list[str], s: ReconSettings,
-                gen: torch.Generator, device, advance) -> torch.Tensor | None:
-    """``s.iterations`` Adam steps on the unit's rounding and step sizes; returns the log step sizes.
+def _train_unit(unit: Unit, plan: QuantPlan, x_q, y_fp, rounders, groups: list[str], floats: dict[str, nn.Parameter],
+                floors: dict[str, float], s: ReconSettings, gen: torch.Generator, device, advance) -> torch.Tensor | None:
+    """``s.iterations`` Adam steps on the unit's rounding, step sizes and float parameters
+    (``floats``, each at ``lr_float`` times its mean magnitude, at least times its ``floors`` entry);
+    returns the log step sizes.
 
     Every fifth of the steps the hard-rounded state is scored on (up to) `SCORE_IMAGES` calibration
     images without QDrop; the best state seen (the starting one included) is the result: the
@@ -193,6 +211,9 @@ def _train_unit(unit: Unit, plan: QuantPlan, x_q, y_fp, rounders, groups: list[s
     vs = [r.v for r in rounders.values() if r.v is not None]
     params = [p for p in ({"params": vs, "lr": s.lr_rounding},
                           {"params": [log_scales] if groups else [], "lr": s.lr_scales}) if p["params"]]
+    for n, p in floats.items():
+        p.requires_grad_(True)
+        params.append({"params": [p], "lr": s.lr_float * max(float(p.detach().abs().mean()), floors[n])})
     if not params:
         return log_scales
     ops = ReconOps(plan, rounders, log_scales, index, s.drop_prob, gen, soft=True)
@@ -257,15 +278,18 @@ def _restore(plan: QuantPlan, modules: dict, snap: tuple) -> None:
 
 
 def _keep_best(unit: Unit, plan: QuantPlan, modules: dict, rounders, groups, log_scales, x_q, y_fp, before: dict,
-               device) -> tuple[dict, str]:
+               device, floats: dict[str, nn.Parameter], start: dict[str, torch.Tensor]) -> tuple[dict, str]:
     """Write back the candidate with the lowest error on the first `SCORE_IMAGES` calibration images: the learnt rounding
-    and step sizes, the learnt rounding alone, or (never worse than calibration) neither.
-    Returns (its error, which)."""
+    and step sizes, the learnt rounding alone, the step sizes alone (each with the learnt float parameters
+    ``floats``, if any, or those alone), or (never worse than calibration) none of them: the float
+    parameters back at ``start``. Returns (its error, which)."""
     snap = _snapshot(plan, modules, rounders)
     learnt = any(r.v is not None for r in rounders.values())
     cands = [(name, ls, gs) for name, ls, gs in (("rounding and step sizes", learnt, groups),
                                                  ("rounding", True, []), ("step sizes", False, groups))
              if (ls or gs) and (not ls or learnt)]
+    if floats:
+        cands = [(f"{name} and float parameters", ls, gs) for name, ls, gs in cands] + [("float parameters", False, [])]
     best = (before, "calibrated", False, [])
     for which, ls, gs in cands:
         _write_back(plan, modules, rounders, ls, gs, log_scales)
@@ -274,13 +298,50 @@ def _keep_best(unit: Unit, plan: QuantPlan, modules: dict, rounders, groups, log
             best = (err, which, ls, gs)
         _restore(plan, modules, snap)
     _write_back(plan, modules, rounders, best[2], best[3], log_scales)  # calibrated: nearest (int4: on its grid)
+    if best[1] == "calibrated":
+        with torch.no_grad():
+            for n, p in floats.items():
+                p.copy_(start[n])
     return best[0], best[1]
 
 
+SUBSTITUTION_LR_FLOOR = 1e-3  # the substitutions' parameters are O(1) (kernel a, b; output scales ~ norms)
+
+
+def _float_params(plan: QuantPlan, subst: dict[str, nn.Parameter], nodes: list[str], modules: dict,
+                  biases: bool) -> tuple[dict[str, nn.Parameter], dict[str, float]]:
+    """A unit's parameters learnt in float: its substitutions' (``subst``) and, with ``biases``, the
+    biases of its conv / linear ``nodes`` (by node name + ".bias"; each parameter once); and per
+    parameter the least magnitude its learning rate is relative to: a bias's is its output's int8 step
+    (a bias of zero still moves, and a layer-scaled conv's tiny bias moves on its own scale)."""
+    out, floors = dict(subst), dict.fromkeys(subst, SUBSTITUTION_LR_FLOOR)
+    if biases:
+        seen = {id(p) for p in out.values()}
+        for n in nodes:
+            b = modules[n].bias
+            if b is not None and id(b) not in seen:
+                out[f"{n}.bias"] = b
+                qp = plan.qp(n) if n in plan.specs else None  # a conv's output tensor has its name
+                floors[f"{n}.bias"] = float(qp.scale[0]) if qp is not None else float(b.detach().abs().mean())
+    return out, floors
+
+
+def _targets(dmodel, reference, device) -> tuple[list[Unit], dict[str, float]]:
+    """The units whose outputs are the targets (of a copy of ``reference``, else of ``dmodel``, on
+    ``device``) and the gains to apply to them."""
+    if reference is None:
+        return units_of(copy.deepcopy(dmodel).to(device)), {}
+    ref_units = units_of(copy.deepcopy(reference).to(device))
+    if [u.name for u in ref_units] != [u.name for u in units_of(dmodel)]:
+        raise CareQError("reconstruction: the reference model's units differ from the quantized model's")
+    return ref_units, unit_output_gains(dmodel)
+
+
 def reconstruct(plan: QuantPlan, dmodel, images: torch.Tensor, settings: ReconSettings, *,
-                checkpoint: str | Path | None = None, device: str = "auto", seed: int = 0,
-                progress: bool | None = None) -> dict:
+                reference: nn.Module | None = None, checkpoint: str | Path | None = None, device: str = "auto",
+                seed: int = 0, progress: bool | None = None) -> dict:
     """Reconstruct ``plan`` and ``dmodel``'s weights in place on ``images`` (see the module docstring).
+    ``reference``: the model whose unit outputs are the targets (default: ``dmodel`` as it is).
 
     Returns {"units": [per unit: name, error before and after, seconds], "images", "seconds",
     "device", "resumed_units", "notes"}."""
@@ -290,40 +351,57 @@ def reconstruct(plan: QuantPlan, dmodel, images: torch.Tensor, settings: ReconSe
     if images.shape[0] < settings.batch_size:
         raise CareQError(f"reconstruction needs at least one batch ({settings.batch_size}) of calibration images, "
                          f"got {images.shape[0]}")
-    fp_model = copy.deepcopy(dmodel)
-    units, fp_units = units_of(dmodel), units_of(fp_model)
+    units = units_of(dmodel)
+    fp_units, gains = _targets(dmodel, reference, dev)
     layout = _layout(plan, units, images[:1])
     owner = _owners(plan, layout)
     bits = weight_bits_of(plan)
     modules = {n.name: n.module for n in plan.graph.nodes if n.op in ("conv", "linear")}
     fingerprint = _fingerprint(plan, units, images, settings, seed)
+    subst = [substitution_params(u.module) if "substitution" in settings.learn and u.module is not None else {}
+             for u in units]
+    floats, floors = zip(*(_float_params(plan, sp, nodes, modules, "biases" in settings.learn)
+                           for sp, (_, nodes) in zip(subst, layout))) if units else ((), ())
+    named = {f"{u.name}.{k}": p for u, ps in zip(units, floats) for k, p in ps.items()}
     notes: list[str] = []
-    done, learnt, records = _resume(checkpoint, fingerprint, plan, modules, notes)
+    done, learnt, learnt_floats, records = _resume(checkpoint, fingerprint, plan, modules, named, notes)
     dmodel.to(dev)
-    fp_model.to(dev)
     x_q, x_fp = images, images
     total = (len(units) - done) * settings.iterations
     with progress_bar(f"reconstructing {len(units)} units", total, progress) as advance:
         for k, (u, fu) in enumerate(zip(units, fp_units)):
-            y_fp = _forward(fu, x_fp, FloatOps(), dev)
+            y_ref = _forward(fu, x_fp, FloatOps(), dev)
+            y_fp = y_ref * gains[u.name] if u.name in gains else y_ref
             if k >= done:
                 t_unit = time.time()
                 before = _unit_error(u, x_q[:SCORE_IMAGES], y_fp[:SCORE_IMAGES],
                                      _nearest_ops(plan, layout[k][1], bits, dev), dev)
-                rounders = _rounders(plan, layout[k][1], bits, "rounding" in settings.learn, dev)
+                rounders = _rounders(plan, layout[k][1], bits, "rounding" in settings.learn, dev,
+                                     tuple(subst[k].values()))
                 groups = sorted(g for g, o in owner.items() if o == k) if "act_scales" in settings.learn else []
                 gen = torch.Generator().manual_seed(seed * 100003 + k)
                 groups = _learnable(plan, groups)
-                log_scales = _train_unit(u, plan, x_q, y_fp, rounders, groups, settings, gen, dev, advance)
-                after, kept = _keep_best(u, plan, modules, rounders, groups, log_scales, x_q, y_fp, before, dev)
+                start = {n: p.detach().clone() for n, p in floats[k].items()}
+                log_scales = _train_unit(u, plan, x_q, y_fp, rounders, groups, floats[k], floors[k], settings, gen, dev,
+                                         advance)
+                after, kept = _keep_best(u, plan, modules, rounders, groups, log_scales, x_q, y_fp, before, dev,
+                                         floats[k], start)
+                for n, p in floats[k].items():
+                    p.requires_grad_(False)
+                    learnt_floats[f"{u.name}.{n}"] = p
                 learnt.update({n: modules[n].weight for n in rounders})
                 records.append({"name": u.name, "before": before, "after": after, "kept": kept,
                                 "seconds": round(time.time() - t_unit, 1)})
-                _save(checkpoint, fingerprint, k + 1, learnt, plan, records)
+                _save(checkpoint, fingerprint, k + 1, learnt, learnt_floats, plan, records)
             x_q = _forward(u, x_q, QuantOps(plan, "quant"), dev)
-            x_fp = y_fp
+            x_fp = y_ref
     dmodel.cpu()
     return {"units": records, "images": int(images.shape[0]), "iterations": settings.iterations,
+            "target": "original" if reference is not None else "deploy form",
+            "float_params": {"substitution": sum(f"{u.name}.{n}" in learnt_floats for u, sp in zip(units, subst)
+                                                 for n in sp),
+                             "biases": sum(f"{u.name}.{n}" in learnt_floats for u, fp, sp in zip(units, floats, subst)
+                                           for n in fp if n not in sp)},
             "seconds": round(time.time() - t0, 1), "device": dev.type, "resumed_units": done, "notes": notes}
 
 

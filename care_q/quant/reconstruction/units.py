@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 from care_q.graph.ops import Ops
 
@@ -20,17 +21,19 @@ from care_q.graph.ops import Ops
 class Unit:
     name: str
     run: Callable[[torch.Tensor, Ops], torch.Tensor]
+    module: nn.Module | None = None  # what holds the unit's parameters (None: the head, parameters of the model)
 
 
 def units_of(dmodel) -> list[Unit]:
     """The units of a `DeployCARE` (see the module docstring)."""
-    units = [Unit("stem", lambda x, ops: ops.conv("stem", ops.input("input", x), dmodel.stem))]
+    units = [Unit("stem", lambda x, ops: ops.conv("stem", ops.input("input", x), dmodel.stem), dmodel.stem)]
     prev = 0
     for name, s, blk in zip(dmodel.block_names(), dmodel.stage_of_block, dmodel.blocks):
         if s != prev:
             prev = s
             ds = f"stages.{s}.downsample"
-            units.append(Unit(ds, lambda x, ops, ds=ds, m=dmodel.downsample[s]: ops.conv(ds, x, m)))
-        units.append(Unit(name, lambda x, ops, blk=blk, name=name: blk(x, ops, name)))
+            units.append(Unit(ds, lambda x, ops, ds=ds, m=dmodel.downsample[s]: ops.conv(ds, x, m),
+                              dmodel.downsample[s]))
+        units.append(Unit(name, lambda x, ops, blk=blk, name=name: blk(x, ops, name), blk))
     units.append(Unit("head", dmodel.forward_head))  # the NPU graph's head too (NPUHeadCARE)
     return units
