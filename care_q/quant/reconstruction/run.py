@@ -343,8 +343,9 @@ def reconstruct(plan: QuantPlan, dmodel, images: torch.Tensor, settings: ReconSe
     """Reconstruct ``plan`` and ``dmodel``'s weights in place on ``images`` (see the module docstring).
     ``reference``: the model whose unit outputs are the targets (default: ``dmodel`` as it is).
 
-    Returns {"units": [per unit: name, error before and after, seconds], "images", "seconds",
-    "device", "resumed_units", "notes"}."""
+    Returns {"units": [per unit: name, error before and after, seconds], "images", "iterations",
+    "target" (original | deploy form), "float_params" (how many substitution parameters and biases were
+    learnt), "seconds", "device", "resumed_units", "notes"}."""
     t0 = time.time()
     dev = resolve_device(device)
     images = images[:settings.images] if settings.images else images
@@ -361,7 +362,7 @@ def reconstruct(plan: QuantPlan, dmodel, images: torch.Tensor, settings: ReconSe
     subst = [substitution_params(u.module) if "substitution" in settings.learn and u.module is not None else {}
              for u in units]
     floats, floors = zip(*(_float_params(plan, sp, nodes, modules, "biases" in settings.learn)
-                           for sp, (_, nodes) in zip(subst, layout))) if units else ((), ())
+                           for sp, (_, nodes) in zip(subst, layout)))
     named = {f"{u.name}.{k}": p for u, ps in zip(units, floats) for k, p in ps.items()}
     notes: list[str] = []
     done, learnt, learnt_floats, records = _resume(checkpoint, fingerprint, plan, modules, named, notes)
