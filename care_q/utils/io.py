@@ -85,7 +85,7 @@ def atomic_torch_save(obj, path: str | Path) -> None:
 def _json_default(o):
     import numpy as np
 
-    if isinstance(o, (np.floating, np.integer)):
+    if isinstance(o, (np.floating, np.integer, np.bool_)):  # numpy scalars, comparisons' np.bool_ included
         return o.item()
     if isinstance(o, np.ndarray):
         return o.tolist()

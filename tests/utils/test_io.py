@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
-from care_q.utils.io import atomic_write_text
+import numpy as np
+
+from care_q.utils.io import atomic_write_json, atomic_write_text
 
 
 def test_stale_temp_of_a_dead_writer_is_swept(tmp_path):
@@ -20,3 +23,11 @@ def test_stale_temp_of_a_dead_writer_is_swept(tmp_path):
     atomic_write_text("done", tmp_path / "report.md")
     assert (tmp_path / "report.md").read_text() == "done"
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_json_takes_numpy_scalars(tmp_path):
+    """A comparison of numpy values is np.bool_: a bench result holding one was written only after a
+    rerun had read it back as a bool (found when `make bench` failed at its last write)."""
+    ratio = np.float64(0.54)
+    atomic_write_json({"pass": ratio <= 0.55, "ratio": ratio, "n": np.int64(3), "v": np.arange(2)}, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"pass": True, "ratio": 0.54, "n": 3, "v": [0, 1]}
