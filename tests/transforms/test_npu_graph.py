@@ -109,7 +109,8 @@ def test_npu_options_bad_input(tmp_path):
     with pytest.raises(CareQError, match=r"a.yaml:\d+: substitutions.head: npu is the int8 NPU head"):
         load_recipe(no_int8_head)
     stray = tmp_path / "b.yaml"
-    stray.write_text(src.replace("substitutions: {gelu: sigmoid, attention: npu, head: npu}", "substitutions: {gelu: sigmoid}"))
+    stray.write_text(src.replace("substitutions: {gelu: sigmoid, attention: npu, head: npu}", "substitutions: {gelu: sigmoid}")
+                     .replace("biases, substitution]", "biases]"))  # (learn: substitution would fail first)
     with pytest.raises(CareQError, match=r"b.yaml:\d+: the 'npu' section .* needs substitutions.attention: npu"):
         load_recipe(stray)
     bad = tmp_path / "c.yaml"
