@@ -46,8 +46,8 @@ def fp32_logits(net, x: torch.Tensor) -> np.ndarray:
 def deploy_form_fidelity(net, dmodel, x: torch.Tensor) -> dict:
     """The deploy form in float, as built (the recipe's substitutions, before calibration changes its biases
     and weights), against the original FP32 model on ``x``: float round-off for an exact deploy form, else
-    what the substitutions cost before any int8 (reconstruction fits the units to this form, so it cannot
-    win that back)."""
+    what the substitutions cost before any int8 (reconstruction with ``target: original`` fits the units to
+    the original model's outputs, and wins part of it back)."""
     return {**fidelity(fp32_logits(net, x), reference_logits(dmodel, None, x)), "images": int(x.shape[0])}
 
 
