@@ -18,7 +18,8 @@ Kernel choices (XNNPACK is the CPU engine of TFLite):
   constant 1 by the (1, heads, N, 1) normaliser and a broadcast int8 MUL (XNNPACK);
 - the NPU attention (recipe ``substitutions.attention: npu``): RELU, LOGISTIC, broadcast MUL,
   MEAN over axis 1 or 2 of (1, N, D, E) token tensors (RESHAPEs of the NHWC maps),
-  L2_NORMALIZATION, or (``npu.normaliser: rsqrt``) MUL, MEAN, RSQRT and a broadcast MUL;
+  L2_NORMALIZATION (``npu.normaliser: l2den``: of the numerator CONCATENATED with the weighted
+  denominator, then a SLICE), or (``rsqrt``) MUL, MEAN, RSQRT and a broadcast MUL;
 - the NPU head (``npu.head: int8``): int8 MEAN, LOGISTIC + MUL, SUB, then MUL/MEAN/RSQRT/MUL or
   L2_NORMALIZATION, and the int8 FULLY_CONNECTED: no DEQUANTIZE from input to logits.
 """
@@ -278,7 +279,8 @@ class _Emitter:
         x, b = self.idx[n.inputs[0]], self.b
         v = n.attrs["value"]
         if isinstance(v, float) or getattr(v, "dim", lambda: 0)() == 0:
-            c = self.scalar_q(f"{n.name}.const", float(v), len(b.shape_of(x)))
+            value = float(v.detach() if hasattr(v, "detach") else v)  # a learnt one is a parameter
+            c = self.scalar_q(f"{n.name}.const", value, len(b.shape_of(x)))
             b.op(OP.MUL, [x, c], [self.out(n.outputs[0])], fb.BuiltinOptions.MulOptions,
                  options(fb.MulOptionsT), version=2)
             return
@@ -341,6 +343,7 @@ class _Emitter:
         self._mean(self.idx[n.inputs[0]], self.out(n.outputs[0]), [n.attrs["axis"]], True, n.name)
 
     def op_split(self, n):
+        self._last_axis(n, n.inputs[0])
         x = self.idx[n.inputs[0]]
         shape = self.b.shape_of(x)
         off = 0
@@ -351,9 +354,14 @@ class _Emitter:
                       options(fb.SliceOptionsT), version=2)
             off += size
 
+    def _last_axis(self, n, tensor: str) -> None:
+        """Channel splits and concatenations run on TFLite's last axis: NCHW maps' dim 1, token tensors' dim 3."""
+        lay, dim = self.layout[tensor], n.attrs["dim"]
+        if not ((lay == "nchw" and dim == 1) or (lay == "tokens" and dim == 3)):
+            raise CareQError(f"{n.name}: only {n.op} over channels is emitted (dim {dim} of a {lay} tensor)")
+
     def op_cat(self, n):
-        if n.attrs["dim"] != 1 or self.layout[n.outputs[0]] != "nchw":
-            raise CareQError(f"{n.name}: only channel concatenation is emitted")
+        self._last_axis(n, n.outputs[0])
         self.b.op(OP.CONCATENATION, [self.idx[i] for i in n.inputs], [self.out(n.outputs[0])],
                   fb.BuiltinOptions.ConcatenationOptions, options(fb.ConcatenationOptionsT, axis=3), version=2)
 

@@ -146,7 +146,9 @@ class Recipe:
     gelu: str = "exact"
     attention: str = "exact"  # npu: care_q.transforms.substitute.npu_attention (ops every NPU maps)
     head_form: str = "exact"  # npu: care_q.transforms.substitute.npu_head (int8 SiLU + LayerNorm from NPU ops)
-    npu_normaliser: str = "l2"  # the NPU graph's normalisers: l2 (L2_NORMALIZATION) or rsqrt (MUL, MEAN, RSQRT, MUL)
+    # the NPU graph's normalisers: l2 (L2_NORMALIZATION), l2den (L2_NORMALIZATION of the numerator with the
+    # weighted denominator appended) or rsqrt (MUL, MEAN, RSQRT, MUL)
+    npu_normaliser: str = "l2"
     cross_layer_equalization: bool = False
     bias_correction: bool = False
     # the attention output as num * (1 / den) instead of num / den (care_q.transforms.deploy.reciprocal_normaliser)
@@ -210,7 +212,7 @@ SCHEMA = {
     "transforms": {"deploy": bool, "cross_layer_equalization": bool, "bias_correction": bool,
                    "reciprocal_normaliser": bool},
     "substitutions": {"gelu": ("exact", "sigmoid"), "attention": ("exact", "npu"), "head": ("exact", "npu")},
-    "npu": {"normaliser": ("l2", "rsqrt")},
+    "npu": {"normaliser": ("l2", "l2den", "rsqrt")},
     "head": {"dtype": ("float", "int8"), "logits": ("top5", "full")},
     "tflite": {"large_dwconv": ("xnnpack", "builtin"), "kernels": ("int8", "measured")},
     "rules": "rules",

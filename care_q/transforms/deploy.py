@@ -152,13 +152,16 @@ class DeployAttention(nn.Module):
             kv = ops.tag(Role.ATTN_KV, ops.mean_axis(f"{h}.kv", kv, 1))        # (B, 1, D, D)
             num = ops.tag(Role.ATTN_NUM, ops.mul(f"{h}.num_prod", q, kv))
             num = ops.tag(Role.ATTN_NUM, ops.mean_axis(f"{h}.num", num, 2))    # (B, N, 1, D)
-            outs.append(ops.tag(Role.ATTN_OUT, ops.from_tokens(f"{h}.out", self.npu_normalise(ops, h, num), hw)))
+            out = self.npu_normalise(ops, h, num, q, k, i)
+            outs.append(ops.tag(Role.ATTN_OUT, ops.from_tokens(f"{h}.out", out, hw)))
         heads = ops.tag(Role.ATTN_OUT, ops.cat(f"{n}.heads", outs)) if len(outs) > 1 else outs[0]
         return ops.tag(Role.ATTN_OUT, ops.mul_const(f"{n}.out", heads, self.out_scale))
 
-    def npu_normalise(self, ops: Ops, h: str, num: torch.Tensor) -> torch.Tensor:
-        """The NPU form's normaliser of one head's numerator (B, N, 1, D): an L2 normalisation
-        (`care_q.transforms.substitute.NPUAttention` offers another form)."""
+    def npu_normalise(self, ops: Ops, h: str, num: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      head: int) -> torch.Tensor:
+        """The NPU form's normaliser of one head's numerator (B, N, 1, D), given the head's kernel
+        features q and k (B, N, D, 1): an L2 normalisation (`care_q.transforms.substitute.NPUAttention`
+        offers other forms)."""
         return ops.tag(Role.ATTN_OUT, ops.l2_norm(f"{h}.l2", num))
 
 

@@ -4,16 +4,18 @@ care_test at 32x32, calibrated on 16 images.
 - ``npu.normaliser: rsqrt``: compiled live by Vela for ethos-u55-128 and ethos-u85-256 with no CPU op
   (one NPU segment from the int8 input to the int8 logits); the rule census puts every MAC on the
   Edge TPU and NNAPI FL7, and says RSQRT is why NNAPI FL6 cannot take it;
-- ``npu.normaliser: l2``: every MAC on NNAPI FL6 and the Edge TPU; on Ethos-U exactly the
-  L2_NORMALIZATION ops stay on the CPU (Vela: "Unsupported opType");
+- ``npu.normaliser: l2`` and ``l2den`` (the L2 of the numerator with the weighted denominator appended):
+  every MAC on NNAPI FL6 and the Edge TPU; on Ethos-U exactly the L2_NORMALIZATION ops stay on the CPU
+  (Vela: "Unsupported opType");
 - both files are bit-exact with their references in ai-edge-litert; the new kernels (TFLite's
   int8 RSQRT, XNNPACK's int8 SUB) are emulated bit for bit on every code;
-- in FP32 the two normaliser forms are the same function, and the NPU head is the exact head with
-  GELU as x * sigmoid(1.702 x)."""
+- in FP32 l2 and rsqrt are the same function, l2den is out / sqrt(||out||^2 + c^2) of the attention output
+  num / den, and the NPU head is the exact head with GELU as x * sigmoid(1.702 x)."""
 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from care_q.quant.fakequant import QuantOps
 from care_q.quant.recipe import load_recipe
 from care_q.runtime import load_runner
 from care_q.transforms import deploy
-from care_q.transforms.substitute import gelu_to_silu, npu_attention, npu_head
+from care_q.transforms.substitute import gelu_to_silu, npu_attention, npu_head, substitution_params
 
 OP = fb.BuiltinOperator
 VELA = ("ethos-u55-128", "ethos-u85-256")
@@ -99,6 +101,31 @@ def test_normaliser_forms_are_one_fp32_function():
     assert torch.allclose(y_rs, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
+@torch.no_grad()
+def test_l2den_is_the_attention_output_with_its_norm_compressed():
+    """l2den: L2_NORMALIZATION of [num, c den] keeps num's channels: out / sqrt(||out||^2 + c^2) per head
+    and token, with out = num / den the attention output of the NPU kernel, times the output scale."""
+    torch.manual_seed(0)
+    model = npu_attention(deploy(create_model("care_test", num_classes=10)), torch.randn(8, 3, 32, 32), "l2den")
+    att = next(b.attn for b in model.blocks if b.attention)
+    heads, d = att.num_heads, att.mem_dim // att.num_heads
+    assert sorted(k for k in substitution_params(att) if "den_weight" in k) == [f"den_weight.{i}" for i in range(heads)]
+    c = torch.tensor([0.3, 2.0])[:heads]
+    for i in range(heads):
+        att.den_weight[i].fill_(c[i])
+    x = torch.randn(2, att.mem_dim, 4, 4)
+    got = att(x, FloatOps(), "attn")
+    # by hand: the NPU kernel's features, k^T v and mean(k) over the tokens, num / den per head
+    qk = att.qk(x)
+    phi = F.relu(qk) + torch.sigmoid(att.phi_aff(qk)) * att.phi_exp_scale
+    q, k = (phi[:, j * att.mem_dim:(j + 1) * att.mem_dim].reshape(2, heads, d, 16).transpose(2, 3) for j in (0, 1))
+    v = x.reshape(2, heads, d, 16).transpose(2, 3)
+    out = (q @ (k.transpose(2, 3) @ v)) / (q @ k.sum(2, keepdim=True).transpose(2, 3))  # (B, h, N, D)
+    want = out / torch.sqrt(out.pow(2).sum(-1, keepdim=True) + c.reshape(1, heads, 1, 1) ** 2)
+    want = want.transpose(2, 3).reshape(2, att.mem_dim, 4, 4) * att.out_scale.reshape(1, -1, 1, 1)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
 def test_npu_options_bad_input(tmp_path):
     base = deploy(create_model("care_test", num_classes=10))
     with pytest.raises(CareQError, match="NPU normaliser 'l1'"):
@@ -114,7 +141,7 @@ def test_npu_options_bad_input(tmp_path):
     with pytest.raises(CareQError, match=r"b.yaml:\d+: the 'npu' section .* needs substitutions.attention: npu"):
         load_recipe(stray)
     bad = tmp_path / "c.yaml"
-    bad.write_text(src.replace("npu: {normaliser: l2}", "npu: {normaliser: l1}"))
+    bad.write_text(re.sub(r"npu: \{normaliser: \w+\}", "npu: {normaliser: l1}", src))
     with pytest.raises(CareQError, match="normaliser"):
         load_recipe(bad)
 
@@ -124,11 +151,11 @@ def _recipe(form: str, tmp: Path) -> str | Path:
     """npu_int8_ptq without its reconstruction, with normaliser ``form`` (l2 as shipped, or rsqrt)."""
     src = Path(load_recipe("npu_int8_ptq").source).read_text().partition("\nreconstruction:")[0]
     path = tmp / f"npu_int8_ptq_{form}.yaml"  # the graph as calibrated (reconstruction: tests/quant/test_reconstruct.py)
-    path.write_text(src.replace("npu: {normaliser: l2}", f"npu: {{normaliser: {form}}}") + "\n")
+    path.write_text(re.sub(r"npu: \{normaliser: \w+\}", f"npu: {{normaliser: {form}}}", src) + "\n")
     return path
 
 
-@pytest.fixture(scope="module", params=["rsqrt", "l2"])
+@pytest.fixture(scope="module", params=["rsqrt", "l2", "l2den"])
 def graph(request, tmp_path_factory, data_root, one_torch_thread):
     """(form, prep, path, census) of npu_int8_ptq's graph with normaliser ``form`` (untrained care_test)."""
     form, tmp = request.param, tmp_path_factory.mktemp(f"npu_{request.param}")
@@ -149,14 +176,18 @@ def test_npu_graph_is_int8_in_to_int8_out(graph):
     assert all(o.dtype == "INT8" for o in report.ops)
     assert g.tensor(g.inputs[0]).dtype == "INT8" and g.tensor(g.outputs[0]).dtype == "INT8"
     norm = "RSQRT" if form == "rsqrt" else "L2_NORMALIZATION"
-    assert names.count(norm) == 7 and (form == "l2" or "L2_NORMALIZATION" not in names)  # 6 heads + LayerNorm
+    assert names.count(norm) == 7 and (form != "rsqrt" or "L2_NORMALIZATION" not in names)  # 6 heads + LayerNorm
+    l2 = [i for i, n in enumerate(names) if n == "L2_NORMALIZATION"][:-1]  # the heads' (the last: the LayerNorm)
+    around = {(names[i - 1], names[i + 1]) for i in l2}
+    assert around == ({("CONCATENATION", "SLICE")} if form == "l2den" else around - {("CONCATENATION", "SLICE")})
     assert names[-3:] == ["RESHAPE", "CONV_2D", "RESHAPE"]  # the classifier: per-channel 1x1 conv
 
 
 def test_npu_graph_is_bit_exact_in_litert(graph, monkeypatch):
     form, prep, path, _ = graph
     calls = {}
-    for name in ("tflite_rsqrt_codes", "tflite_l2norm_codes", "xnnpack_add_codes", "xnnpack_mean_codes"):
+    for name in ("tflite_rsqrt_codes", "tflite_l2norm_codes", "xnnpack_add_codes", "xnnpack_mean_codes",
+                 "xnnpack_mul_codes"):
         fn = getattr(fakequant, name)
         monkeypatch.setattr(fakequant, name, lambda *a, _n=name, _f=fn: calls.__setitem__(_n, calls.get(_n, 0) + 1) or _f(*a))
     x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -165,7 +196,8 @@ def test_npu_graph_is_bit_exact_in_litert(graph, monkeypatch):
     got = load_runner(path, threads=1)(x.numpy())
     assert np.array_equal(got, ref)
     assert calls.get("tflite_rsqrt_codes", 0) == (7 if form == "rsqrt" else 0)
-    assert calls.get("tflite_l2norm_codes", 0) == (7 if form == "l2" else 0)
+    assert calls.get("tflite_l2norm_codes", 0) == (0 if form == "rsqrt" else 7)
+    assert calls["xnnpack_mul_codes"] >= (6 * 3 if form == "l2den" else 0)  # l2den: c mean(k), its product with q
     assert calls["xnnpack_add_codes"] >= 1 + 3 + 6  # the head's SUB, the kernels' ADDs, the residuals
     assert len(set(ref.argmax(1))) > 1              # not a constant output
 
@@ -190,7 +222,7 @@ def test_npu_graph_rule_census(graph):
     tpu, fl6, fl7 = (report.targets[k] for k in ("edgetpu", "nnapi:FL6", "nnapi:FL7"))
     assert tpu.mac_share == 1.0 and len(tpu.on_accelerator) == len(names)
     assert fl7.mac_share == 1.0 and fl7.partitions == 1
-    if form == "l2":
+    if form != "rsqrt":
         assert fl6.mac_share == 1.0 and fl6.partitions == 1
     else:  # NNAPI has int8 RSQRT from FL7 only
         rsqrt = [i for i, n in enumerate(names) if n == "RSQRT"]
