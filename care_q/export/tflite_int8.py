@@ -33,7 +33,7 @@ from care_q.errors import CareQError
 from care_q.export.tflite_builder import TFLiteBuilder, options
 from care_q.export.tflite_metadata import app_metadata, append_associated_files
 from care_q.quant.fakequant import weight_scales
-from care_q.quant.layout_policy import SIGMOID_QPARAMS, scalar_const, tflite_builtin_dwconv, weight_qmax
+from care_q.quant.layout_policy import SIGMOID_QPARAMS, scalar_const, scalar_value, tflite_builtin_dwconv, weight_qmax
 from care_q.quant.plan import QuantPlan
 from care_q.quant.qtypes import DType
 
@@ -278,8 +278,8 @@ class _Emitter:
     def op_mul_const(self, n):
         x, b = self.idx[n.inputs[0]], self.b
         v = n.attrs["value"]
-        if isinstance(v, float) or getattr(v, "dim", lambda: 0)() == 0:
-            value = float(v.detach() if hasattr(v, "detach") else v)  # a learnt one is a parameter
+        value = scalar_value(v)
+        if value is not None:
             c = self.scalar_q(f"{n.name}.const", value, len(b.shape_of(x)))
             b.op(OP.MUL, [x, c], [self.out(n.outputs[0])], fb.BuiltinOptions.MulOptions,
                  options(fb.MulOptionsT), version=2)

@@ -55,6 +55,7 @@ from care_q.quant.emulation.xnnpack import (
 from care_q.quant.layout_policy import (
     SIGMOID_QPARAMS,
     scalar_const,
+    scalar_value,
     tflite_builtin_dwconv,
     unit_weight_and_bias,
     weight_qmax,
@@ -371,9 +372,10 @@ class QuantOps(Ops):
             w_int = torch.clamp(torch.round(g.double() / s_w.double()), -127, 127).reshape(-1, 1, 1, 1)
             b_int = torch.zeros(g.numel(), dtype=torch.float64)
             return self._out(name, self._exact_conv(name, x, in_name, w_int, s_w, b_int, (1, 0, 1, g.numel())))
-        if self._tflite_ok(name, [in_name], x) and (not isinstance(value, torch.Tensor) or value.dim() == 0):
+        scalar = scalar_value(value)
+        if scalar is not None and self._tflite_ok(name, [in_name], x):
             # the exporter's MUL by the constant code 127 at scale value / 127 (`scalar_const`)
-            code, s_c = scalar_const(float(value.detach() if isinstance(value, torch.Tensor) else value))
+            code, s_c = scalar_const(scalar)
             y = self._xnnpack_mul(name, self._ints(x, in_name), torch.full_like(x, float(code), dtype=torch.float64),
                                   self.plan.qp(in_name), QParams((s_c,), (0,), DType.INT8))
             if y is not None:

@@ -25,6 +25,14 @@ def weight_qmax(plan) -> int:
     return 63 if plan.recipe.weight_bits == 7 else 127
 
 
+def scalar_value(value) -> float | None:
+    """A ``mul_const`` value as the one float the exporters write (a learnt one is a 0-d parameter, e.g.
+    the NPU attention's denominator weight), or None for a per-channel vector."""
+    if isinstance(value, torch.Tensor):
+        return float(value.detach()) if value.dim() == 0 else None
+    return float(value)
+
+
 def scalar_const(value: float, top: int = 127) -> tuple[int, float]:
     """A scalar constant as the exporters write it: the code +-top (0 for 0) at scale
     |value| / top (1.0 for 0), exact up to the float32 scale. Returns (code minus zero point, scale)."""
