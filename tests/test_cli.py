@@ -145,31 +145,43 @@ def test_cli_latency_section(ptq_cli):
         assert f"{m['int8']['median_ms']:.2f} ms" in line and f"({m['ratio']:.2f}x)" in line, line
 
 
-def test_for_npu_writes_the_fully_int8_tflite(tmp_path, data_root, capsys):
-    """`care-q ptq --for npu` leads to the NPU recipe: one .tflite, int8 in and int8 out, no float op, verified."""
+# --for: (recipe, substitution parameters learnt: 3 attentions x (a, b, scale[, 2 heads' c]), the normaliser's op)
+FOR_NPU = {"npu": ("npu_int8_ptq", 15, "L2_NORMALIZATION"), "ethos-u": ("npu_int8_ptq_ethosu", 9, "RSQRT")}
+
+
+@pytest.mark.parametrize("device", sorted(FOR_NPU))
+def test_for_npu_writes_the_fully_int8_tflite(device, tmp_path, data_root, capsys):
+    """`care-q ptq --for npu|ethos-u` leads to the NPU recipes: one .tflite, int8 in and int8 out, no float op,
+    verified; the ethos-u one compiles whole for the NPU (Vela: no CPU op)."""
+    from care_q.census import check
     from care_q.census.tflite_reader import read_tflite
 
+    recipe, n_subst, norm = FOR_NPU[device]
     out = tmp_path / "npu"
     rc = main(["ptq", "--model", "care_test", "--img-size", "32", "--calib", "cifar10_test", "--data-root",
                str(data_root), "--num-calib", "32", "--num-verify", "16", "--latency-runs", "0", "--threads", "1",
-               "--for", "npu", "--recon-steps", "20", "--out", str(out)])
+               "--for", device, "--recon-steps", "20", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
-    assert report["recipe"]["name"] == "npu_int8_ptq" and sorted(report["artifacts"]) == ["tflite"]
+    assert report["recipe"]["name"] == recipe and sorted(report["artifacts"]) == ["tflite"]
     assert [u["name"] for u in report["reconstruction"]["units"]][-1] == "head"  # calibrated, then reconstructed
     assert report["reconstruction"]["iterations"] == 20 == report["recipe"]["reconstruction"]["iterations"]
     # towards the original model's outputs, the substitutions' parameters and the biases learnt too: still bit-exact
     rec_summary = report["reconstruction"]
-    assert rec_summary["target"] == "original" and rec_summary["float_params"]["substitution"] == 15  # 3 x (a, b, scale, 2 c)
+    assert rec_summary["target"] == "original" and rec_summary["float_params"]["substitution"] == n_subst
     md = (out / "report.md").read_text()
-    assert "The FP32 outputs are the original model's" in md and "15 parameters of the substitutions" in md
+    assert "The FP32 outputs are the original model's" in md and f"{n_subst} parameters of the substitutions" in md
     v = report["artifacts"]["tflite"]["verification"]
     assert v["top1_agreement"] == 1.0 and v["max_abs_diff"] == 0.0
     # the NPU substitutions change the function: their own error, before any int8, is in the report
     assert report["deploy_form_vs_fp32"]["logit_sqnr_db"] < 60
     g = read_tflite(out / "care_test_int8.tflite")
-    ops = {op.name for op in g.ops}
-    assert not ops & {"QUANTIZE", "DEQUANTIZE", "GELU", "DIV", "ELU"}, ops
+    ops = [op.name for op in g.ops]
+    assert not set(ops) & {"QUANTIZE", "DEQUANTIZE", "GELU", "DIV", "ELU"}, ops
+    assert ops.count(norm) == 7  # 6 attention heads and the head's LayerNorm
+    if device == "ethos-u":
+        t = check(out / "care_test_int8.tflite", targets="ethos-u55-128", runtime=False).targets["ethos-u55-128"]
+        assert t.source == "compiled" and t.partitions == 1 and len(t.on_accelerator) == len(ops)
 
 
 def test_ptq_option_errors_before_any_work(tmp_path, capsys):
@@ -179,11 +191,12 @@ def test_ptq_option_errors_before_any_work(tmp_path, capsys):
         rc = main(["ptq", "--model", "care_test", *args, "--out", str(tmp_path / "o")])
         assert rc == 2 and why in capsys.readouterr().err
         assert not (tmp_path / "o").exists()
-    rc = main(["ptq", "--model", "care_test", "--for", "npu", "--target", "tflite,onnx", "--out", str(tmp_path / "o")])
-    err = capsys.readouterr().err.splitlines()
-    assert rc == 2 and err == ["care-q ptq: error: --for npu writes a .tflite (the NPU runtimes read TFLite); "
-                               "--target onnx has no NPU form"]
-    assert not (tmp_path / "o").exists()
+    for device in FOR_NPU:
+        rc = main(["ptq", "--model", "care_test", "--for", device, "--target", "tflite,onnx", "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.splitlines()
+        assert rc == 2 and err == [f"care-q ptq: error: --for {device} writes a .tflite (the NPU runtimes read TFLite); "
+                                   "--target onnx has no NPU form"]
+        assert not (tmp_path / "o").exists()
 
 
 def test_bench_kernel_profile(tmp_path, capsys):

@@ -23,9 +23,9 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ["npu_int8", "npu_int8_ptq", "ptq_a16w8_attention", "ptq_int8", "ptq_int8_cpu", "ptq_int8_full",
-           "ptq_int8_reciprocal", "ptq_int8_recon", "ptq_int8_x86", "ptq_w4a8_recon", "qat_int8", "qat_int8_full",
-           "qat_w4a8_mlp"]
+RECIPES = ["npu_int8", "npu_int8_ptq", "npu_int8_ptq_ethosu", "ptq_a16w8_attention", "ptq_int8", "ptq_int8_cpu",
+           "ptq_int8_full", "ptq_int8_reciprocal", "ptq_int8_recon", "ptq_int8_x86", "ptq_w4a8_recon", "qat_int8",
+           "qat_int8_full", "qat_w4a8_mlp"]
 SETS = ["cifar10_test", "cifar10_train", "imagenet_1k_subset", "imagenet_val", "synthetic_bn"]
 
 

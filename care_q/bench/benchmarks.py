@@ -247,7 +247,7 @@ def npu_blocks(res: dict) -> list:
     A = res["config"]["accuracy"]
     Q = res["config"].get("qat") or {}
     out = [R.H(2, f"NPU coverage and accuracy on the {A['model']} proxy (issues 7, 20)"),
-           R.P("Census (`care-q check`, no device) of each recipe's int8 .tflite: Edge TPU and NNAPI FL6 by published "
+           R.P("Census (`care-q check`, no device) of each recipe's int8 .tflite: Edge TPU and NNAPI FL6/FL7 by published "
                "rules (share of MACs on the accelerator, Edge TPU: before its single CPU cut; ops left on the CPU), "
                "Ethos-U55-128 and U85-256 compiled by Arm's Vela (ops it leaves on the CPU, NPU segments, its "
                "estimate of the NPU's time at the proxy's input size). "
@@ -255,19 +255,21 @@ def npu_blocks(res: dict) -> list:
                "verified against (QAT); `npu_int8` is fine-tuned "
                + f"{(Q.get('recipe_epochs') or {}).get('npu_int8', Q.get('epochs', '?'))} epoch(s). "
                "In the CPU recipes' files the ops after the classifier's global pool (float GELU/LayerNorm, the FC) "
-               "stay on the CPU by design (the MAC shares just below 100% are the FC's); `npu_int8_ptq` and QAT "
-               "`npu_int8` are int8 from input to logits. NPU segments: the stretches Vela compiles for the NPU "
+               "stay on the CPU by design (the MAC shares just below 100% are the FC's); `npu_int8_ptq`, "
+               "`npu_int8_ptq_ethosu` and QAT `npu_int8` are int8 from input to logits. One graph family, two "
+               "normalisers: `npu_int8_ptq`'s L2_NORMALIZATION is not an Ethos-U op, `npu_int8_ptq_ethosu`'s int8 "
+               "RSQRT is not an NNAPI op before FL7. NPU segments: the stretches Vela compiles for the NPU "
                "(each CPU op between two of them hands the tensor back to the host).")]
     tbl = []
     for name, r in rows.items():
         drop = None if r.get("top1") is None or r.get("fp32_top1") is None else 100 * (r["top1"] - r["fp32_top1"])
         tbl.append([f"`{name}` ({r['kind']})", R.pct(r.get("top1")), R.pts(drop) if drop is not None else "–",
                     *_npu_cells(r["coverage"])])
-    out.append(R.T(["recipe", "top-1", "vs FP32", *NPU_HEADERS], tbl, "lrrrlrlllrr"))
+    out.append(R.T(["recipe", "top-1", "vs FP32", *NPU_HEADERS], tbl, "lrrrlrlrllrr"))
     return out
 
 
-NPU_HEADERS = ["Edge TPU MACs", "Edge TPU first unmapped op", "NNAPI FL6 MACs", "NNAPI FL6 CPU ops",
+NPU_HEADERS = ["Edge TPU MACs", "Edge TPU first unmapped op", "NNAPI FL6 MACs", "NNAPI FL6 CPU ops", "NNAPI FL7 MACs",
                "Ethos-U55-128 (Vela)", "Ethos-U85-256 (Vela)", "XNNPACK MACs", "XNNPACK partitions"]
 
 
@@ -285,7 +287,8 @@ def _npu_cells(c: dict) -> list:
 
     cpu = ", ".join(f"{k} x{v}" for k, v in sorted(((c.get("nnapi:FL6") or {}).get("cpu_ops") or {}).items()))
     return [share("edgetpu"), (c.get("edgetpu") or {}).get("first_unmapped", "–"), share("nnapi:FL6"), cpu or "–",
-            vela("ethos-u55-128"), vela("ethos-u85-256"), share("xnnpack"), (c.get("xnnpack") or {}).get("partitions", "–")]
+            share("nnapi:FL7"), vela("ethos-u55-128"), vela("ethos-u85-256"), share("xnnpack"),
+            (c.get("xnnpack") or {}).get("partitions", "–")]
 
 
 def npu_latency_blocks(res: dict) -> list:
@@ -301,7 +304,7 @@ def npu_latency_blocks(res: dict) -> list:
                f"Vela's time: its estimate for that accelerator at this input size.")]
     for model, rows in per.items():
         out += [R.H(3, model), R.T(["file", *NPU_HEADERS], [[f"`{r['file']}` ({name})", *_npu_cells(r["coverage"])]
-                                                             for name, r in rows.items()], "lrlrlllrr")]
+                                                             for name, r in rows.items()], "lrlrlrllrr")]
     return out
 
 

@@ -1,6 +1,6 @@
 """The suite's NPU comparison (issues 7, 20): the census of care-q's PTQ proxy artifacts (the suite's recipe
 and its extra recipes, npu_int8_ptq among them), ai-edge-quantizer's int8 model and every QAT recipe's
-.tflite, per NPU target (Edge TPU and NNAPI FL6 by published rules, Ethos-U55/U85 compiled by Vela),
+.tflite, per NPU target (Edge TPU and NNAPI FL6/FL7 by published rules, Ethos-U55/U85 compiled by Vela),
 side by side with their accuracy."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 from care_q.bench.artifacts import artifact_file, extra_file
 from care_q.census import check
 
-NPU_TARGETS = ("xnnpack", "nnapi:6", "edgetpu", "ethos-u55-128", "ethos-u85-256")
+NPU_TARGETS = ("xnnpack", "nnapi:6", "nnapi:7", "edgetpu", "ethos-u55-128", "ethos-u85-256")
 
 
 def coverage(path: Path) -> dict:

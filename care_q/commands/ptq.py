@@ -6,7 +6,8 @@ from care_q.commands.common import add_data_root, add_model_args, add_threads
 from care_q.errors import CareQError
 
 # --for: which recipe serves which kind of device (a recipe given with --recipe overrides it)
-RECIPE_FOR = {"cpu": "ptq_int8_cpu", "npu": "npu_int8_ptq"}
+RECIPE_FOR = {"cpu": "ptq_int8_cpu", "npu": "npu_int8_ptq", "ethos-u": "npu_int8_ptq_ethosu"}
+NPU_DEVICES = ("npu", "ethos-u")  # TFLite only
 
 
 def add_parser(sub):
@@ -17,8 +18,10 @@ def add_parser(sub):
     add_data_root(p)
     p.add_argument("--num-calib", type=int, help="calibration images (default: the whole set)")
     p.add_argument("--for", dest="for_device", choices=sorted(RECIPE_FOR), default="cpu",
-                   help="the device the artifacts are for: cpu (default: recipe ptq_int8_cpu, .tflite + .onnx) or npu "
-                        "(recipe npu_int8_ptq: a fully int8 .tflite for Edge TPU / NNAPI / Ethos-U, int8 in and out)")
+                   help="the device the artifacts are for: cpu (default: recipe ptq_int8_cpu, .tflite + .onnx); npu "
+                        "(recipe npu_int8_ptq: a fully int8 .tflite, int8 in and out, whole on Edge TPU and NNAPI FL6+); "
+                        "ethos-u (recipe npu_int8_ptq_ethosu: the same family without L2_NORMALIZATION, whole on "
+                        "Ethos-U55/U65/U85 as Vela compiles it, Edge TPU and NNAPI FL7+)")
     p.add_argument("--recipe", help="recipe name (care-q recipes) or YAML path (default: the --for device's)")
     p.add_argument("--target", default=None, help="comma list: tflite,onnx (default: the recipe's)")
     p.add_argument("--io", choices=["float", "int8"], help="artifact input/output type (default: recipe)")
@@ -46,8 +49,9 @@ def add_parser(sub):
 def recipe_for(args) -> str:
     """The recipe of a run: --recipe, else the --for device's; an NPU run asks for no ONNX artifact."""
     targets = args.target.split(",") if args.target else []
-    if args.for_device == "npu" and "onnx" in targets:
-        raise CareQError("--for npu writes a .tflite (the NPU runtimes read TFLite); --target onnx has no NPU form")
+    if args.for_device in NPU_DEVICES and "onnx" in targets:
+        raise CareQError(f"--for {args.for_device} writes a .tflite (the NPU runtimes read TFLite); --target onnx has "
+                         "no NPU form")
     return args.recipe or RECIPE_FOR[args.for_device]
 
 

@@ -19,7 +19,8 @@ Kernel choices (XNNPACK is the CPU engine of TFLite):
 - the NPU attention (recipe ``substitutions.attention: npu``): RELU, LOGISTIC, broadcast MUL,
   MEAN over axis 1 or 2 of (1, N, D, E) token tensors (RESHAPEs of the NHWC maps),
   L2_NORMALIZATION (``npu.normaliser: l2den``: of the numerator CONCATENATED with the weighted
-  denominator, then a SLICE), or (``rsqrt``) MUL, MEAN, RSQRT and a broadcast MUL;
+  denominator, then a SLICE), or (``rsqrt``) MUL, MEAN, RSQRT and a broadcast MUL, or (``rsqrtden``) the
+  denominator's RSQRT and two broadcast MULs;
 - the NPU head (``npu.head: int8``): int8 MEAN, LOGISTIC + MUL, SUB, then MUL/MEAN/RSQRT/MUL or
   L2_NORMALIZATION, and the int8 FULLY_CONNECTED: no DEQUANTIZE from input to logits.
 """

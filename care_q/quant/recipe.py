@@ -147,7 +147,7 @@ class Recipe:
     attention: str = "exact"  # npu: care_q.transforms.substitute.npu_attention (ops every NPU maps)
     head_form: str = "exact"  # npu: care_q.transforms.substitute.npu_head (int8 SiLU + LayerNorm from NPU ops)
     # the NPU graph's normalisers: l2 (L2_NORMALIZATION), l2den (L2_NORMALIZATION of the numerator with the
-    # weighted denominator appended) or rsqrt (MUL, MEAN, RSQRT, MUL)
+    # weighted denominator appended), rsqrt (MUL, MEAN, RSQRT, MUL) or rsqrtden (num RSQRT(den) RSQRT(den))
     npu_normaliser: str = "l2"
     cross_layer_equalization: bool = False
     bias_correction: bool = False
@@ -212,7 +212,7 @@ SCHEMA = {
     "transforms": {"deploy": bool, "cross_layer_equalization": bool, "bias_correction": bool,
                    "reciprocal_normaliser": bool},
     "substitutions": {"gelu": ("exact", "sigmoid"), "attention": ("exact", "npu"), "head": ("exact", "npu")},
-    "npu": {"normaliser": ("l2", "l2den", "rsqrt")},
+    "npu": {"normaliser": ("l2", "l2den", "rsqrt", "rsqrtden")},
     "head": {"dtype": ("float", "int8"), "logits": ("top5", "full")},
     "tflite": {"large_dwconv": ("xnnpack", "builtin"), "kernels": ("int8", "measured")},
     "rules": "rules",

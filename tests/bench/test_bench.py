@@ -699,12 +699,12 @@ def test_accuracy_and_latency_run_one_sequence_and_resume(tmp_path, fake_steps, 
     assert lat["care_s0"]["bench"] == {"n": 1} and len(steps.timings) == 15 and steps.cached == []
     # issue 20 at 224: the NPU graph by the suite's npu_recipe (one reconstruction step), then the NPU census
     # of it, of care-q's CPU file and of ai-edge-quantizer's
-    assert ptqs[4] == {**common, "recipe": "npu_int8_ptq", "targets": None, "weights": lat_weights,
+    assert ptqs[4] == {**common, "recipe": "npu_int8_ptq_ethosu", "targets": None, "weights": lat_weights,
                        "calib": "imagenet_1k_subset", "num_calib": 32, "img_size": 224, "num_verify": 16,
                        "recon_steps": 1}  # one reconstruction batch at least
     assert [kw["file"] for name, kw in calls if name == "npu"] == [
         "care_s0_int8.tflite", "care_s0_int8.tflite", "care_s0_aeq_int8.tflite"]
-    assert lat["care_s0"]["npu"] == {"npu_int8_ptq": {"file": "care_s0_int8.tflite", "coverage": {"u85": 1}},
+    assert lat["care_s0"]["npu"] == {"npu_int8_ptq_ethosu": {"file": "care_s0_int8.tflite", "coverage": {"u85": 1}},
                                      "ptq_int8_cpu": {"file": "care_s0_int8.tflite", "coverage": {"u85": 1}},
                                      "ai_edge_quantizer": {"file": "care_s0_aeq_int8.tflite", "coverage": {"u85": 1}}}
     # the per-op profile: care-q's .tflite beside its FP32 file (rows dropped from the cached result)
@@ -761,7 +761,7 @@ def test_extra_recipes_errors(tmp_path, extra, match):
 
     bad = tmp_path / "s.yaml"
     text = SUITE.read_text()
-    listed = "extra_recipes: [ptq_int8, ptq_int8_recon, ptq_w4a8_recon, npu_int8_ptq]"
+    listed = "extra_recipes: [ptq_int8, ptq_int8_recon, ptq_w4a8_recon, npu_int8_ptq, npu_int8_ptq_ethosu]"
     bad.write_text(text.replace(listed, f"extra_recipes: {extra}"))
     with pytest.raises(CareQError, match=match):
         load_suite(bad, shared=tmp_path)

@@ -126,6 +126,27 @@ def test_l2den_is_the_attention_output_with_its_norm_compressed():
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
+@torch.no_grad()
+def test_rsqrtden_is_the_exact_attention_output():
+    """rsqrtden: (num RSQRT(den)) RSQRT(den) is num / den, the attention output of the NPU kernel, exactly;
+    its output scale starts at 1 and it has no denominator weight to learn."""
+    torch.manual_seed(0)
+    model = npu_attention(deploy(create_model("care_test", num_classes=10)), torch.randn(8, 3, 32, 32), "rsqrtden")
+    att = next(b.attn for b in model.blocks if b.attention)
+    heads, d = att.num_heads, att.mem_dim // att.num_heads
+    assert torch.equal(att.out_scale, torch.ones(att.mem_dim))
+    assert sorted(substitution_params(att)) == ["out_scale", "phi_aff.bias", "phi_aff.weight"]
+    x = torch.randn(2, att.mem_dim, 4, 4)
+    got = att(x, FloatOps(), "attn")
+    qk = att.qk(x)
+    phi = F.relu(qk) + torch.sigmoid(att.phi_aff(qk)) * att.phi_exp_scale
+    q, k = (phi[:, j * att.mem_dim:(j + 1) * att.mem_dim].reshape(2, heads, d, 16).transpose(2, 3) for j in (0, 1))
+    v = x.reshape(2, heads, d, 16).transpose(2, 3)
+    out = (q @ (k.transpose(2, 3) @ v)) / (q @ k.sum(2, keepdim=True).transpose(2, 3))  # (B, h, N, D)
+    want = out.transpose(2, 3).reshape(2, att.mem_dim, 4, 4)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
 def test_npu_options_bad_input(tmp_path):
     base = deploy(create_model("care_test", num_classes=10))
     with pytest.raises(CareQError, match="NPU normaliser 'l1'"):
@@ -155,7 +176,10 @@ def _recipe(form: str, tmp: Path) -> str | Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["rsqrt", "l2", "l2den"])
+RSQRT_FORMS = ("rsqrt", "rsqrtden")  # the forms without L2_NORMALIZATION (Ethos-U's)
+
+
+@pytest.fixture(scope="module", params=["rsqrt", "rsqrtden", "l2", "l2den"])
 def graph(request, tmp_path_factory, data_root, one_torch_thread):
     """(form, prep, path, census) of npu_int8_ptq's graph with normaliser ``form`` (untrained care_test)."""
     form, tmp = request.param, tmp_path_factory.mktemp(f"npu_{request.param}")
@@ -175,8 +199,8 @@ def test_npu_graph_is_int8_in_to_int8_out(graph):
     assert {"QUANTIZE", "DEQUANTIZE", "GELU", "DIV", "ELU", "BATCH_MATMUL"}.isdisjoint(names)
     assert all(o.dtype == "INT8" for o in report.ops)
     assert g.tensor(g.inputs[0]).dtype == "INT8" and g.tensor(g.outputs[0]).dtype == "INT8"
-    norm = "RSQRT" if form == "rsqrt" else "L2_NORMALIZATION"
-    assert names.count(norm) == 7 and (form != "rsqrt" or "L2_NORMALIZATION" not in names)  # 6 heads + LayerNorm
+    norm = "RSQRT" if form in RSQRT_FORMS else "L2_NORMALIZATION"
+    assert names.count(norm) == 7 and (form not in RSQRT_FORMS or "L2_NORMALIZATION" not in names)  # 6 heads + LN
     l2 = [i for i, n in enumerate(names) if n == "L2_NORMALIZATION"][:-1]  # the heads' (the last: the LayerNorm)
     around = {(names[i - 1], names[i + 1]) for i in l2}
     assert around == ({("CONCATENATION", "SLICE")} if form == "l2den" else around - {("CONCATENATION", "SLICE")})
@@ -195,9 +219,10 @@ def test_npu_graph_is_bit_exact_in_litert(graph, monkeypatch):
         ref = prep.dmodel(x, QuantOps(prep.plan, "quant", exact="xnnpack")).numpy()
     got = load_runner(path, threads=1)(x.numpy())
     assert np.array_equal(got, ref)
-    assert calls.get("tflite_rsqrt_codes", 0) == (7 if form == "rsqrt" else 0)
-    assert calls.get("tflite_l2norm_codes", 0) == (0 if form == "rsqrt" else 7)
-    assert calls["xnnpack_mul_codes"] >= (6 * 3 if form == "l2den" else 0)  # l2den: c mean(k), its product with q
+    assert calls.get("tflite_rsqrt_codes", 0) == (7 if form in RSQRT_FORMS else 0)
+    assert calls.get("tflite_l2norm_codes", 0) == (0 if form in RSQRT_FORMS else 7)
+    # l2den: c mean(k), its product with q; rsqrtden: q mean(k), num r, (num r) r
+    assert calls["xnnpack_mul_codes"] >= {"l2den": 6 * 3, "rsqrtden": 6 * 3}.get(form, 0)
     assert calls["xnnpack_add_codes"] >= 1 + 3 + 6  # the head's SUB, the kernels' ADDs, the residuals
     assert len(set(ref.argmax(1))) > 1              # not a constant output
 
@@ -209,7 +234,7 @@ def test_npu_graph_on_ethos_u_by_vela(graph):
         t = report.targets[cfg]
         assert t.source == "compiled"
         cpu = set(range(len(names))) - t.on_accelerator
-        if form == "rsqrt":  # input to logits on the NPU: one segment
+        if form in RSQRT_FORMS:  # input to logits on the NPU: one segment
             assert cpu == set() and t.partitions == 1 and t.mac_share == 1.0
         else:               # exactly the L2 normalisations, each cutting the graph
             assert cpu == {i for i, n in enumerate(names) if n == "L2_NORMALIZATION"}
@@ -222,7 +247,7 @@ def test_npu_graph_rule_census(graph):
     tpu, fl6, fl7 = (report.targets[k] for k in ("edgetpu", "nnapi:FL6", "nnapi:FL7"))
     assert tpu.mac_share == 1.0 and len(tpu.on_accelerator) == len(names)
     assert fl7.mac_share == 1.0 and fl7.partitions == 1
-    if form != "rsqrt":
+    if form not in RSQRT_FORMS:
         assert fl6.mac_share == 1.0 and fl6.partitions == 1
     else:  # NNAPI has int8 RSQRT from FL7 only
         rsqrt = [i for i, n in enumerate(names) if n == "RSQRT"]
