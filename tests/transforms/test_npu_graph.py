@@ -1,16 +1,17 @@
-"""The NPU graph family (issue 20): recipe npu_int8_ptq (and its ``npu.normaliser: rsqrt`` variant),
-care_test at 32x32, calibrated on 16 images.
+"""The NPU graph family (issue 20): recipe npu_int8_ptq (and its ``npu.normaliser`` variants: rsqrtden is
+npu_int8_ptq_ethosu's), care_test at 32x32, calibrated on 16 images.
 
-- ``npu.normaliser: rsqrt``: compiled live by Vela for ethos-u55-128 and ethos-u85-256 with no CPU op
-  (one NPU segment from the int8 input to the int8 logits); the rule census puts every MAC on the
-  Edge TPU and NNAPI FL7, and says RSQRT is why NNAPI FL6 cannot take it;
+- ``npu.normaliser: rsqrt`` and ``rsqrtden`` (the exact num / den as (num RSQRT(den)) RSQRT(den)): compiled
+  live by Vela for ethos-u55-128 and ethos-u85-256 with no CPU op (one NPU segment from the int8 input to
+  the int8 logits); the rule census puts every MAC on the Edge TPU and NNAPI FL7, and says RSQRT is why
+  NNAPI FL6 cannot take it;
 - ``npu.normaliser: l2`` and ``l2den`` (the L2 of the numerator with the weighted denominator appended):
   every MAC on NNAPI FL6 and the Edge TPU; on Ethos-U exactly the L2_NORMALIZATION ops stay on the CPU
   (Vela: "Unsupported opType");
 - both files are bit-exact with their references in ai-edge-litert; the new kernels (TFLite's
   int8 RSQRT, XNNPACK's int8 SUB) are emulated bit for bit on every code;
 - in FP32 l2 and rsqrt are the same function, l2den is out / sqrt(||out||^2 + c^2) of the attention output
-  num / den, and the NPU head is the exact head with GELU as x * sigmoid(1.702 x)."""
+  out = num / den, rsqrtden is out itself, and the NPU head is the exact head with GELU as x * sigmoid(1.702 x)."""
 
 from __future__ import annotations
 
@@ -101,6 +102,18 @@ def test_normaliser_forms_are_one_fp32_function():
     assert torch.allclose(y_rs, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
+def _npu_attention_by_hand(att, x: torch.Tensor) -> torch.Tensor:
+    """The attention output num / den of the NPU kernel per head, (B, heads, N, D), from the kernel's
+    features, k^T v and the sum of k over the tokens."""
+    b, heads, n = x.shape[0], att.num_heads, x.shape[2] * x.shape[3]
+    d = att.mem_dim // heads
+    qk = att.qk(x)
+    phi = F.relu(qk) + torch.sigmoid(att.phi_aff(qk)) * att.phi_exp_scale
+    q, k = (phi[:, j * att.mem_dim:(j + 1) * att.mem_dim].reshape(b, heads, d, n).transpose(2, 3) for j in (0, 1))
+    v = x.reshape(b, heads, d, n).transpose(2, 3)
+    return (q @ (k.transpose(2, 3) @ v)) / (q @ k.sum(2, keepdim=True).transpose(2, 3))
+
+
 @torch.no_grad()
 def test_l2den_is_the_attention_output_with_its_norm_compressed():
     """l2den: L2_NORMALIZATION of [num, c den] keeps num's channels: out / sqrt(||out||^2 + c^2) per head
@@ -108,19 +121,14 @@ def test_l2den_is_the_attention_output_with_its_norm_compressed():
     torch.manual_seed(0)
     model = npu_attention(deploy(create_model("care_test", num_classes=10)), torch.randn(8, 3, 32, 32), "l2den")
     att = next(b.attn for b in model.blocks if b.attention)
-    heads, d = att.num_heads, att.mem_dim // att.num_heads
+    heads = att.num_heads
     assert sorted(k for k in substitution_params(att) if "den_weight" in k) == [f"den_weight.{i}" for i in range(heads)]
     c = torch.tensor([0.3, 2.0])[:heads]
     for i in range(heads):
         att.den_weight[i].fill_(c[i])
     x = torch.randn(2, att.mem_dim, 4, 4)
     got = att(x, FloatOps(), "attn")
-    # by hand: the NPU kernel's features, k^T v and mean(k) over the tokens, num / den per head
-    qk = att.qk(x)
-    phi = F.relu(qk) + torch.sigmoid(att.phi_aff(qk)) * att.phi_exp_scale
-    q, k = (phi[:, j * att.mem_dim:(j + 1) * att.mem_dim].reshape(2, heads, d, 16).transpose(2, 3) for j in (0, 1))
-    v = x.reshape(2, heads, d, 16).transpose(2, 3)
-    out = (q @ (k.transpose(2, 3) @ v)) / (q @ k.sum(2, keepdim=True).transpose(2, 3))  # (B, h, N, D)
+    out = _npu_attention_by_hand(att, x)
     want = out / torch.sqrt(out.pow(2).sum(-1, keepdim=True) + c.reshape(1, heads, 1, 1) ** 2)
     want = want.transpose(2, 3).reshape(2, att.mem_dim, 4, 4) * att.out_scale.reshape(1, -1, 1, 1)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
@@ -133,17 +141,11 @@ def test_rsqrtden_is_the_exact_attention_output():
     torch.manual_seed(0)
     model = npu_attention(deploy(create_model("care_test", num_classes=10)), torch.randn(8, 3, 32, 32), "rsqrtden")
     att = next(b.attn for b in model.blocks if b.attention)
-    heads, d = att.num_heads, att.mem_dim // att.num_heads
     assert torch.equal(att.out_scale, torch.ones(att.mem_dim))
     assert sorted(substitution_params(att)) == ["out_scale", "phi_aff.bias", "phi_aff.weight"]
     x = torch.randn(2, att.mem_dim, 4, 4)
     got = att(x, FloatOps(), "attn")
-    qk = att.qk(x)
-    phi = F.relu(qk) + torch.sigmoid(att.phi_aff(qk)) * att.phi_exp_scale
-    q, k = (phi[:, j * att.mem_dim:(j + 1) * att.mem_dim].reshape(2, heads, d, 16).transpose(2, 3) for j in (0, 1))
-    v = x.reshape(2, heads, d, 16).transpose(2, 3)
-    out = (q @ (k.transpose(2, 3) @ v)) / (q @ k.sum(2, keepdim=True).transpose(2, 3))  # (B, h, N, D)
-    want = out.transpose(2, 3).reshape(2, att.mem_dim, 4, 4)
+    want = _npu_attention_by_hand(att, x).transpose(2, 3).reshape(2, att.mem_dim, 4, 4)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
