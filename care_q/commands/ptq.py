@@ -7,7 +7,7 @@ from care_q.errors import CareQError
 
 # --for: which recipe serves which kind of device (a recipe given with --recipe overrides it)
 RECIPE_FOR = {"cpu": "ptq_int8_cpu", "npu": "npu_int8_ptq", "ethos-u": "npu_int8_ptq_ethosu"}
-NPU_DEVICES = ("npu", "ethos-u")  # TFLite only
+NPU_DEVICES = tuple(d for d in RECIPE_FOR if d != "cpu")  # TFLite only
 
 
 def add_parser(sub):

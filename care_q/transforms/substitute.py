@@ -124,17 +124,11 @@ class NPUAttention(DeployAttention):
         if self.npu_normaliser == "l2":
             return super().npu_normalise(ops, h, num, q, k, head)
         if self.npu_normaliser == "rsqrtden":  # num / den = (num r) r, r = RSQRT(den): exact (module docstring)
-            k_mean = ops.tag(Role.ATTN_KMEAN, ops.mean_axis(f"{h}.k_mean", k, 1))          # (B, 1, D, 1)
-            den = ops.tag(Role.ATTN_DEN, ops.mul(f"{h}.den_prod", q, k_mean))
-            den = ops.tag(Role.ATTN_DEN, ops.mean_axis(f"{h}.den", den, 2))                 # (B, N, 1, 1)
-            r = ops.tag(Role.ATTN_DEN_INV, ops.rsqrt(f"{h}.den_rsqrt", den))
+            r = ops.tag(Role.ATTN_DEN_INV, ops.rsqrt(f"{h}.den_rsqrt", self._den(ops, h, q, k, head, Role.ATTN_DEN)))
             half = ops.tag(Role.ATTN_NUM, ops.mul(f"{h}.num_r", num, r))
             return ops.tag(Role.ATTN_OUT, ops.mul(f"{h}.norm", half, r))
         if self.npu_normaliser == "l2den":  # L2 of [num, c den] (module docstring), then num's channels
-            k_mean = ops.tag(Role.ATTN_KMEAN, ops.mean_axis(f"{h}.k_mean", k, 1))          # (B, 1, D, 1)
-            k_mean = ops.tag(Role.ATTN_KMEAN, ops.mul_const(f"{h}.k_mean_c", k_mean, self.den_weight[head]))
-            den = ops.tag(Role.ATTN_DEN, ops.mul(f"{h}.den_prod", q, k_mean))
-            den = ops.tag(Role.ATTN_NUM, ops.mean_axis(f"{h}.den", den, 2))                 # (B, N, 1, 1)
+            den = self._den(ops, h, q, k, head, Role.ATTN_NUM)  # one int8 grid with num: they are concatenated
             both = ops.tag(Role.ATTN_NUM, ops.cat(f"{h}.num_den", [num, den], dim=3))       # (B, N, 1, D + 1)
             unit = ops.tag(Role.ATTN_OUT, ops.l2_norm(f"{h}.l2", both))
             out, _ = ops.split(f"{h}.l2_num", unit, [num.shape[-1], 1], dim=3)
@@ -143,6 +137,16 @@ class NPUAttention(DeployAttention):
         col = ops.tag(Role.ATTN_NUM, ops.retoken(f"{h}.num_col", num, "col"))
         out = _normalise(ops, "rsqrt", f"{h}.norm", col, Role.ATTN_DEN, Role.ATTN_DEN_INV, Role.ATTN_OUT, 2)
         return ops.tag(Role.ATTN_OUT, ops.retoken(f"{h}.norm_row", out, "row"))
+
+
+    def _den(self, ops: Ops, h: str, q: torch.Tensor, k: torch.Tensor, head: int, role: Role) -> torch.Tensor:
+        """The head's denominator mean_d(q_d mean_n(k_n,d)), (B, N, 1, 1), from MEAN, MUL, MEAN (``l2den``: mean(k)
+        weighted by the head's c); ``role``: its output's."""
+        k_mean = ops.tag(Role.ATTN_KMEAN, ops.mean_axis(f"{h}.k_mean", k, 1))          # (B, 1, D, 1)
+        if self.npu_normaliser == "l2den":
+            k_mean = ops.tag(Role.ATTN_KMEAN, ops.mul_const(f"{h}.k_mean_c", k_mean, self.den_weight[head]))
+        den = ops.tag(Role.ATTN_DEN, ops.mul(f"{h}.den_prod", q, k_mean))
+        return ops.tag(role, ops.mean_axis(f"{h}.den", den, 2))
 
 
 class NPUHeadCARE(DeployCARE):
