@@ -288,7 +288,7 @@ def toy_fp32(tmp_path_factory, one_torch_thread):
     return root, res.checkpoint
 
 
-@pytest.mark.parametrize("form", ["l2", "rsqrt"])
+@pytest.mark.parametrize("form", ["l2", "rsqrt", "rsqrtden"])
 def test_qat_npu_int8_trains_the_npu_graph_and_exports_it_bit_exact(toy_fp32, form):
     from care_q.qat import qat
 
@@ -302,5 +302,5 @@ def test_qat_npu_int8_trains_the_npu_graph_and_exports_it_bit_exact(toy_fp32, fo
     v = rep["artifacts"]["tflite"]["verification"]
     assert v["max_abs_diff"] == 0.0 and v["top1_agreement"] == 1.0
     names = [o.name for o in read_tflite(rep["artifacts"]["tflite"]["path"]).ops]
-    norm = "RSQRT" if form == "rsqrt" else "L2_NORMALIZATION"
+    norm = "RSQRT" if form in RSQRT_FORMS else "L2_NORMALIZATION"
     assert names.count(norm) == 7 and "DEQUANTIZE" not in names and "GELU" not in names
