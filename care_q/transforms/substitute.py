@@ -195,7 +195,7 @@ def npu_attention(model: DeployCARE, calib: torch.Tensor | None = None, normalis
     if normaliser not in NORMALISERS:
         raise CareQError(f"NPU normaliser '{normaliser}': expected one of {', '.join(NORMALISERS)}")
     rec = _OutNorms()
-    if calib is not None:
+    if calib is not None and normaliser != "rsqrtden":  # rsqrtden is exact: no scale to start from the norms
         model(calib, rec)
     model = copy.deepcopy(model)
     b = NPU_KERNEL_BIAS
@@ -217,8 +217,6 @@ def npu_attention(model: DeployCARE, calib: torch.Tensor | None = None, normalis
             g = torch.cat(norms, dim=1).median(dim=1).values.clamp(min=1e-3)
         if normaliser == "rsqrt":  # num / rms(num) = sqrt(D) num / ||num||
             g = g / math.sqrt(d)
-        if normaliser == "rsqrtden":  # exact: the output scale starts at 1
-            g = torch.ones(att.num_heads)
         if normaliser == "l2den":  # c = f m: at the median norm m, out / (m sqrt(1 + f^2)) comes out of the L2
             c = g * DEN_WEIGHT_FACTOR
             att.den_weight = nn.ParameterList([nn.Parameter(v.float().clone()) for v in c])
@@ -280,4 +278,5 @@ def apply_substitutions(model: DeployCARE, recipe, calib: torch.Tensor | None = 
 
 _FORMS = {"l2": "L2_NORMALIZATION", "l2den": "L2_NORMALIZATION of [num, c den]", "rsqrt": "MUL, MEAN, RSQRT, MUL",
           "rsqrtden": "num RSQRT(den) RSQRT(den)"}
-_HEAD_FORM = {"l2den": "l2", "rsqrtden": "rsqrt"}  # the head's LayerNorm has no denominator: l2den's head is l2's
+# the head's LayerNorm has no denominator: l2den's head is l2's, rsqrtden's rsqrt's
+_HEAD_FORM = {"l2den": "l2", "rsqrtden": "rsqrt"}
