@@ -314,10 +314,16 @@ def _reconstruction_lines(rc: dict | None) -> list[str]:
          "",
          "| unit | SQNR before (dB) | SQNR after (dB) | MSE before | MSE after | kept | seconds |",
          "|---|---:|---:|---:|---:|---|---:|"]
-    for u in rc["units"]:
+    net = rc.get("network")
+    for u in rc["units"] + ([net] if net else []):
         b, a = u["before"], u["after"]
-        L.append(f"| {u['name']} | {b['sqnr_db']:.2f} | {a['sqnr_db']:.2f} | {b['mse']:.3g} | {a['mse']:.3g} | "
+        name = u["name"] if u is not net else f"network ({net['iterations']} steps, the logits)"
+        L.append(f"| {name} | {b['sqnr_db']:.2f} | {a['sqnr_db']:.2f} | {b['mse']:.3g} | {a['mse']:.3g} | "
                  f"{u['kept']} | {u['seconds']} |")
+    if net:
+        n = net["learnt"]
+        L += ["", f"The network stage learnt {n['step_sizes']} step sizes, {n['biases']} biases and {n['weights']} "
+                  f"weight tensors (in float, rounded by the exporters) on the whole model's logits."]
     return L
 
 

@@ -109,7 +109,15 @@ class ReconSettings:
     keeps its float value with this probability during the steps. ``target``: whose unit outputs
     are fitted, the ``original`` model's (before the recipe's substitutions; the same as the
     deploy form for recipes without them) or the ``substituted`` deploy form's.
-    ``images``: at most this many calibration images (default: all)."""
+    ``images``: at most this many calibration images (default: all).
+
+    ``network_iterations`` (default 0: none): after the units, Adam steps on the whole model, its
+    fake-quant logits against the FP32 logits (BRECQ's blocks widened to the network, as NWQ does),
+    learning every activation step size (``network_lr_scales``, on log scales), the conv / linear
+    biases (``network_lr_biases``, relative to each one's mean magnitude) and the int8 weights in
+    float through the exporters' rounding (``network_lr_weights``, relative to each one's mean
+    per-channel step); a rate of 0 leaves that part alone. Kept only when the logit error on the
+    calibration images falls."""
 
     iterations: int = 300
     batch_size: int = 32
@@ -124,6 +132,10 @@ class ReconSettings:
     beta_start: float = 20.0
     beta_end: float = 2.0
     images: int | None = None
+    network_iterations: int = 0
+    network_lr_scales: float = 3e-3
+    network_lr_biases: float = 1e-2
+    network_lr_weights: float = 5e-3
 
     def to_json(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -223,7 +235,8 @@ SCHEMA = {
     "reconstruction": {"iterations": int, "batch_size": int, "lr_rounding": float, "lr_scales": float,
                        "lr_float": float, "target": RECON_TARGETS,
                        "learn": [RECON_LEARNABLES], "drop_prob": float, "round_weight": float, "warmup": float,
-                       "beta_start": float, "beta_end": float, "images": int},
+                       "beta_start": float, "beta_end": float, "images": int, "network_iterations": int,
+                       "network_lr_scales": float, "network_lr_biases": float, "network_lr_weights": float},
 }
 RULE_SCHEMA = {"roles": [tuple(r.value for r in Role)], "ops": [str], "tensors": str,
                "dtype": ("int8", "int16", "float"), "method": tuple(m.value for m in Method),
@@ -423,6 +436,16 @@ def _reconstruction(data: dict, kind: str, source: str) -> ReconSettings | None:
     for key, lo, hi in (("drop_prob", 0.0, 1.0), ("warmup", 0.0, 1.0)):
         if key in vals and not lo <= vals[key] < hi:
             raise CareQError(f"{at(key)}: reconstruction.{key} must be in [{lo:g}, {hi:g}), got {vals[key]}")
+    if vals.get("network_iterations", 0) < 0:
+        raise CareQError(f"{at('network_iterations')}: reconstruction.network_iterations must be >= 0 (0: no network "
+                         f"stage), got {vals['network_iterations']}")
+    for key in ("network_lr_scales", "network_lr_biases", "network_lr_weights"):
+        if key in vals and vals[key] < 0:
+            raise CareQError(f"{at(key)}: reconstruction.{key} must be >= 0 (0: not learnt), got {vals[key]}")
+    if vals.get("network_iterations") and not any(vals.get(k, getattr(ReconSettings, k)) for k in
+                                                  ("network_lr_scales", "network_lr_biases", "network_lr_weights")):
+        raise CareQError(f"{at('network_iterations')}: reconstruction.network_iterations is set but every network_lr_* "
+                         f"is 0: the network stage would learn nothing")
     if "round_weight" in vals and vals["round_weight"] < 0:
         raise CareQError(f"{at('round_weight')}: reconstruction.round_weight must be >= 0, got {vals['round_weight']}")
     if "substitution" in vals.get("learn", ()) and data.get("substitutions", {}).get("attention") != "npu":

@@ -384,3 +384,109 @@ def test_npu_reconstruction_learns_the_substitution_and_resumes(calibrated_npu, 
     assert summary["resumed_units"] == 7 and plan.qparams == plan_a.qparams
     for (k, a), (_, b) in zip(dmodel.state_dict().items(), dmodel_a.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+# ----------------------------------------------------------------------------- the network stage
+NETWORK = ", learn: [rounding, act_scales, biases], network_iterations: {n}"
+
+
+@pytest.fixture(scope="module")
+def proxy_calibrated(proxy_ckpt, data_root, one_torch_thread):
+    """The CIFAR-10 proxy (care_s0, 64x64) calibrated with ptq_int8_recon's plan on 128 training images,
+    and 256 held-out test images."""
+    rec = parse_recipe(recon_recipe("ptq_int8_recon", iterations=2, batch=16, extra=NETWORK.format(n=40)), "test")
+    net = load_network("care_s0", proxy_ckpt, 0)
+    pre = load_sidecar(proxy_ckpt)
+    ds = get_dataset("cifar10_train", pre, data_root=data_root, limit=128, seed=0)
+    images = torch.cat([b[0] for b in make_loader(ds, batch_size=32)])
+    test = torch.cat([b[0] for b in make_loader(get_dataset("cifar10_test", pre, data_root=data_root, limit=256,
+                                                                        seed=0), batch_size=64)])
+    built = build(net, rec, 64)
+    calibrate(built.plan, built.dmodel, make_loader(ds, batch_size=32))
+    return net, built.plan, built.dmodel, images, test, rec
+
+
+def test_network_stage_lowers_the_held_out_logit_error(proxy_calibrated):
+    """The whole model's logits against FP32 after the units: lower error on the calibration images it
+    learns from and on held-out test images it never saw (the proxy's trained weights: the same units
+    with and without the stage, so the difference is the stage's)."""
+    net, plan0, dmodel0, images, test, rec = proxy_calibrated
+    results = {}
+    for n in (0, rec.reconstruction.network_iterations):
+        plan, dmodel = copy.deepcopy((plan0, dmodel0))
+        settings = dataclasses.replace(rec.reconstruction, network_iterations=n)
+        summary = reconstruct(plan, dmodel, images, settings, device="cpu", progress=False)
+        with torch.no_grad():
+            results[n] = (summary, sqnr_db(net(test), dmodel(test, QuantOps(plan, "quant"))))
+    (units_only, sqnr_units), (with_net, sqnr_net) = results[0], results[40]
+    assert units_only["network"] is None
+    assert [u["after"] for u in with_net["units"]] == [u["after"] for u in units_only["units"]]  # the same units
+    net_rec = with_net["network"]
+    assert net_rec["kept"] == "step sizes+biases+weights" and net_rec["iterations"] == 40
+    assert net_rec["after"]["mse"] < 0.8 * net_rec["before"]["mse"], net_rec
+    assert net_rec["learnt"]["weights"] == net_rec["learnt"]["biases"] > 100
+    assert sqnr_net > sqnr_units + 0.5, (sqnr_units, sqnr_net)
+
+
+def test_network_stage_resumes(calibrated, tmp_path, monkeypatch):
+    """Killed in the network stage, resumed in a new process: the units are not redone and the result
+    equals an uninterrupted run's."""
+    _, _, _, images, rec = calibrated
+    settings = dataclasses.replace(rec.reconstruction, iterations=3, network_iterations=4, learn=RECON_LEARNABLES[:3])
+    plan_a, dmodel_a = fresh(calibrated)
+    summary_a = reconstruct(plan_a, dmodel_a, images, settings, device="cpu", progress=False)
+    real, ckpt = run._network_stage, tmp_path / "reconstruction.pt"
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "_network_stage", killed)
+    plan, dmodel = fresh(calibrated)
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct(plan, dmodel, images, settings, checkpoint=ckpt, device="cpu", progress=False)
+    assert torch.load(ckpt, weights_only=True)["done"] == 10  # every unit, not the network stage
+    monkeypatch.setattr(run, "_network_stage", real)
+    trained = []
+    monkeypatch.setattr(run, "_train_unit", lambda unit, *a, **k: trained.append(unit.name) or
+                        real_train(unit, *a, **k))
+    plan, dmodel = fresh(calibrated)
+    summary = reconstruct(plan, dmodel, images, settings, checkpoint=ckpt, device="cpu", progress=False)
+    assert trained == ["network"] and summary["resumed_units"] == 10
+    assert plan.qparams == plan_a.qparams
+    for (k, a), (_, b) in zip(dmodel.state_dict().items(), dmodel_a.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert summary["network"]["after"] == summary_a["network"]["after"]
+    # and once it is done, a third run resumes past it
+    plan, dmodel = fresh(calibrated)
+    trained.clear()
+    summary = reconstruct(plan, dmodel, images, settings, checkpoint=ckpt, device="cpu", progress=False)
+    assert trained == [] and summary["network"]["after"] == summary_a["network"]["after"]
+
+
+real_train = run._train_unit
+
+
+def test_network_stage_artifacts_are_bit_exact(proxy_ckpt, data_root, tmp_path, one_torch_thread):
+    """Weights learnt in float by the network stage: the exporters round them as fake quantization
+    did, both artifacts equal the reference bit for bit, and the report has the stage's row."""
+    path = tmp_path / "r.yaml"
+    path.write_text(recon_recipe("ptq_int8_recon", iterations=1, batch=16, extra=NETWORK.format(n=15)))
+    report = care_q.ptq("care_s0", weights=proxy_ckpt, calib="cifar10_train", data_root=data_root, num_calib=32,
+                        recipe=path, out=tmp_path, num_verify=16, progress=False, latency_runs=0)
+    net_rec = report["reconstruction"]["network"]
+    assert net_rec["kept"] == "step sizes+biases+weights", net_rec
+    for t in ("tflite", "onnx"):
+        v = report["artifacts"][t]["verification"]
+        assert v["max_abs_diff"] == 0.0 and v["top1_agreement"] == 1.0, (t, v)
+    assert "| network (15 steps, the logits) |" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("section, match", [
+    ("{network_iterations: -1}", r"reconstruction.network_iterations must be >= 0 \(0: no network stage\), got -1"),
+    ("{network_lr_weights: -0.1}", r"reconstruction.network_lr_weights must be >= 0 \(0: not learnt\)"),
+    ("{network_iterations: 5, network_lr_scales: 0, network_lr_biases: 0, network_lr_weights: 0}",
+     "network_iterations is set but every network_lr_. is 0"),
+])
+def test_network_stage_recipe_errors(section, match):
+    with pytest.raises(CareQError, match=match):
+        parse_recipe(f"name: r\nkind: ptq\nreconstruction: {section}\n", "r.yaml")
