@@ -178,6 +178,11 @@ def _unit_error(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, ops, device) 
     return {"mse": float((y.double() - y_fp.double()).square().mean()), "sqnr_db": round(sqnr_db(y_fp, y), 3)}
 
 
+def _float_classifier(plan: QuantPlan, node) -> bool:
+    """A linear node run in float (no int8 input and output): its weights are not quantized."""
+    return node.op == "linear" and not (plan.quantized(node.outputs[0]) and plan.quantized(node.inputs[0]))
+
+
 def _rounders(plan: QuantPlan, nodes: list[str], bits: dict[str, int], learn: bool, device,
               skip: tuple = ()) -> dict[str, Rounding]:
     """The `Rounding` of each conv/linear of ``nodes`` (not those whose weight is in ``skip``: learnt in float)."""
@@ -186,8 +191,8 @@ def _rounders(plan: QuantPlan, nodes: list[str], bits: dict[str, int], learn: bo
     out = {}
     for name in nodes:
         n = nodes_by_name[name]
-        if n.op == "linear" and not (plan.quantized(n.outputs[0]) and plan.quantized(n.inputs[0])):
-            continue  # a float classifier: nothing to round
+        if _float_classifier(plan, n):
+            continue  # nothing to round
         if any(n.module.weight is p for p in skip):
             continue
         qmax = INT4_QMAX if bits.get(name) == 4 else weight_qmax(plan)
@@ -420,8 +425,7 @@ def reconstruct(plan: QuantPlan, dmodel, images: torch.Tensor, settings: ReconSe
                                                  seed, dev, advance)
             records.append({"name": NETWORK, "before": before, "after": after, "kept": kept,
                             "seconds": round(time.time() - t_net, 1)})
-            learnt.update({n: m.weight for n, m in modules.items()})
-            learnt_floats.update({f"{NETWORK}.{n}": p for n, p in net_floats.items()})
+            learnt_floats.update({f"{NETWORK}.{n}": p for n, p in net_floats.items()})  # its weights too
             _save(checkpoint, fingerprint, len(units) + 1, learnt, learnt_floats, plan, records)
     dmodel.cpu()
     network = next((r for r in records if r["name"] == NETWORK), None)
@@ -464,8 +468,8 @@ def _network_floats(plan: QuantPlan, modules: dict, bits: dict[str, int], subst:
     nodes = {n.name: n for n in plan.graph.nodes}
     for name, m in modules.items():
         n = nodes[name]
-        if n.op == "linear" and not (plan.quantized(n.outputs[0]) and plan.quantized(n.inputs[0])):
-            continue  # a float classifier stays as trained
+        if _float_classifier(plan, n):
+            continue  # it stays as trained
         if settings.network_lr_biases and m.bias is not None and id(m.bias) not in skip:
             qp = plan.qp(name) if name in plan.specs else None
             floor = float(qp.scale[0]) if qp is not None else 0.0
