@@ -435,7 +435,7 @@ def test_network_stage_resumes(calibrated, tmp_path, monkeypatch):
     settings = dataclasses.replace(rec.reconstruction, iterations=3, network_iterations=4, learn=RECON_LEARNABLES[:3])
     plan_a, dmodel_a = fresh(calibrated)
     summary_a = reconstruct(plan_a, dmodel_a, images, settings, device="cpu", progress=False)
-    real, ckpt = run._network_stage, tmp_path / "reconstruction.pt"
+    real, real_train, ckpt = run._network_stage, run._train_unit, tmp_path / "reconstruction.pt"
 
     def killed(*a, **k):
         raise KeyboardInterrupt
@@ -461,9 +461,6 @@ def test_network_stage_resumes(calibrated, tmp_path, monkeypatch):
     trained.clear()
     summary = reconstruct(plan, dmodel, images, settings, checkpoint=ckpt, device="cpu", progress=False)
     assert trained == [] and summary["network"]["after"] == summary_a["network"]["after"]
-
-
-real_train = run._train_unit
 
 
 def test_network_stage_artifacts_are_bit_exact(proxy_ckpt, data_root, tmp_path, one_torch_thread):

@@ -382,7 +382,7 @@ def reconstruct(plan: QuantPlan, dmodel, images: torch.Tensor, settings: ReconSe
                            for sp, (_, nodes) in zip(subst, layout)))
     named = {f"{u.name}.{k}": p for u, ps in zip(units, floats) for k, p in ps.items()}
     net_floats, net_lrs = _network_floats(plan, modules, bits, subst, settings)
-    net_groups = len(_network_groups(plan, settings))
+    net_groups = _network_groups(plan, settings)
     named.update({f"{NETWORK}.{n}": p for n, p in net_floats.items()})
     notes: list[str] = []
     done, learnt, learnt_floats, records = _resume(checkpoint, fingerprint, plan, modules, named, notes)
@@ -421,8 +421,8 @@ def reconstruct(plan: QuantPlan, dmodel, images: torch.Tensor, settings: ReconSe
             x_fp = y_ref
         if settings.network_iterations and done <= len(units):  # y_fp: the FP32 logits
             t_net = time.time()
-            before, after, kept = _network_stage(units, plan, modules, net_floats, net_lrs, images, y_fp, settings,
-                                                 seed, dev, advance)
+            before, after, kept = _network_stage(units, plan, modules, net_groups, net_floats, net_lrs, images, y_fp,
+                                                 settings, seed, dev, advance)
             records.append({"name": NETWORK, "before": before, "after": after, "kept": kept,
                             "seconds": round(time.time() - t_net, 1)})
             learnt_floats.update({f"{NETWORK}.{n}": p for n, p in net_floats.items()})  # its weights too
@@ -431,7 +431,7 @@ def reconstruct(plan: QuantPlan, dmodel, images: torch.Tensor, settings: ReconSe
     network = next((r for r in records if r["name"] == NETWORK), None)
     if network is not None:
         network = dict(network, iterations=settings.network_iterations,
-                       learnt={"step_sizes": net_groups, "biases": sum(n.endswith(".bias") for n in net_floats),
+                       learnt={"step_sizes": len(net_groups), "biases": sum(n.endswith(".bias") for n in net_floats),
                                "weights": sum(n.endswith(".weight") for n in net_floats)})
     records = [r for r in records if r["name"] != NETWORK]
     return {"units": records, "network": network, "images": int(images.shape[0]), "iterations": settings.iterations,
@@ -483,20 +483,19 @@ def _network_floats(plan: QuantPlan, modules: dict, bits: dict[str, int], subst:
     return out, lrs
 
 
-def _network_stage(units: list[Unit], plan: QuantPlan, modules: dict, floats: dict[str, nn.Parameter],
+def _network_stage(units: list[Unit], plan: QuantPlan, modules: dict, groups: list[str], floats: dict[str, nn.Parameter],
                    lrs: dict[str, float], images: torch.Tensor, logits: torch.Tensor, settings: ReconSettings,
                    seed: int, device, advance) -> tuple[dict, dict, str]:
     """After the units: ``network_iterations`` Adam steps on the whole model's logits against the FP32
-    ``logits`` (no QDrop; the rates decay on a cosine), learning every step size and, in float, the
-    biases and weights (`_network_floats`). Kept only when the logit error on the calibration images
-    falls. Returns (error before, error after, what was kept)."""
+    ``logits`` (no QDrop; the rates decay on a cosine), learning the step sizes of ``groups``
+    (`_network_groups`) and, in float, the biases and weights ``floats`` (`_network_floats`). Kept only
+    when the logit error on the calibration images falls. Returns (error before, error after, what was kept)."""
     def run(x, ops):
         for u in units:
             x = u.run(x, ops)
         return x
 
     whole = Unit(NETWORK, run)
-    groups = _network_groups(plan, settings)
     before = _unit_error(whole, images[:SCORE_IMAGES], logits[:SCORE_IMAGES], QuantOps(plan, "quant"), device)
     snap = _snapshot(plan, modules, ())
     start = {n: p.detach().clone() for n, p in floats.items()}
