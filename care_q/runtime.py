@@ -214,7 +214,8 @@ class OnnxRunner(Runner):
 
     def __init__(self, path: Path, threads: int = 2, optimized_model_path: str | Path | None = None,
                  optimization: str = "all", input_quant: tuple[float, int] | None = None,
-                 output_quant: tuple[float, int] | None = None, session_config: dict | None = None):
+                 output_quant: tuple[float, int] | None = None, session_config: dict | None = None,
+                 profile_prefix: str | Path | None = None):
         super().__init__(path, threads)
         import onnxruntime as ort
 
@@ -245,6 +246,9 @@ class OnnxRunner(Runner):
         if optimized_model_path is not None:
             Path(optimized_model_path).parent.mkdir(parents=True, exist_ok=True)
             so.optimized_model_filepath = str(optimized_model_path)
+        if profile_prefix is not None:  # onnxruntime's per-node profiler (`end_profiling` returns its file)
+            so.enable_profiling = True
+            so.profile_file_prefix = str(profile_prefix)
         try:
             self.session = ort.InferenceSession(str(path), sess_options=so,
                                                 providers=["CPUExecutionProvider"])

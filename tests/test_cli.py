@@ -204,6 +204,20 @@ def test_ptq_option_errors_before_any_work(tmp_path, capsys):
         assert not (tmp_path / "o").exists()
 
 
+def test_bench_ort_profile(tmp_path, capsys):
+    import onnx
+    from one_op import onnx_fp32_model, onnx_int8_model
+
+    q, f = tmp_path / "q.onnx", tmp_path / "f.onnx"
+    onnx.save(onnx_int8_model(), q)
+    onnx.save(onnx_fp32_model(), f)
+    rc = main(["bench", "--artifacts", str(q), "--ort-profile", str(f), "--runs", "3", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "conv 1x1" in out and "its bound" in out and "FP32-only kinds: add, depthwise 3x3, elu" in out
+    assert main(["bench", "--artifacts", str(tmp_path), "--ort-profile", str(f)]) == 2
+    assert "the onnxruntime profile reads .onnx files" in capsys.readouterr().err
+
+
 def test_bench_kernel_profile(tmp_path, capsys):
     from one_op import div_chain
 

@@ -197,6 +197,36 @@ def profile_blocks(res: dict) -> list:
     return out
 
 
+ORT_PROFILE_LABELS = {"careq_onnx": "care-q int8 ONNX QDQ", "careq_onnx_x86": "care-q int8 ONNX QDQ, x86 recipe"}
+
+
+def ort_profile_blocks(res: dict) -> list:
+    """Per model and care-q ONNX file: onnxruntime's profile by kind beside the FP32 ONNX's, and the bound."""
+    profs = {m: p for m, p in (res.get("ort_profiles") or {}).items() if p}
+    if not profs:
+        return []
+    out = [R.H(2, "Per-op profile and bound (onnxruntime)"),
+           R.P("onnxruntime's own profiler (`care_q/export/onnx_profile.py`): every node of the graph it runs (after "
+               "its fusions), median over 20 runs, each file in a process of its own. The int8 and FP32 graphs are "
+               "compared by kind (what a node computes, whatever its precision: torch.onnx's GELU and ELU "
+               "decompositions count as GELU and ELU). Bound: every kind at the faster of its int8 and FP32 time, "
+               "plus the int8 file's conversions (Q/DQ) and layout. Profiling adds a cost per node: the sums are "
+               "compared with each other, not with the bench's times.")]
+    for model, files in profs.items():
+        out.append(R.H(3, model))
+        for key, p in files.items():
+            fp = p.get("fp32") or {}
+            within = p["ms"] / p["bound_ms"] if p.get("bound_ms") else None
+            rows = [[k["kind"], k["nodes"], R.num(k["ms"], ".3f"), k["fp32_nodes"] or "–", R.num(k["fp32_ms"], ".3f"),
+                     k["faster"]] for k in p["kinds"][:12]]
+            out += [R.P(f"**{ORT_PROFILE_LABELS.get(key, key)}**: node sum {p['ms']:.2f} ms, its bound "
+                        f"{p['bound_ms']:.2f} ms ({'–' if within is None else f'{within:.2f}x'} the bound), FP32 "
+                        f"{R.num(fp.get('ms'))} ms (int8 / FP32 {R.num(p.get('ratio_sum'))}, bound / FP32 "
+                        f"{R.num(p.get('ratio_bound'))})."),
+                    R.T(["kind", "int8 nodes", "int8 (ms)", "FP32 nodes", "FP32 (ms)", "faster"], rows, "lrrrrl")]
+    return out
+
+
 def qat_blocks(res: dict) -> list:
     qt = res.get("qat") or {}
     if not qt:
@@ -371,6 +401,7 @@ def suite_blocks(res: dict, figures: bool = True) -> list:
     out += latency_blocks(res)
     out += npu_latency_blocks(res)
     out += profile_blocks(res)
+    out += ort_profile_blocks(res)
     out += anchor_blocks(res)
     if figures and res.get("latency"):
         for model, b in res["latency"].items():

@@ -46,6 +46,11 @@ def cpu_checks(res: dict, rows: dict, T: dict) -> list[dict]:
         v = p["ms"] / p["bound_ms"] if p.get("bound_ms") else None
         out.append(_check(f"issue 21: care-q int8 TFLite one-op sum / its per-op bound, {LATENCY_MODEL}", "<=",
                           T["bound_ratio"], v))
+    for key, p in ((res.get("ort_profiles") or {}).get(LATENCY_MODEL) or {}).items():
+        v = p["ms"] / p["bound_ms"] if p.get("bound_ms") else None
+        label = "x86 recipe" if key.endswith("_x86") else "suite recipe"
+        out.append(_check(f"issue 21: care-q int8 ONNX QDQ ({label}) node sum / its per-kind bound (onnxruntime "
+                          f"profiler), {LATENCY_MODEL}", "<=", T["bound_ratio"], v))
     for key, ref in (("careq_tflite", "careq_tflite:ptq_int8"), ("careq_onnx", "careq_onnx:ptq_int8"),
                      ("careq_onnx_x86", "careq_onnx:ptq_int8")):
         m = _metrics(rows, key)

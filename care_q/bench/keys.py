@@ -43,6 +43,7 @@ STEP_CODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "bench": (("care_q.bench.host",), ()),
     "anchors": (("care_q.bench.anchors",), ()),
     "profile": (("care_q.export.tflite_profile",), ()),
+    "ort_profile": (("care_q.export.onnx_profile",), ()),
     "npu": (("care_q.bench.npu",), ()),
     "qat_train": (("care_q.qat",), AFTER_TRAINING),
     "qat": (("care_q.qat",), ()),

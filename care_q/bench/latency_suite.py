@@ -17,6 +17,7 @@ from care_q.bench.keys import code_digest
 from care_q.bench.npu import coverage
 from care_q.bench.steps import Steps
 from care_q.eval.evaluate import file_digest
+from care_q.export.onnx_profile import profile_onnx
 from care_q.export.tflite_profile import profile_tflite
 from care_q.models import create_model, randomize_like_trained, save_checkpoint
 from care_q.ptq import ptq
@@ -65,6 +66,7 @@ def run_latency(cfg: dict, Lc: dict, A: dict, root: Path, steps: Steps, data_roo
         out[model] = {"methods": made["methods"], "baselines": made["baselines"],
                       "bench": steps.run(f"{run.prefix}/bench", bench_cfg, do_bench),
                       "profile": run_profile(run.prefix, made["methods"], threads, steps),
+                      "ort_profile": run_ort_profile(run.prefix, made["methods"], threads, steps),
                       "npu": run_npu(run, Lc.get("npu_recipe"), made["methods"], root, steps, seed=seed,
                                      threads=threads, data_root=data_root)}
     return out
@@ -124,6 +126,27 @@ def run_profile(prefix: str, methods: dict, threads: int, steps: Steps) -> dict 
         return p
 
     return steps.run(f"{prefix}/profile", key, do)
+
+
+ORT_PROFILED = ("careq_onnx", "careq_onnx_x86")  # the care-q ONNX files profiled beside the FP32 ONNX
+
+
+def run_ort_profile(prefix: str, methods: dict, threads: int, steps: Steps) -> dict:
+    """onnxruntime's per-node profile by kind of each care-q ONNX file beside the FP32 ONNX, with the
+    bound (`care_q.export.onnx_profile`), a cached step per file: {method: profile}; {} without FP32."""
+    fp32 = methods.get("fp32_onnx") or {}
+    if not fp32.get("path") or "failure" in fp32:
+        return {}
+    out = {}
+    for key in ORT_PROFILED:
+        m = methods.get(key) or {}
+        if not m.get("path") or "failure" in m:
+            continue
+        k = {"threads": threads, "runs": PROFILE_RUNS, "code": code_digest("ort_profile"),
+             "files": {"int8": file_digest(Path(m["path"])), "fp32": file_digest(Path(fp32["path"]))}}
+        out[key] = steps.run(f"{prefix}/ort_profile_{key}", k,
+                             lambda m=m: profile_onnx(m["path"], fp32=fp32["path"], threads=threads, runs=PROFILE_RUNS))
+    return out
 
 
 ANCHOR_CALIB = 8  # seeded N(0, 1) calibration images of every anchor

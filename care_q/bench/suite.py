@@ -86,6 +86,7 @@ def run_suite(suite: str | Path = SUITE, *, quick: bool = False, out: str | Path
            "accuracy": acc, "ptq_time": pt, "qat": qt, "npu": npu_coverage(acc, qt, A, root),
            "latency": {m: v["bench"] for m, v in lat.items()}, "anchors": anchors,
            "profiles": {m: v.get("profile") for m, v in lat.items()},
+           "ort_profiles": {m: v.get("ort_profile") or {} for m, v in lat.items()},
            "npu_latency": {m: v.get("npu") for m, v in lat.items()},
            "steps": steps.timings, "cached_steps": steps.cached, "machine": machine_info(), "seconds": round(time.time() - t0, 1)}
     res["targets"] += issue_checks(res, cfg["targets"])

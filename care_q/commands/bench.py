@@ -23,11 +23,15 @@ def add_parser(sub):
                    help="instead: time each op of one int8 .tflite (--artifacts) as int8 and as a float island, "
                         "write the profile here (for care-q ptq --recipe ptq_int8_cpu --kernel-profile) and print "
                         "the per-op bound")
+    p.add_argument("--ort-profile", metavar="FP32_ONNX",
+                   help="instead: onnxruntime's own profiler on one int8 .onnx (--artifacts) and this FP32 .onnx, "
+                        "node times by kind side by side, and the bound (each kind in its faster form)")
     p.add_argument("--device", metavar="adb[:SERIAL]",
                    help="with --kernel-profile: time on an Android device over adb instead of this machine")
     p.add_argument("--benchmark-binary", metavar="PATH",
                    help="with --device: TFLite's benchmark_model built for the device")
-    p.add_argument("--out", help="output folder for report.md / .json / .html (required unless --kernel-profile)")
+    p.add_argument("--out", help="output folder for report.md / .json / .html (required unless --kernel-profile "
+                                 "or --ort-profile)")
     # On-device benchmarking (--device adb:SERIAL ...) belongs to care_q.device.adb.run_device_bench:
     # register its options here; run() stores its return value under r["device"] before the report
     # is written (care_q.eval.report.device_blocks renders it).
@@ -44,6 +48,8 @@ def run(args) -> int:
 
     if args.kernel_profile:
         return _kernel_profile(args)
+    if args.ort_profile:
+        return _ort_profile(args)
     if args.device or args.benchmark_binary:
         raise CareQError("--device and --benchmark-binary apply to --kernel-profile")
     if not args.out:
@@ -96,4 +102,25 @@ def _kernel_profile(args) -> int:
     c.print(t)
     c.print(f"sum of one-op times: as written {s['ms']:.2f} ms, each op in its faster form (the bound) "
             f"{s['bound_ms']:.2f} ms; profile: {s['profile']}")
+    return 0
+
+
+def _ort_profile(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from care_q.export.onnx_profile import profile_onnx
+
+    p = profile_onnx(args.artifacts, fp32=args.ort_profile, threads=args.threads, runs=args.runs, warmup=args.warmup)
+    t = Table(title=f"onnxruntime profiler, {p['threads']} threads, median node times over {p['runs']} runs, by kind")
+    for col in ("kind", "int8 nodes", "int8 ms", "FP32 nodes", "FP32 ms", "faster"):
+        t.add_column(col, justify="left" if col in ("kind", "faster") else "right")
+    for k in p["kinds"]:
+        t.add_row(k["kind"], str(k["nodes"]), f"{k['ms']:.3f}", str(k["fp32_nodes"] or "-"),
+                  "-" if k["fp32_ms"] is None else f"{k['fp32_ms']:.3f}", k["faster"])
+    c = Console()
+    c.print(t)
+    c.print(f"node sums: int8 {p['ms']:.2f} ms, its bound {p['bound_ms']:.2f} ms, FP32 {p['fp32']['ms']:.2f} ms "
+            f"(int8 / FP32 {p['ratio_sum']:.2f}, bound / FP32 {p['ratio_bound']:.2f}); FP32-only kinds: "
+            f"{', '.join(p['fp32']['only_fp32']) or 'none'}")
     return 0

@@ -225,6 +225,27 @@ def test_profile_table_sets_the_file_beside_its_bound():
     assert profile_blocks({"profiles": {}}) == []
 
 
+def test_ort_profile_table_sets_kinds_beside_fp32():
+    from care_q.bench.benchmarks import ort_profile_blocks
+    from care_q.eval import report as R
+
+    kinds = [{"kind": "conv 1x1", "ms": 4.8, "nodes": 83, "fp32_ms": 13.0, "fp32_nodes": 83, "best_ms": 4.8,
+              "faster": "int8"},
+             {"kind": "conversions", "ms": 2.15, "nodes": 184, "fp32_ms": None, "fp32_nodes": 0, "best_ms": 2.15,
+              "faster": "-"}]
+    res = {"ort_profiles": {"care_s0": {"careq_onnx_x86": {"ms": 18.5, "bound_ms": 17.2, "kinds": kinds,
+                                                           "ratio_sum": 0.578, "ratio_bound": 0.537,
+                                                           "fp32": {"ms": 32.0}}},
+                            "care_s1": {}}}
+    md = R.to_markdown(ort_profile_blocks(res))
+    assert "## Per-op profile and bound (onnxruntime)" in md and "### care_s1" not in md
+    assert "**care-q int8 ONNX QDQ, x86 recipe**: node sum 18.50 ms, its bound 17.20 ms (1.08x the bound), FP32 " \
+           "32.00 ms (int8 / FP32 0.58, bound / FP32 0.54)." in md
+    assert "| conv 1x1 | 83 | 4.800 | 83 | 13.000 | int8 |" in md
+    assert "| conversions | 184 | 2.150 | – | – | - |" in md
+    assert ort_profile_blocks({"ort_profiles": {"care_s0": {}}}) == []
+
+
 def test_npu_table_has_every_ptq_recipe_and_vela_columns(tmp_path):
     """The NPU comparison reads the suite's recipe and its extra recipes (npu_int8_ptq among them) from
     their folders, compiles each with Vela for U55/U85 beside the rule census, and renders one row each."""

@@ -533,13 +533,13 @@ def test_code_digest_follows_the_modules_a_step_runs(tmp_path):
     after = {k: code_digest(k, pkg) for k in kinds}
     changed = {k for k in kinds if after[k] != before[k]}
     assert {"ptq", "qat"} <= changed and not {"weights", "fp32", "qat_train"} & changed
-    assert "profile" not in changed                 # the op profiler reads .tflite files, not the exporters
+    assert not {"profile", "ort_profile"} & changed  # the op profilers read files, not the exporters
     _touch(pkg / "export" / "tflite_profile.py")
     # ptq_int8_cpu times ops; the NPU census step reads files through the bench helpers that import ptq
     assert {k for k in kinds if code_digest(k, pkg) != after[k]} == {"npu", "profile", "ptq"}
     after = {k: code_digest(k, pkg) for k in kinds}
     _touch(pkg / "models" / "care.py")              # the model: every step that builds or runs one
-    assert {k for k in kinds if code_digest(k, pkg) == after[k]} == {"profile"}
+    assert {k for k in kinds if code_digest(k, pkg) == after[k]} == {"profile", "ort_profile"}  # they read files
 
 
 def test_closure_reads_every_kind_of_import(tmp_path):
@@ -645,6 +645,9 @@ def fake_steps(monkeypatch):
     monkeypatch.setattr(latency_suite, "profile_tflite",
                         lambda path, **kw: rec("profile", file=Path(path).name, fp32=Path(kw["fp32"]).name)
                         or {"rows": [], "ms": 1.0})
+    monkeypatch.setattr(latency_suite, "profile_onnx",
+                        lambda path, **kw: rec("ort_profile", file=Path(path).name, fp32=Path(kw["fp32"]).name)
+                        or {"ms": 2.0})
     monkeypatch.setattr(accuracy, "load_sidecar", lambda w: SimpleNamespace(input_size=(3, 64, 64)))
     monkeypatch.setattr(accuracy, "evaluate", lambda model, **kw: rec("eval", files=sorted(kw["artifacts"])) or {"e": 1})
     monkeypatch.setattr(accuracy, "prepare_plan", lambda model, **kw: rec("prepare_plan", **kw) or "plan")
@@ -696,7 +699,7 @@ def test_accuracy_and_latency_run_one_sequence_and_resume(tmp_path, fake_steps, 
     assert acc["fp32"]["onnx"] == {"path": str(root / "proxy" / "fp32" / "care_s0_fp32.onnx"), "size_bytes": 4,
                                    "verify": {"ok": True}, "exporter": "fake"}
     assert acc["analysis"] == {"plan": "plan", "num_images": 16, "data_root": "/data", "seed": 1}
-    assert lat["care_s0"]["bench"] == {"n": 1} and len(steps.timings) == 15 and steps.cached == []
+    assert lat["care_s0"]["bench"] == {"n": 1} and len(steps.timings) == 17 and steps.cached == []
     # issue 20 at 224: the NPU graph by the suite's npu_recipe (one reconstruction step), then the NPU census
     # of it, of care-q's CPU file and of ai-edge-quantizer's
     assert ptqs[4] == {**common, "recipe": "npu_int8_ptq_ethosu", "targets": None, "weights": lat_weights,
@@ -711,10 +714,15 @@ def test_accuracy_and_latency_run_one_sequence_and_resume(tmp_path, fake_steps, 
     assert [kw for name, kw in calls if name == "profile"] == [{"file": "care_s0_int8.tflite",
                                                                "fp32": "care_s0_fp32.tflite"}]
     assert lat["care_s0"]["profile"] == {"ms": 1.0}
+    # onnxruntime's profile: each care-q ONNX file beside the FP32 ONNX, a step each
+    assert [kw for name, kw in calls if name == "ort_profile"] == [
+        {"file": "care_s0_int8_qdq.onnx", "fp32": "care_s0_fp32.onnx"},
+        {"file": "care_s0_int8_x86_qdq.onnx", "fp32": "care_s0_fp32.onnx"}]
+    assert lat["care_s0"]["ort_profile"] == {"careq_onnx": {"ms": 2.0}, "careq_onnx_x86": {"ms": 2.0}}
 
     fake_steps.clear()
     steps, acc2, lat2 = run_both()                    # everything cached
-    assert fake_steps == [] and (acc2, lat2) == (acc, lat) and len(steps.cached) == 15
+    assert fake_steps == [] and (acc2, lat2) == (acc, lat) and len(steps.cached) == 17
 
     real = latency_suite.code_digest
     monkeypatch.setattr(latency_suite, "code_digest", lambda kind: "edited" if kind == "bench" else real(kind))
@@ -724,7 +732,7 @@ def test_accuracy_and_latency_run_one_sequence_and_resume(tmp_path, fake_steps, 
     fake_steps.clear()
     (root / "proxy" / "eval.step.json").unlink()      # killed while evaluating
     steps, *_ = run_both()
-    assert [name for name, _ in fake_steps] == ["eval"] and len(steps.cached) == 14
+    assert [name for name, _ in fake_steps] == ["eval"] and len(steps.cached) == 16
 
 
 def test_extra_recipes_are_evaluated_beside_the_suite_recipe(tmp_path, fake_steps):

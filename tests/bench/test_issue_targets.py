@@ -33,6 +33,7 @@ def _result():
                 "bench": {"latency": {"tflite/xnnpack": {"b_int8.tflite": {"median_ms": 9.0},
                                                          "b_fp32.tflite": {"median_ms": 11.0}}}}},
             "profiles": {"care_s0": {"ms": 9.9, "bound_ms": 8.25}},
+            "ort_profiles": {"care_s0": {"careq_onnx_x86": {"ms": 18.0, "bound_ms": 16.0}}, "care_s1": {}},
             "accuracy": {"extra_ptq": {
                 "ptq_int8": {"artifacts": {}},
                 "ptq_int8_recon": {"reconstruction": recon},
@@ -58,6 +59,8 @@ def test_issue_checks_values_and_verdicts():
     assert pt2e["value"] == pytest.approx(0.7) and pt2e["target"] == "<= 0.7" and pt2e["ok"] is True
     bound = one("one-op sum")
     assert bound["value"] == pytest.approx(1.2) and bound["ok"] is False
+    ort_bound = one("ONNX QDQ (x86 recipe) node sum")
+    assert ort_bound["value"] == pytest.approx(1.125) and ort_bound["ok"] is True
     # the suite recipe's drop, and its agreement against ptq_int8's in the same runtime (both to 2 decimals)
     assert one("int8 TFLite: top-1 drop")["ok"] is True
     a = one("int8 TFLite: top-1 agreement")
@@ -88,7 +91,7 @@ def test_issue_checks_values_and_verdicts():
 
 def test_issue_checks_leave_out_what_was_not_measured():
     res = _result()
-    res.pop("anchors"), res.pop("profiles"), res.pop("npu")
+    res.pop("anchors"), res.pop("profiles"), res.pop("ort_profiles"), res.pop("npu")
     res["rows"] = res["rows"][:2]
     whats = [c["what"] for c in issue_checks(res, DEFAULT_TARGETS)]
     assert not any("PT2E" in w or "bound" in w or "agreement" in w or "Vela" in w for w in whats)
