@@ -11,7 +11,8 @@ from ai_edge_litert import schema_py_generated as fb
 from onnx import TensorProto, helper, numpy_helper
 
 from care_q.errors import CareQError
-from care_q.runtime import load_runner, onnx_op_census, tflite_op_census
+from care_q.runtime import EXACT_U8S8_FLAGS, load_runner, onnx_op_census, tflite_op_census
+from care_q.utils.machine import cpu_flags
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((3, 5)).astype(np.float32)  # 3 channels -> 5 "classes"
@@ -102,7 +103,7 @@ def test_onnx_int8_input_needs_and_uses_quantization(tmp_path):
     np.testing.assert_allclose(r(x), _ref((xq + 3) * 0.05), rtol=1e-5, atol=1e-5)
 
 
-def test_onnx_int8_io_from_care_q_metadata(tmp_path):
+def test_onnx_int8_io_from_care_q_metadata(tmp_path, monkeypatch):
     """The QDQ emitter records integer I/O grids and needed session entries as metadata_props."""
     nodes = [helper.make_node("DequantizeLinear", ["input", "s", "zp"], ["xf"]),
              helper.make_node("ReduceMean", ["xf", "axes"], ["pooled"], keepdims=0),
@@ -122,9 +123,15 @@ def test_onnx_int8_io_from_care_q_metadata(tmp_path):
     helper.set_model_props(model, {"care_q.input_scale": "0.05", "care_q.input_zero_point": "-3",
                                    "care_q.output_scale": "0.02", "care_q.output_zero_point": "4",
                                    "care_q.ort_session_config": '{"session.x64quantprecision": "1"}'})
+    monkeypatch.setattr("care_q.utils.machine.cpu_flags", lambda: {"avx2", "fma"})  # an x86 CPU without VNNI
     r = load_runner(_save(model, tmp_path / "q.onnx"), session_config={"session.intra_op.allow_spinning": "0"})
     assert r.input_quant == (0.05, -3) and r.output_quant == (0.02, 4)
     assert r.session_config == {"session.x64quantprecision": "1", "session.intra_op.allow_spinning": "0"}
+    # with VNNI the exact u8u8 path is not needed; a caller can still ask for it
+    monkeypatch.setattr("care_q.utils.machine.cpu_flags", lambda: {"avx2", "avx512_vnni"})
+    assert load_runner(tmp_path / "q.onnx").session_config == {}
+    assert load_runner(tmp_path / "q.onnx", session_config={"session.x64quantprecision": "1"}).session_config == {
+        "session.x64quantprecision": "1"}
     x = _x(2, 4, 4)
     xq = np.clip(np.round(x / 0.05) - 3, -128, 127)
     yq = np.clip(np.round(_ref((xq + 3) * 0.05) / 0.02) + 4, -128, 127)
@@ -300,3 +307,21 @@ def test_bad_options(tmp_path):
         load_runner(path, threads=0)
     with pytest.raises(CareQError, match="unknown TFLite delegate 'gpu'"):
         load_runner(_tflite_int8_nhwc(tmp_path / "q.tflite"), tflite_delegate="gpu")
+
+
+@pytest.mark.skipif(not EXACT_U8S8_FLAGS & cpu_flags(),
+                    reason="needs an x86 CPU with VNNI (the fast u8s8 path is exact only there)")
+def test_vnni_u8s8_path_equals_the_exact_path(tmp_path):
+    """On a VNNI CPU onnxruntime's default u8s8 kernels give what its exact u8u8 path
+    (session.x64quantprecision) gives, for full-range int8 weights and inputs at the ends of their
+    range, where AVX2's pairwise int16 sums (255 * 127 * 2 > 32767) would saturate."""
+    from one_op import onnx_int8_model
+
+    path = tmp_path / "q.onnx"
+    onnx.save(onnx_int8_model(), path)
+    x = np.random.default_rng(0).choice([-6.4, 6.35], size=(4, 8, 16, 16)).astype(np.float32)  # codes 0 and 255
+    fast = load_runner(path, session_config={"session.x64quantprecision": "0"})
+    exact = load_runner(path, session_config={"session.x64quantprecision": "1"})
+    y = fast(x)
+    np.testing.assert_array_equal(y, exact(x))
+    assert np.abs(y).max() > 1.0  # the conv's sums are large: not a model that outputs nothing

@@ -5,7 +5,8 @@
 
 The child (a fresh interpreter that runs this file as a script, without importing care_q or
 torch) imports both runtimes, reads its resident set (VmRSS), loads the artifact in its runtime
-directly (onnxruntime with the artifact's session config, or the TFLite interpreter with the
+directly (onnxruntime with the session config `care_q.runtime.file_session_config` gives the
+artifact on this CPU, or the TFLite interpreter with the
 delegate asked for), runs a few inferences on a seeded input, then reads its high-water mark (VmHWM; `resource.getrusage` where
 /proc is missing). ``delta_mb`` = peak - baseline: what loading and running the model costs.
 Because it runs the model, the probe doubles as a crash check: an artifact whose runtime aborts
@@ -41,7 +42,7 @@ def bench_input(shape, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(np.float32)
 
 
-def _child(path: str, delegate: str, threads: int, runs: int) -> dict:
+def _child(path: str, delegate: str, threads: int, runs: int, session_config: dict | None = None) -> dict:
     """Runs in a fresh interpreter that does not import care_q (no torch in the baseline)."""
     import ai_edge_litert.interpreter as tfl  # imported before the baseline: not the model's cost
     import onnx
@@ -49,11 +50,13 @@ def _child(path: str, delegate: str, threads: int, runs: int) -> dict:
 
     base = _status_mb("VmRSS")
     if path.endswith(".onnx"):
-        meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+        if session_config is None:
+            meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+            session_config = json.loads(meta.get("care_q.ort_session_config") or "{}")
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        for k, v in json.loads(meta.get("care_q.ort_session_config") or "{}").items():
+        for k, v in session_config.items():
             so.add_session_config_entry(str(k), str(v))
         sess = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
         inp = sess.get_inputs()[0]
@@ -95,6 +98,14 @@ def probe(path, delegate: str = "xnnpack", threads: int = 2, runs: int = 3, time
     # run as a script, not ``-m care_q...``: importing the care_q package would import torch
     cmd = [sys.executable, "-I", str(Path(__file__).resolve()), str(Path(path).resolve()), delegate, str(threads),
            str(runs)]
+    if str(path).lower().endswith(".onnx"):  # the session entries the runner applies on this CPU
+        from care_q.errors import CareQError
+        from care_q.runtime import file_session_config, onnx_metadata
+
+        try:
+            cmd.append(json.dumps(file_session_config(onnx_metadata(Path(path)), Path(path))))
+        except CareQError:  # an unreadable file: the child reports it
+            pass
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -120,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     path, delegate, threads, runs = argv[0], argv[1], int(argv[2]), int(argv[3])
     try:
-        res = _child(path, delegate, threads, runs)
+        res = _child(path, delegate, threads, runs, json.loads(argv[4]) if len(argv) > 4 else None)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"ERROR {type(e).__name__}: {first}", file=sys.stderr, flush=True)

@@ -37,7 +37,8 @@ Storage types (`act_type`, `weight_type`); the represented values are the plan's
   int16 (VPMADDUBSW), which is wrong for full-range [-127, 127] weights (care_s0, random weights:
   17% logit error, top-1 agreement 1/4). Sessions must set ``ORT_SESSION_CONFIG``
   (``session.x64quantprecision=1``: onnxruntime re-encodes the weights as uint8 and runs exact
-  U8U8 kernels), or emit ``weight_type="uint8"`` (the same thing done at export).
+  U8U8 kernels), or emit ``weight_type="uint8"`` (the same thing done at export). CPUs with VNNI
+  accumulate in int32 and need neither (`care_q.runtime.file_session_config` leaves it out there).
 
 Opset 17 when every activation is 8-bit (per-channel DequantizeLinear needs >= 13), 21 when the
 plan has int16 activations (16-bit QuantizeLinear/DequantizeLinear).
