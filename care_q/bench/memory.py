@@ -42,17 +42,13 @@ def bench_input(shape, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(np.float32)
 
 
-def _child(path: str, delegate: str, threads: int, runs: int, session_config: dict | None = None) -> dict:
+def _child(path: str, delegate: str, threads: int, runs: int, session_config: dict) -> dict:
     """Runs in a fresh interpreter that does not import care_q (no torch in the baseline)."""
     import ai_edge_litert.interpreter as tfl  # imported before the baseline: not the model's cost
-    import onnx
     import onnxruntime as ort
 
     base = _status_mb("VmRSS")
     if path.endswith(".onnx"):
-        if session_config is None:
-            meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
-            session_config = json.loads(meta.get("care_q.ort_session_config") or "{}")
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -103,9 +99,10 @@ def probe(path, delegate: str = "xnnpack", threads: int = 2, runs: int = 3, time
         from care_q.runtime import file_session_config, onnx_metadata
 
         try:
-            cmd.append(json.dumps(file_session_config(onnx_metadata(Path(path)), Path(path))))
-        except CareQError:  # an unreadable file: the child reports it
-            pass
+            entries = file_session_config(onnx_metadata(Path(path)), Path(path))
+        except CareQError:  # an unreadable file: the child's session reports it
+            entries = {}
+        cmd.append(json.dumps(entries))
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -131,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     path, delegate, threads, runs = argv[0], argv[1], int(argv[2]), int(argv[3])
     try:
-        res = _child(path, delegate, threads, runs, json.loads(argv[4]) if len(argv) > 4 else None)
+        res = _child(path, delegate, threads, runs, json.loads(argv[4]) if len(argv) > 4 else {})
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"ERROR {type(e).__name__}: {first}", file=sys.stderr, flush=True)

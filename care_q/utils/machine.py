@@ -4,6 +4,7 @@ that share inflates latencies). Below `care_q.eval` and `care_q.bench`: both rep
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import resource
@@ -26,16 +27,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo, read once); empty where they cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.lower().startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def versions(packages=PACKAGES) -> dict[str, str | None]:
