@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -14,7 +15,8 @@ import torch
 from care_q.bench.keys import code_digest, dataset_key, file_key, recipe_content
 from care_q.bench.steps import Steps
 from care_q.errors import CareQError
-from care_q.eval.baselines import SUFFIX, calibration_images, run_baselines
+from care_q.eval import aimet_adaround as aimet
+from care_q.eval.baselines import BASELINES, SUFFIX, calibration_images, run_baselines
 from care_q.export.fp32 import export_fp32
 from care_q.models import create_model
 from care_q.ptq import ptq
@@ -29,14 +31,25 @@ METHODS = [  # key, label, runtime, group
     ("ort_quantize_static", "ORT quantize_static (QDQ, per-channel, MinMax)", "onnx", "baseline"),
     ("nncf", "NNCF quantize (transformer)", "onnx", "baseline"),
     ("ai_edge_quantizer", "ai-edge-quantizer static int8", "tflite", "baseline"),
+    (aimet.NAME, "AIMET AdaRound + QuantSim (QDQ, per-channel)", "onnx", "baseline"),
 ]
+# The AIMET baseline's settings (issue 19): AdaRound on 8 batches of 32 calibration images, this many
+# iterations per layer (AIMET's default, 10,000, would take hours on 2 cores), activation encodings on all.
+AIMET_SETTINGS = {"iterations": 200, "num_batches": 8, "batch_size": 32}
 SETTING = {"tflite": "tflite/xnnpack", "onnx": "onnxruntime"}
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def artifact_file(method: str, model: str) -> str:
     return {"fp32_tflite": f"{model}_fp32.tflite", "fp32_onnx": f"{model}_fp32.onnx",
             "careq_tflite": f"{model}_int8.tflite", "careq_onnx": f"{model}_int8_qdq.onnx",
-            "careq_onnx_x86": f"{model}_int8_x86_qdq.onnx"}.get(method) \
+            "careq_onnx_x86": f"{model}_int8_x86_qdq.onnx", aimet.NAME: f"{model}{aimet.SUFFIX}"}.get(method) \
         or f"{model}{SUFFIX[method]}"
 
 
@@ -153,14 +166,30 @@ def make_artifacts(run: ModelRun, root: Path, steps: Steps, *, seed: int, thread
     pq = steps.run(f"{run.prefix}/ptq", {**calib, **recipe_key(run.recipe), "code": code_digest("ptq")}, do_ptq,
                    d / "ptq")
 
+    def calib_images():
+        return calibration_images(run.model, weights=run.weights, calib=run.calib, num_calib=run.num_calib,
+                                  data_root=data_root, seed=seed, progress=progress, **run.size_kw())
+
+    tools = [b for b in run.baselines if b in BASELINES]  # the tools that quantize the FP32 files
+
     def do_baselines():
-        x = calibration_images(run.model, weights=run.weights, calib=run.calib, num_calib=run.num_calib,
-                               data_root=data_root, seed=seed, progress=progress, **run.size_kw())
-        return run_baselines(fp["onnx"]["path"], fp["tflite"]["path"], x, d / "baselines", list(run.baselines),
+        return run_baselines(fp["onnx"]["path"], fp["tflite"]["path"], calib_images(), d / "baselines", tools,
                              prefix=run.model, threads=threads, cache=True, say=steps.log)
 
-    bl = steps.run(f"{run.prefix}/baselines", {**calib, "baselines": list(run.baselines),
-                                               "code": code_digest("baselines")}, do_baselines, d / "baselines")
+    bl = steps.run(f"{run.prefix}/baselines", {**calib, "baselines": tools, "code": code_digest("baselines")},
+                   do_baselines, d / "baselines")
+    if aimet.NAME in run.baselines:  # AIMET quantizes the PyTorch model itself
+
+        def do_aimet():
+            steps.log(f"baseline {aimet.NAME}: AdaRound + QuantSim of {run.model} on {run.num_calib} images")
+            return aimet.aimet_baseline(run.model, run.weights, calib_images(),
+                                        d / "aimet" / artifact_file(aimet.NAME, run.model), threads=threads,
+                                        **AIMET_SETTINGS)
+
+        bl = {**bl, aimet.NAME: steps.run(f"{run.prefix}/aimet", {**calib, **AIMET_SETTINGS,
+                                                                   "tool": package_version("aimet-torch"),
+                                                                   "code": code_digest("aimet")},
+                                          do_aimet, d / "aimet")}
     x86 = None
     if run.x86_recipe:
         x86 = d / "ptq_x86"

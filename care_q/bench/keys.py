@@ -38,6 +38,7 @@ STEP_CODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "fp32": (("care_q.export.fp32", "care_q.models"), ()),
     "ptq": (("care_q.ptq",), ()),
     "baselines": (("care_q.eval.baselines",), ()),
+    "aimet": (("care_q.eval.aimet_adaround",), ()),
     "eval": (("care_q.eval.evaluate",), ()),
     "analysis": (("care_q.eval.analysis",), ()),
     "bench": (("care_q.bench.host",), ()),

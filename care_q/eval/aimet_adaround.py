@@ -47,6 +47,8 @@ from care_q.utils.io import atomic_write_bytes
 INSTALL = "pip install aimet-torch==2.42.0"
 ONNX_NAME = "aimet_adaround_qdq.onnx"
 ENCODINGS_PREFIX = "aimet_adaround"
+NAME = "aimet_adaround"                     # the bench's baseline name (`aimet_baseline`)
+SUFFIX = "_aimet_adaround_qdq.onnx"         # its file beside the other baselines': <model><SUFFIX>
 
 
 class _Stage(Exception):
@@ -231,3 +233,59 @@ def aimet_adaround(net, calib_images, out_dir: Path, *, iterations: int, num_bat
         shutil.rmtree(work, ignore_errors=True)
         res["seconds"] = round(time.perf_counter() - t0, 1)
     return res
+
+
+# ----------------------------------------------------------------------------- the bench's baseline
+
+
+def _in_child(model: str, weights: str | None, x: np.ndarray, out_dir: str, iterations: int, num_batches: int,
+              batch_size: int, threads: int) -> dict:
+    import torch
+
+    from care_q.models import create_model
+
+    torch.set_num_threads(threads)
+    res = aimet_adaround(create_model(model, weights=weights), torch.from_numpy(x), Path(out_dir),
+                         iterations=iterations, num_batches=num_batches, batch_size=batch_size)
+    res.pop("sim", None)  # a torch module: not picklable, and not needed by the parent
+    return res
+
+
+def aimet_baseline(model: str, weights, x: np.ndarray, path, *, iterations: int, num_batches: int,
+                   batch_size: int = 32, threads: int = 2) -> dict:
+    """`aimet_adaround` on ``model`` with ``weights`` (the FP32 checkpoint, original form) and the
+    calibration images ``x`` (float32 NCHW), in a process of its own (AIMET's loggers, threads and
+    memory stay there); its QDQ ONNX moved to ``path``. Returns a record in the shape of
+    `care_q.eval.baselines.run_baseline`'s (tool, input, path, ok, seconds, settings, size_bytes,
+    census, or failure with its stage: import where aimet-torch is not installed), plus AIMET's
+    notes and the ONNX file's agreement with its own sim (``onnx``). Never raises for an AIMET error."""
+    from care_q.eval.census import artifact_census
+    from care_q.utils.timing import run_isolated
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".aimet_work.", dir=path.parent))
+    rec: dict = {"tool": "aimet-torch", "input": f"{model} ({Path(weights).name if weights else 'random weights'})",
+                 "path": None, "ok": False}
+    try:
+        r = run_isolated(_in_child, model, weights and str(weights), np.ascontiguousarray(x, dtype=np.float32), str(work),
+                         int(iterations), int(num_batches), int(batch_size), int(threads), what="AIMET AdaRound")
+        rec.update(tool=r["settings"].get("tool", rec["tool"]), seconds=r["seconds"], settings=r["settings"],
+                   notes=r["notes"], onnx=r.get("onnx"))
+        if "failure" in r:
+            rec["failure"] = r["failure"]
+            return rec
+        os.replace(work / ONNX_NAME, path)
+    except CareQError as e:  # the child died or raised outside AIMET's stages
+        rec["failure"] = failure(e, "run")
+        return rec
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rec.update(path=str(path), size_bytes=path.stat().st_size)
+    try:  # loads it in onnxruntime (does not run it)
+        rec["census"] = artifact_census(path)
+    except CareQError as e:
+        rec["failure"] = failure(e, "load")
+        return rec
+    rec["ok"] = True
+    return rec

@@ -214,9 +214,16 @@ def test_suite_definition(tmp_path):
     with pytest.raises(CareQError, match=r"unknown anchor\(s\) \['vgg16'\]; known: \['mobilenet_v2', 'resnet18', "
                                          r"'care_s0_backbone'\]"):
         load_suite(bad)
-    bad.write_text(text.replace("[ort_quantize_static, nncf, ai_edge_quantizer]\n  analysis",
+    bad.write_text(text.replace("[ort_quantize_static, nncf, ai_edge_quantizer, aimet_adaround]\n  analysis",
                                 "[ort_quantize_static, tensorrt]\n  analysis"))
     with pytest.raises(CareQError, match=r"unknown baseline\(s\) \['tensorrt'\]"):
+        load_suite(bad)
+    # AIMET's AdaRound: a baseline of the accuracy proxy only (not of the quick run, nor of the latency models)
+    assert s["accuracy"]["baselines"][-1] == "aimet_adaround" and "aimet_adaround" not in q["accuracy"]["baselines"]
+    bad.write_text(text.replace("  baselines: [ort_quantize_static, nncf, ai_edge_quantizer]\n  # TFLite",
+                                "  baselines: [nncf, aimet_adaround]\n  # TFLite"))
+    with pytest.raises(CareQError, match=r"unknown baseline\(s\) \['aimet_adaround'\]; known: "
+                                         r"\['ort_quantize_static', 'nncf', 'ai_edge_quantizer'\]"):
         load_suite(bad)
     assert s["accuracy"]["onnx_x86_recipe"] == "ptq_int8_x86"
     bad.write_text(text.replace("onnx_x86_recipe: ptq_int8_x86", "onnx_x86_recipe: qat_int8"))
@@ -759,6 +766,59 @@ def test_extra_recipes_are_evaluated_beside_the_suite_recipe(tmp_path, fake_step
     labels = [r["label"] for r in method_rows({**acc, "eval": {"artifacts": {}}}, {})]
     assert labels[-4:] == ["care-q int8 TFLite, ptq_int8_recon", "care-q int8 ONNX QDQ, ptq_int8_recon",
                            "care-q int8 TFLite, ptq_w4a8_recon", "care-q int8 ONNX QDQ, ptq_w4a8_recon"]
+
+
+def test_aimet_baseline_is_a_step_of_the_accuracy_section(tmp_path, fake_steps, monkeypatch):
+    """Issue 19: AIMET's AdaRound beside the other baselines: a cached step of its own on the same calibration
+    images (the file tools do not see it), its QDQ ONNX evaluated with the rest and a table row; where AIMET
+    fails (aimet-torch missing) the row carries the recorded failure and nothing of it is evaluated."""
+    from care_q.bench import artifacts
+    from care_q.bench.accuracy import run_accuracy
+    from care_q.bench.schema import SUITE, load_suite
+    from care_q.bench.steps import Steps
+    from care_q.bench.targets import method_rows
+    from care_q.eval import aimet_adaround
+
+    missing = {"type": "error", "exception": "ModuleNotFoundError", "stage": "import",
+               "message": "aimet_torch is not importable; install it with `pip install aimet-torch==2.42.0`"}
+    record = {}
+
+    def aimet_baseline(model, weights, x, path, *, threads, **settings):
+        fake_steps.append(("aimet", {"model": model, "shape": x.shape, "file": Path(path).name, **settings}))
+        if "failure" in record:
+            return {"tool": "aimet-torch", "path": None, "ok": False, "failure": record["failure"]}
+        Path(path).write_bytes(b"aimet")
+        return {"tool": "aimet-torch 2.42.0", "path": str(path), "ok": True}
+
+    monkeypatch.setattr(aimet_adaround, "aimet_baseline", aimet_baseline)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "care_s0_cifar10_64.pth").write_bytes(b"trained")
+    cfg = load_suite(SUITE, quick=True, shared=tmp_path)
+    A = {**cfg["accuracy"], "baselines": ["nncf", "aimet_adaround"]}
+    root = tmp_path / "bench"
+    steps = Steps(root, log=lambda m: None)
+    acc = run_accuracy(cfg, A, root, steps, "/data", False)
+    assert [kw["names"] for name, kw in fake_steps if name == "baselines"] == [["nncf"]]
+    assert [kw for name, kw in fake_steps if name == "aimet"] == [
+        {"model": "care_s0", "shape": (200, 3, 64, 64), "file": "care_s0_aimet_adaround_qdq.onnx",
+         **artifacts.AIMET_SETTINGS}]
+    f = root / "proxy" / "aimet" / "care_s0_aimet_adaround_qdq.onnx"
+    assert acc["methods"]["aimet_adaround"] == {"file": f.name, "source": "int8", "path": str(f)}
+    assert f.name in [kw["files"] for name, kw in fake_steps if name == "eval"][0] and "proxy/aimet" in steps.timings
+    row = [r for r in method_rows({**acc, "eval": {"artifacts": {}}}, {}) if r["method"] == "aimet_adaround"]
+    assert [r["label"] for r in row] == ["AIMET AdaRound + QuantSim (QDQ, per-channel)"]
+
+    fake_steps.clear()
+    assert run_accuracy(cfg, A, root, Steps(root, log=lambda m: None), "/data", False) == acc and fake_steps == []
+    # where AIMET fails the failure is the row's (the bench's "Failures" list), and the eval runs without it
+    record["failure"] = missing
+    monkeypatch.setattr(artifacts, "package_version", lambda name: None)  # a new key: aimet-torch uninstalled
+    acc = run_accuracy(cfg, A, root, Steps(root, log=lambda m: None), "/data", False)
+    assert [name for name, _ in fake_steps] == ["calibration_images", "aimet", "eval"]
+    assert acc["methods"]["aimet_adaround"]["failure"] == missing
+    assert f.name not in [kw["files"] for name, kw in fake_steps if name == "eval"][0]
+    row = [r for r in method_rows({**acc, "eval": {"artifacts": {}}}, {}) if r["method"] == "aimet_adaround"][0]
+    assert row["failure"] == missing and "accuracy" not in row
 
 
 @pytest.mark.parametrize(("extra", "match"), [("[qat_int8]", "is a qat recipe"),

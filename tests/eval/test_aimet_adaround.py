@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from care_q.errors import CareQError
-from care_q.eval.aimet_adaround import INSTALL, ONNX_NAME, aimet_adaround
+from care_q.eval.aimet_adaround import INSTALL, ONNX_NAME, aimet_adaround, aimet_baseline
 
 SIZE = 32
 
@@ -71,3 +71,45 @@ def test_tiny_adaround_run(net, tmp_path):
     sess = ort.InferenceSession(str(out / ONNX_NAME), providers=["CPUExecutionProvider"])
     onnx_out = np.concatenate([sess.run(None, {"input": held[i:i + 1].numpy()})[0] for i in range(4)])
     assert sqnr_db(got[:4], onnx_out) > 30.0
+
+
+def test_bench_record_where_aimet_is_missing(tmp_path, monkeypatch):
+    """The bench's step (`aimet_baseline`) without aimet-torch: a failure record with the install line, no file
+    and no work folder left (the child run here in this process, where the import is blocked)."""
+    from care_q.utils import timing
+
+    monkeypatch.setattr(timing, "run_isolated", lambda fn, *args, **kw: fn(*args))
+    monkeypatch.setitem(sys.modules, "aimet_torch", None)
+    path = tmp_path / "aimet" / "care_test_aimet_adaround_qdq.onnx"
+    r = aimet_baseline("care_test", None, _images(8).numpy(), path, iterations=1, num_batches=1, batch_size=4,
+                       threads=1)
+    assert not r["ok"] and r["path"] is None and r["input"] == "care_test (random weights)"
+    assert r["failure"]["stage"] == "import" and INSTALL in r["failure"]["message"]
+    assert list(path.parent.iterdir()) == []
+
+
+def test_bench_record_where_the_child_dies(tmp_path, monkeypatch):
+    from care_q.utils import timing
+
+    def killed(fn, *args, what="", **kw):
+        raise CareQError(f"{what}: the child process died (signal 9)")
+
+    monkeypatch.setattr(timing, "run_isolated", killed)
+    path = tmp_path / "m_aimet_adaround_qdq.onnx"
+    r = aimet_baseline("care_test", None, _images(8).numpy(), path, iterations=1, num_batches=1, batch_size=4)
+    assert r["failure"] == {"type": "error", "exception": "CareQError", "stage": "run",
+                            "message": "CareQError: AIMET AdaRound: the child process died (signal 9)"}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_record_tiny_run(tmp_path):
+    """The real step on care_test (only where aimet_torch is importable): AIMET's QDQ ONNX at the bench's path, its
+    census from onnxruntime, nothing else left in the folder."""
+    pytest.importorskip("aimet_torch")
+    path = tmp_path / "b" / "care_test_aimet_adaround_qdq.onnx"
+    r = aimet_baseline("care_test", None, _images(16).numpy(), path, iterations=2, num_batches=2, batch_size=4,
+                       threads=1)
+    assert r["ok"], r.get("failure")
+    assert r["path"] == str(path) and path.stat().st_size == r["size_bytes"] and r["tool"] == "aimet-torch 2.42.0"
+    assert r["census"]["kind"] == "onnx" and r["onnx"]["ort_runs"] and r["settings"]["adaround_images"] == 8
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
