@@ -207,7 +207,9 @@ def ort_profile_blocks(res: dict) -> list:
         return []
     out = [R.H(2, "Per-op profile and bound (onnxruntime)"),
            R.P("onnxruntime's own profiler (`care_q/export/onnx_profile.py`): every node of the graph it runs (after "
-               "its fusions), median over 20 runs, each file in a process of its own. The int8 and FP32 graphs are "
+               "its fusions), median over 20 runs in a process of its own, the int8 and the FP32 file profiled in "
+               "turn, in blocks (`latency_suite.PROFILE_BLOCKS` each), each node at the median of its blocks' times. "
+               "The int8 and FP32 graphs are "
                "compared by kind (what a node computes, whatever its precision: torch.onnx's GELU and ELU "
                "decompositions count as GELU and ELU). Bound: every kind at the faster of its int8 and FP32 time, "
                "plus the int8 file's conversions (Q/DQ) and layout. Profiling adds a cost per node: the sums are "
@@ -222,7 +224,10 @@ def ort_profile_blocks(res: dict) -> list:
             out += [R.P(f"**{ORT_PROFILE_LABELS.get(key, key)}**: node sum {p['ms']:.2f} ms, its bound "
                         f"{p['bound_ms']:.2f} ms ({'–' if within is None else f'{within:.2f}x'} the bound), FP32 "
                         f"{R.num(fp.get('ms'))} ms (int8 / FP32 {R.num(p.get('ratio_sum'))}, bound / FP32 "
-                        f"{R.num(p.get('ratio_bound'))})."),
+                        f"{R.num(p.get('ratio_bound'))})"
+                        + (f"; profiled run per block, int8 {'/'.join(f'{v:.1f}' for v in p['run_ms_blocks'])} ms, FP32 "
+                           f"{'/'.join(f'{v:.1f}' for v in fp['run_ms_blocks'])} ms" if fp.get("run_ms_blocks") else "")
+                        + "."),
                     R.T(["kind", "int8 nodes", "int8 (ms)", "FP32 nodes", "FP32 (ms)", "faster"], rows, "lrrrrl")]
     return out
 

@@ -109,6 +109,7 @@ def run_npu(run: ModelRun, recipe: str | None, methods: dict, root: Path, steps:
 
 
 PROFILE_RUNS = 20  # timed runs of each one-op model (median)
+PROFILE_BLOCKS = 3  # onnxruntime profile: each file this many times, int8 and FP32 in turn (median per node)
 
 
 def run_profile(prefix: str, methods: dict, threads: int, steps: Steps) -> dict | None:
@@ -142,10 +143,11 @@ def run_ort_profile(prefix: str, methods: dict, threads: int, steps: Steps) -> d
         m = methods.get(key) or {}
         if not m.get("path") or "failure" in m:
             continue
-        k = {"threads": threads, "runs": PROFILE_RUNS, "code": code_digest("ort_profile"),
+        k = {"threads": threads, "runs": PROFILE_RUNS, "blocks": PROFILE_BLOCKS, "code": code_digest("ort_profile"),
              "files": {"int8": file_digest(Path(m["path"])), "fp32": file_digest(Path(fp32["path"]))}}
         out[key] = steps.run(f"{prefix}/ort_profile_{key}", k,
-                             lambda m=m: profile_onnx(m["path"], fp32=fp32["path"], threads=threads, runs=PROFILE_RUNS))
+                             lambda m=m: profile_onnx(m["path"], fp32=fp32["path"], threads=threads, runs=PROFILE_RUNS,
+                                                      blocks=PROFILE_BLOCKS))
     return out
 
 

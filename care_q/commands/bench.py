@@ -111,8 +111,10 @@ def _ort_profile(args) -> int:
 
     from care_q.export.onnx_profile import profile_onnx
 
-    p = profile_onnx(args.artifacts, fp32=args.ort_profile, threads=args.threads, runs=args.runs, warmup=args.warmup)
-    t = Table(title=f"onnxruntime profiler, {p['threads']} threads, median node times over {p['runs']} runs, by kind")
+    p = profile_onnx(args.artifacts, fp32=args.ort_profile, threads=args.threads, runs=args.runs, warmup=args.warmup,
+                     blocks=args.blocks)
+    t = Table(title=f"onnxruntime profiler, {p['threads']} threads, median node times over {p['runs']} runs in each of "
+                    f"{p['blocks']} blocks per file (the files in turn), by kind")
     for col in ("kind", "int8 nodes", "int8 ms", "FP32 nodes", "FP32 ms", "faster"):
         t.add_column(col, justify="left" if col in ("kind", "faster") else "right")
     for k in p["kinds"]:

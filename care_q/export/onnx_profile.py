@@ -8,7 +8,11 @@ DequantizeLinear / Conv / QuantizeLinear, NCHWc convolutions with their reorders
 profiling is on. Each file is profiled in a fresh process (`run_isolated`) with the session
 options of `care_q.runtime.OnnxRunner` (the ones `care-q bench` times with), on one seeded random
 input: ``warmup`` runs, then ``runs`` runs whose node times are kept; a node's time is its
-median over them. Profiling adds a fixed cost per node, so the profiled run is slower than
+median over them. With the FP32 file, the two are profiled in turn, ``blocks`` times each (int8,
+FP32, int8, FP32, ...: a fresh process each), and a node's time is the median of its blocks' times:
+a machine whose speed drifts during the profile then moves both files alike (one pass each moved
+the same FP32 file's node sum from 25.6 to 34.7 ms between two bench steps). Profiling adds a
+fixed cost per node, so the profiled run is slower than
 `care-q bench` measures: compare sums measured alike, not a sum with a bench time.
 
 The int8 and the FP32 graphs are not node for node alike (the fusions differ; torch.onnx writes
@@ -164,22 +168,35 @@ def _by_kind(nodes: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+def _merge_blocks(blocks: list[dict]) -> dict:
+    """One profile from several of the same file: each node's and the run's median over the blocks."""
+    nodes = {name: {**n, "ms": statistics.median(b["nodes"][name]["ms"] for b in blocks if name in b["nodes"])}
+             for name, n in blocks[0]["nodes"].items()}
+    return {"run_ms": statistics.median(b["run_ms"] for b in blocks), "nodes": nodes,
+            "run_ms_blocks": [b["run_ms"] for b in blocks]}
+
+
 def profile_onnx(path: str | Path, fp32: str | Path | None = None, *, threads: int = 2, runs: int = 20,
-                 warmup: int = 5, seed: int = 0) -> dict:
-    """onnxruntime's per-node profile of ``path`` by kind (and of ``fp32`` beside it, with the bound).
-    Returns {"artifact", "threads", "runs", "run_ms", "ms", "kinds": [{"kind", "ms", "nodes", "fp32_ms",
-    "fp32_nodes", "best_ms", "faster": "int8" | "fp32" | "-"}], "bound_ms", "fp32": {"artifact", "run_ms", "ms"},
-    "ratio_sum", "ratio_bound"}; kinds sorted by the int8 file's time."""
+                 warmup: int = 5, seed: int = 0, blocks: int = 3) -> dict:
+    """onnxruntime's per-node profile of ``path`` by kind (and of ``fp32`` beside it, with the bound), each
+    file profiled ``blocks`` times in turn (module docstring).
+    Returns {"artifact", "threads", "runs", "blocks", "run_ms", "run_ms_blocks", "ms", "kinds": [{"kind", "ms",
+    "nodes", "fp32_ms", "fp32_nodes", "best_ms", "faster": "int8" | "fp32" | "-"}], "bound_ms", "fp32":
+    {"artifact", "run_ms", "run_ms_blocks", "ms"}, "ratio_sum", "ratio_bound"}; kinds sorted by the int8 file's time."""
+    if blocks < 1:
+        raise CareQError(f"blocks must be at least 1, got {blocks}")
     for p in (path, fp32):
         if p is not None and Path(p).suffix.lower() != ".onnx":
             raise CareQError(f"the onnxruntime profile reads .onnx files; got '{p}'")
         if p is not None and not Path(p).is_file():
             raise CareQError(f"model file not found: {p}")
-    prof = {}
-    for key, p in (("int8", path), ("fp32", fp32)):
-        if p is not None:
-            prof[key] = run_isolated(_profile_in_child, str(p), threads, runs, warmup, seed,
-                                     what=f"onnxruntime profile of {Path(p).name}")
+    files = [(key, p) for key, p in (("int8", path), ("fp32", fp32)) if p is not None]
+    done: dict[str, list[dict]] = {key: [] for key, _ in files}
+    for _ in range(blocks):
+        for key, p in files:
+            done[key].append(run_isolated(_profile_in_child, str(p), threads, runs, warmup, seed,
+                                          what=f"onnxruntime profile of {Path(p).name}"))
+    prof = {key: _merge_blocks(b) for key, b in done.items()}
     q = _by_kind(prof["int8"]["nodes"])
     f = _by_kind(prof["fp32"]["nodes"]) if "fp32" in prof else {}
     kinds = []
@@ -192,11 +209,13 @@ def profile_onnx(path: str | Path, fp32: str | Path | None = None, *, threads: i
             row["faster"] = "fp32" if fv["ms"] < v["ms"] else "int8"
         kinds.append(row)
     kinds.sort(key=lambda r: -r["ms"])
-    out = {"artifact": str(path), "threads": threads, "runs": runs, "run_ms": prof["int8"]["run_ms"],
-           "ms": sum(r["ms"] for r in kinds), "kinds": kinds, "bound_ms": sum(r["best_ms"] for r in kinds)}
+    out = {"artifact": str(path), "threads": threads, "runs": runs, "blocks": blocks, "run_ms": prof["int8"]["run_ms"],
+           "run_ms_blocks": prof["int8"]["run_ms_blocks"], "ms": sum(r["ms"] for r in kinds), "kinds": kinds,
+           "bound_ms": sum(r["best_ms"] for r in kinds)}
     if "fp32" in prof:
         fms = sum(v["ms"] for v in f.values())
-        out["fp32"] = {"artifact": str(fp32), "run_ms": prof["fp32"]["run_ms"], "ms": fms,
+        out["fp32"] = {"artifact": str(fp32), "run_ms": prof["fp32"]["run_ms"],
+                       "run_ms_blocks": prof["fp32"]["run_ms_blocks"], "ms": fms,
                        "only_fp32": sorted(k for k in f if k not in q)}
         out["ratio_sum"] = out["ms"] / fms
         out["ratio_bound"] = out["bound_ms"] / fms

@@ -1,11 +1,14 @@
 """onnxruntime's per-node profile by kind (`care_q.export.onnx_profile`): kinds of torch.onnx's
 decompositions and of QDQ graphs, the per-run medians, and a real profile of a small int8 / FP32 pair."""
 
+from pathlib import Path
+
 import onnx
 import pytest
 from one_op import onnx_fp32_model as _fp32_model
 from one_op import onnx_int8_model as _int8_model
 
+from care_q.errors import CareQError
 from care_q.export.onnx_profile import _node_times, node_kinds, profile_onnx
 
 
@@ -57,4 +60,34 @@ def test_profile_of_an_int8_file_beside_its_fp32(tmp_path):
         assert k["best_ms"] == pytest.approx(want)
     assert p["bound_ms"] == pytest.approx(sum(k["best_ms"] for k in p["kinds"])) and p["bound_ms"] <= p["ms"]
     assert p["ms"] <= p["run_ms"] * 1.05  # node times are inside the runs
+    assert p["blocks"] == 3 and len(p["run_ms_blocks"]) == 3 and len(p["fp32"]["run_ms_blocks"]) == 3
     assert p["ratio_sum"] == pytest.approx(p["ms"] / p["fp32"]["ms"])
+
+
+def test_files_are_profiled_in_turn_and_merged_by_median(tmp_path, monkeypatch):
+    """int8, FP32, int8, FP32, ...: a drifting machine moves both alike; each node's time is its blocks' median."""
+    from care_q.export import onnx_profile
+
+    q, f = tmp_path / "q.onnx", tmp_path / "f.onnx"
+    q.write_bytes(b"q")
+    f.write_bytes(b"f")
+    order, slow = [], iter([1.0, 1.0, 3.0, 3.0, 2.0, 2.0])  # the machine slows down, then recovers a little
+
+    def child(fn, path, *args, what=""):
+        order.append(Path(path).name)
+        k = next(slow)
+        int8 = path == str(q)
+        conv = {"op": "QLinearConv" if int8 else "Conv", "kind": "conv 1x1", "ms": k * (1.0 if int8 else 2.0)}
+        dq = {"op": "DequantizeLinear", "kind": "conversions", "ms": 0.1 * k}
+        return {"run_ms": k * 10, "nodes": {"c": conv, "dq": dq} if int8 else {"c": conv}}
+
+    monkeypatch.setattr(onnx_profile, "run_isolated", child)
+    p = profile_onnx(q, fp32=f, blocks=3)
+    assert order == ["q.onnx", "f.onnx"] * 3
+    kinds = {k["kind"]: k for k in p["kinds"]}
+    assert kinds["conv 1x1"]["ms"] == pytest.approx(2.0) and kinds["conv 1x1"]["fp32_ms"] == pytest.approx(4.0)
+    assert kinds["conversions"]["ms"] == pytest.approx(0.2)
+    assert p["run_ms"] == pytest.approx(20.0) and p["run_ms_blocks"] == [10.0, 30.0, 20.0]
+    assert p["ratio_sum"] == pytest.approx(2.2 / 4.0)
+    with pytest.raises(CareQError, match="blocks must be at least 1"):
+        profile_onnx(q, fp32=f, blocks=0)
