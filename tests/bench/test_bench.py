@@ -791,6 +791,7 @@ def test_aimet_baseline_is_a_step_of_the_accuracy_section(tmp_path, fake_steps, 
         return {"tool": "aimet-torch 2.42.0", "path": str(path), "ok": True}
 
     monkeypatch.setattr(aimet_adaround, "aimet_baseline", aimet_baseline)
+    monkeypatch.setattr(artifacts, "package_version", lambda name: "2.42.0")  # as if aimet-torch were installed
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "care_s0_cifar10_64.pth").write_bytes(b"trained")
     cfg = load_suite(SUITE, quick=True, shared=tmp_path)
