@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from care_q.export.fp32 import export_fp32
 from care_q.models import create_model
 from care_q.ptq import ptq
 from care_q.quant.recipe import load_recipe
+from care_q.utils.machine import versions
 
 METHODS = [  # key, label, runtime, group
     ("fp32_tflite", "FP32 TFLite (litert-torch)", "tflite", "fp32"),
@@ -37,13 +37,6 @@ METHODS = [  # key, label, runtime, group
 # iterations per layer (AIMET's default, 10,000, would take hours on 2 cores), activation encodings on all.
 AIMET_SETTINGS = {"iterations": 200, "num_batches": 8, "batch_size": 32}
 SETTING = {"tflite": "tflite/xnnpack", "onnx": "onnxruntime"}
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def artifact_file(method: str, model: str) -> str:
@@ -187,7 +180,7 @@ def make_artifacts(run: ModelRun, root: Path, steps: Steps, *, seed: int, thread
                                         **AIMET_SETTINGS)
 
         bl = {**bl, aimet.NAME: steps.run(f"{run.prefix}/aimet", {**calib, **AIMET_SETTINGS,
-                                                                   "tool": package_version("aimet-torch"),
+                                                                   "tool": versions(["aimet-torch"])["aimet-torch"],
                                                                    "code": code_digest("aimet")},
                                           do_aimet, d / "aimet")}
     x86 = None

@@ -791,7 +791,7 @@ def test_aimet_baseline_is_a_step_of_the_accuracy_section(tmp_path, fake_steps, 
         return {"tool": "aimet-torch 2.42.0", "path": str(path), "ok": True}
 
     monkeypatch.setattr(aimet_adaround, "aimet_baseline", aimet_baseline)
-    monkeypatch.setattr(artifacts, "package_version", lambda name: "2.42.0")  # as if aimet-torch were installed
+    monkeypatch.setattr(artifacts, "versions", lambda names: {"aimet-torch": "2.42.0"})  # as if it were installed
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "care_s0_cifar10_64.pth").write_bytes(b"trained")
     cfg = load_suite(SUITE, quick=True, shared=tmp_path)
@@ -813,7 +813,7 @@ def test_aimet_baseline_is_a_step_of_the_accuracy_section(tmp_path, fake_steps, 
     assert run_accuracy(cfg, A, root, Steps(root, log=lambda m: None), "/data", False) == acc and fake_steps == []
     # where AIMET fails the failure is the row's (the bench's "Failures" list), and the eval runs without it
     record["failure"] = missing
-    monkeypatch.setattr(artifacts, "package_version", lambda name: None)  # a new key: aimet-torch uninstalled
+    monkeypatch.setattr(artifacts, "versions", lambda names: {"aimet-torch": None})  # a new key: aimet-torch uninstalled
     acc = run_accuracy(cfg, A, root, Steps(root, log=lambda m: None), "/data", False)
     assert [name for name, _ in fake_steps] == ["calibration_images", "aimet", "eval"]
     assert acc["methods"]["aimet_adaround"]["failure"] == missing
