@@ -5,6 +5,7 @@ cached step (`care_q.bench.steps`) keyed by `care_q.bench.keys`."""
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,7 @@ def make_artifacts(run: ModelRun, root: Path, steps: Steps, *, seed: int, thread
     pq = steps.run(f"{run.prefix}/ptq", {**calib, **recipe_key(run.recipe), "code": code_digest("ptq")}, do_ptq,
                    d / "ptq")
 
+    @functools.cache  # the file tools and AIMET quantize on the same images: read them once
     def calib_images():
         return calibration_images(run.model, weights=run.weights, calib=run.calib, num_calib=run.num_calib,
                                   data_root=data_root, seed=seed, progress=progress, **run.size_kw())
