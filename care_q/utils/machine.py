@@ -16,28 +16,27 @@ PACKAGES = ("care-q", "torch", "onnx", "onnxruntime", "ai-edge-litert", "litert-
 BUSY_SHARE = 0.15  # other processes' share of the cores above which a latency report warns
 
 
-def cpu_model() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first ``field: value`` line of Linux's /proc/cpuinfo, or None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if line.lower().startswith(field):
+                    return line.split(":", 1)[1]
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    name = _cpuinfo("model name")
+    return name.strip() if name is not None else (platform.processor() or platform.machine())
 
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (Linux /proc/cpuinfo, read once); empty where they cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset((_cpuinfo("flags") or "").split())
 
 
 def versions(packages=PACKAGES) -> dict[str, str | None]:
