@@ -83,6 +83,32 @@ def accuracy_blocks(res: dict) -> list:
     return out
 
 
+def _fid(f: dict | None) -> str:
+    return "–" if not f else f"{R.pct(f['top1_agreement'])} / {f['logit_sqnr_db']:.1f} dB"
+
+
+def ceiling_blocks(res: dict) -> list:
+    """Issue 19's anchors: where each ``ceiling_recipes`` plan's fidelity stops (`care_q.eval.ceiling`)."""
+    ceilings = (res.get("accuracy") or {}).get("ceilings") or {}
+    if not ceilings:
+        return []
+    T = res["config"]["targets"]
+    n = next(iter(ceilings.values()))["images"]
+    rows = [[f"`{r}`", _fid(c["held_out"]["int8"]), _fid(c["held_out"]["weights_alone"]),
+             _fid(c["held_out"]["activations_alone"]), _fid(c["calibration"]["int8"])] for r, c in ceilings.items()]
+    return [R.H(3, "Where the int8 fidelity stops (issue 19's anchors)"),
+            R.P(f"Each recipe's plan in fake quantization against FP32 (top-1 agreement / logit SQNR): on the "
+                f"{n['held_out']} test images whole, with its int8 weights alone (every activation float), with its int8 "
+                f"activations alone (float weights), and whole on the {n['calibration']} calibration images it was "
+                f"calibrated (and reconstructed) on. Issue 19 asks every backbone op int8 at >= "
+                f"{T['recon_agreement_pct']:g}% agreement and >= {T['recon_sqnr_db']:g} dB on the test images: a "
+                f"column below {T['recon_agreement_pct']:g}% shows a part of the model that misses the agreement "
+                f"on its own. Fake quantization, not the runtimes' kernels: compare the first column with the "
+                f"artifacts' rows above."),
+            R.T(["recipe", "int8 (test)", "int8 weights alone (test)", "int8 activations alone (test)",
+                 "int8 (calibration images)"], rows, "lrrrr")]
+
+
 def latency_blocks(res: dict) -> list:
     lat = res.get("latency") or {}
     if not lat:
@@ -399,7 +425,7 @@ def suite_blocks(res: dict, figures: bool = True) -> list:
         out.append(R.P(f"**Sections not run this time: {', '.join(left)}** (`python -m care_q.bench.suite "
                        + " ".join(f"--skip {s}" for s in left) + "`); their last results are in this file's git "
                        "history, measured with the code of that time."))
-    out += target_blocks(res) + accuracy_blocks(res) + qat_blocks(res) + npu_blocks(res)
+    out += target_blocks(res) + accuracy_blocks(res) + ceiling_blocks(res) + qat_blocks(res) + npu_blocks(res)
     if figures and res.get("accuracy") and res.get("latency"):
         out.append(R.tradeoff_figure(tradeoff_points(res), "Top-1 drop on the proxy vs latency relative to FP32 in the "
                                                            "same runtime (care_s0 at deployment resolution)"))

@@ -41,6 +41,7 @@ STEP_CODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "aimet": (("care_q.eval.aimet_adaround",), ()),
     "eval": (("care_q.eval.evaluate",), ()),
     "analysis": (("care_q.eval.analysis",), ()),
+    "ceiling": (("care_q.eval.ceiling", "care_q.pipeline.prepare"), ()),
     "bench": (("care_q.bench.host",), ()),
     "anchors": (("care_q.bench.anchors",), ()),
     "profile": (("care_q.export.tflite_profile",), ()),

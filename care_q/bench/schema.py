@@ -35,7 +35,7 @@ SCHEMA = {
     "name": _STR, "threads": _INT, "seed": _INT,
     "accuracy": {"name": _STR, "model": _STR, "weights": _OPT_STR, "dataset": _STR, "limit": _OPT_INT,
                  "calib": _STR, "num_calib": _INT, "recipe": _STR, "onnx_x86_recipe": _OPT_STR, "baselines": _LIST,
-                 "extra_recipes": _LIST, "analysis_images": _INT},
+                 "extra_recipes": _LIST, "analysis_images": _INT, "ceiling_recipes": _LIST},
     "latency": {"models": _LIST, "img_size": _INT, "calib": _STR, "num_calib": _INT, "runs": _INT, "blocks": _INT,
                 "warmup": _INT, "tflite_delegates": _LIST, "baselines": _LIST, "slow_delegates": _LIST,
                 "slow_runs": _INT, "slow_models": _LIST, "anchors": _LIST, "npu_recipe": _OPT_STR},
@@ -199,6 +199,11 @@ def _check_extra(A: dict, at) -> None:
         if name in seen:
             raise CareQError(f"{at('accuracy.extra_recipes')}: recipe '{name}' is already in the accuracy section")
         seen.append(name)
+    for name in A["ceiling_recipes"]:
+        if name not in seen:
+            raise CareQError(f"{at('accuracy.ceiling_recipes')}: recipe '{name}' is not evaluated in the accuracy "
+                             f"section (accuracy.recipe or accuracy.extra_recipes): its ceiling would have no "
+                             f"artifacts beside it")
 
 
 def _check_npu(name: str | None, at) -> None:

@@ -221,6 +221,11 @@ def draw_images(source: str, preprocess, n: int, seed: int, *, data_root=None, m
                                progress=progress), n)
 
 
+def calib_tensor(prep: Prepared) -> torch.Tensor:
+    """Every image ``prep`` was calibrated on, in the order reconstruction saw them."""
+    return _images(prep.calib_dataset, len(prep.calib_dataset))
+
+
 def held_out_images(prep: Prepared, n: int, source: str | None = None, seed: int | None = None) -> torch.Tensor:
     """``n`` images of ``source`` (default: the calibration set) drawn with seed ``config.seed + 1``:
     the images `care-q ptq` verifies its artifacts on. Falls back to the calibration images when

@@ -822,6 +822,77 @@ def test_aimet_baseline_is_a_step_of_the_accuracy_section(tmp_path, fake_steps, 
     assert row["failure"] == missing and "accuracy" not in row
 
 
+def test_ceiling_step_reads_the_reconstruction_of_the_ptq_step(tmp_path, fake_steps, monkeypatch):
+    """accuracy.ceiling_recipes (issue 19's anchors): a cached step per recipe; a reconstruction recipe
+    prepares from a copy of its ptq step's checkpoint (the same learnt plan as its artifacts), another
+    without one; the evaluation images are the eval step's (its dataset, limit and seed); a table row each."""
+    from types import SimpleNamespace
+
+    from care_q.bench import accuracy, artifacts, benchmarks
+    from care_q.bench.accuracy import run_accuracy
+    from care_q.bench.schema import SUITE, load_suite
+    from care_q.bench.steps import Steps
+    from care_q.quant.recipe import load_recipe
+
+    fake_ptq = artifacts.ptq
+
+    def ptq(model, *, recipe, out, **kw):
+        rep = fake_ptq(model, recipe=recipe, out=out, **kw)
+        if load_recipe(recipe).reconstruction is not None:
+            (Path(out) / "reconstruction.pt").write_bytes(b"learnt " + recipe.encode())
+        return rep
+
+    def prepare(cfg):
+        ck = cfg.checkpoint
+        fake_steps.append(("prepare", {"recipe": cfg.recipe, "checkpoint": ck and (ck.parent.name, ck.read_bytes()),
+                                       "num_calib": cfg.num_calib, "seed": cfg.seed}))
+        return SimpleNamespace(preprocess="pre", reconstruction={"resumed_units": 23, "seconds": 2.0} if ck else None)
+
+    def draw_images(source, pre, n, seed, data_root=None):
+        fake_steps.append(("draw", {"source": source, "n": n, "seed": seed}))
+        return torch.zeros(3)
+
+    split = {"top1_agreement": 0.9712, "logit_sqnr_db": 23.04}
+    monkeypatch.setattr(artifacts, "ptq", ptq)
+    monkeypatch.setattr(accuracy, "prepare", prepare)
+    monkeypatch.setattr(accuracy, "draw_images", draw_images)
+    monkeypatch.setattr(accuracy, "calib_tensor", lambda prep: torch.zeros(2))
+    monkeypatch.setattr(accuracy, "fidelity_ceiling", lambda prep, x, c: {
+        "held_out": {"int8": split, "weights_alone": split, "activations_alone": split},
+        "calibration": {"int8": split}, "images": {"held_out": 10000, "calibration": 1000}})
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "care_s0_cifar10_64.pth").write_bytes(b"trained")
+    cfg = load_suite(SUITE, quick=True, shared=tmp_path)
+    A = {**cfg["accuracy"], "extra_recipes": ["ptq_int8", "ptq_int8_recon"],
+         "ceiling_recipes": ["ptq_int8", "ptq_int8_recon"]}
+    root = tmp_path / "bench"
+    acc = run_accuracy(cfg, A, root, Steps(root, log=lambda m: None), "/data", False)
+    assert [kw for name, kw in fake_steps if name == "prepare"] == [
+        {"recipe": "ptq_int8", "checkpoint": None, "num_calib": 200, "seed": cfg["seed"]},
+        {"recipe": "ptq_int8_recon", "checkpoint": ("ceiling_ptq_int8_recon", b"learnt ptq_int8_recon"),
+         "num_calib": 200, "seed": cfg["seed"]}]
+    assert [kw for name, kw in fake_steps if name == "draw"] == [
+        {"source": A["dataset"], "n": A["limit"], "seed": cfg["seed"]}] * 2
+    assert acc["ceilings"]["ptq_int8_recon"]["reconstruction"] == {"resumed_units": 23, "seconds": 2.0}
+    from care_q.eval.report import to_markdown
+    text = to_markdown(benchmarks.ceiling_blocks({"accuracy": acc, "config": cfg}))
+    assert "| `ptq_int8_recon` | 97.12% / 23.0 dB | 97.12% / 23.0 dB |" in text
+    assert "on the 10000 test images whole" in text and "the 1000 calibration images" in text
+    fake_steps.clear()
+    assert run_accuracy(cfg, A, root, Steps(root, log=lambda m: None), "/data", False)["ceilings"] == acc["ceilings"]
+    assert not [name for name, _ in fake_steps if name == "prepare"]  # cached
+
+
+def test_ceiling_recipes_must_be_evaluated(tmp_path):
+    from care_q.bench.schema import SUITE, load_suite
+
+    bad = tmp_path / "s.yaml"
+    bad.write_text(SUITE.read_text().replace("ceiling_recipes: [ptq_int8, ptq_int8_recon]",
+                                             "ceiling_recipes: [ptq_int8, npu_int8]"))
+    with pytest.raises(CareQError, match="recipe 'npu_int8' is not evaluated in the accuracy section"):
+        load_suite(bad, shared=tmp_path)
+
+
 @pytest.mark.parametrize(("extra", "match"), [("[qat_int8]", "is a qat recipe"),
                                               ("[ptq_int8_cpu]", "already in the accuracy section"),
                                               ("[nope]", "unknown recipe 'nope'")])
