@@ -157,7 +157,7 @@ def calibrate_built(built: Built, rec: Recipe, ds, size: int, progress: bool | N
             corrected["seconds"] = round(time.time() - t0, 1)
         recon = None
         if rec.reconstruction is not None:
-            images = torch.cat([b[0] for b in make_loader(ds, batch_size=rec.batch_size)])
+            images = _images(ds, len(ds))  # what `calib_tensor` gives back
             # the original model's unit outputs are the targets (reconstruction.target: original), so
             # reconstruction also makes up for what the substitutions changed
             reference = built.original if rec.reconstruction.target == "original" else None
@@ -222,7 +222,7 @@ def draw_images(source: str, preprocess, n: int, seed: int, *, data_root=None, m
 
 
 def calib_tensor(prep: Prepared) -> torch.Tensor:
-    """Every image ``prep`` was calibrated on, in the order reconstruction saw them."""
+    """Every image ``prep`` was calibrated on, as reconstruction saw them (`calibrate_built`)."""
     return _images(prep.calib_dataset, len(prep.calib_dataset))
 
 

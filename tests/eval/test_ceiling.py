@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from care_q.eval.ceiling import SPLITS, fidelity_ceiling
+from care_q.eval.ceiling import SPLITS, WeightsAloneOps, fidelity_ceiling
 from care_q.pipeline import PrepareConfig, calib_tensor, prepare
 from care_q.pipeline.prepare import draw_images
 from care_q.quant.qtypes import sqnr_db
@@ -52,8 +52,6 @@ def _rounded_by_hand(prep) -> torch.nn.Module:
 
 def test_weights_alone_is_the_float_model_on_rounded_weights(prepared):
     prep, x = prepared
-    from care_q.eval.ceiling import WeightsAloneOps
-
     with torch.no_grad():
         alone = prep.dmodel(x, WeightsAloneOps(prep.plan, "quant"))
         by_hand = _rounded_by_hand(prep)(x)
