@@ -15,11 +15,11 @@ from care_q.bench.artifacts import ModelRun, calib_key, input_key, make_artifact
 from care_q.bench.keys import code_digest, dataset_key
 from care_q.bench.steps import Steps
 from care_q.eval.analysis import prepare_plan, quant_analysis
-from care_q.eval.ceiling import fidelity_ceiling
+from care_q.eval.ceiling import fidelity_ceiling, noise_reference
 from care_q.eval.evaluate import evaluate, file_digest
 from care_q.models import load_sidecar
 from care_q.pipeline import PrepareConfig, calib_tensor, prepare
-from care_q.pipeline.prepare import draw_images
+from care_q.pipeline.prepare import draw_images, draw_labelled, load_network
 from care_q.quant.recipe import load_recipe
 
 
@@ -58,9 +58,23 @@ def run_accuracy(cfg: dict, A: dict, root: Path, steps: Steps, data_root, progre
                    do_analysis)
     ceilings = {r: run_ceiling(run, r, A, d, steps, seed=seed, data_root=data_root, progress=progress)
                 for r in A.get("ceiling_recipes") or ()}
+    noise = run_noise(run, A, cfg["targets"]["recon_sqnr_db"], steps, seed=seed, data_root=data_root) if ceilings \
+        else None
     return {"fp32": made["fp32"], "ptq": made["ptq"], "baselines": made["baselines"], "methods": made["methods"],
             "extra_ptq": made["extra_ptq"], "extra_methods": made["extra_methods"], "eval": ev, "analysis": an,
-            "ceilings": ceilings}
+            "ceilings": ceilings, "noise": noise}
+
+
+def run_noise(run: ModelRun, A: dict, sqnr: float, steps: Steps, *, seed: int, data_root) -> dict:
+    """The step ``<prefix>/noise``: `noise_reference` at issue 19's SQNR target on the eval step's images."""
+    def do_noise():
+        x, y = draw_labelled(A["dataset"], load_sidecar(run.weights).with_size(run.img_size), A["limit"], seed,
+                             data_root=data_root)
+        return noise_reference(load_network(run.model, run.weights, seed).eval(), x, y, sqnr)
+
+    key = {**input_key(run), "dataset": dataset_key(A["dataset"]), "limit": A["limit"], "seed": seed,
+           "sqnr_db": sqnr, "code": code_digest("ceiling")}
+    return steps.run(f"{run.prefix}/noise", key, do_noise)
 
 
 def run_ceiling(run: ModelRun, recipe: str, A: dict, d: Path, steps: Steps, *, seed: int, data_root,

@@ -84,7 +84,28 @@ def accuracy_blocks(res: dict) -> list:
 
 
 def _fid(f: dict | None) -> str:
-    return "–" if not f else f"{R.pct(f['top1_agreement'])} / {f['logit_sqnr_db']:.1f} dB"
+    if not f:
+        return "–"
+    noise = f" (noise {R.pct(f['noise_agreement'])})" if "noise_agreement" in f else ""
+    return f"{R.pct(f['top1_agreement'])} / {f['logit_sqnr_db']:.1f} dB{noise}"
+
+
+def _noise_sentence(nz: dict | None, T: dict) -> str:
+    """What white noise at issue 19's SQNR target gives (`care_q.eval.ceiling.noise_reference`)."""
+    if not nz:
+        return ""
+    a = nz["top1_agreement"]
+    text = (f" I.i.d. Gaussian noise on the FP32 logits at the target's {nz['logit_sqnr_db']:g} dB ({nz['draws']} draws "
+            f"on the {nz['images']} test images) keeps the top-1 of {R.pct(a['mean'])} of them ({R.pct(a['low'])}–"
+            f"{R.pct(a['high'])}, 5th–95th percentile)")
+    d = nz.get("top1_drop")
+    if d:
+        met = sum(v <= T["recon_drop_pt"] for v in d["draws"])
+        text += (f" and drops top-1 by {d['mean']:.2f} pt (sd {d['sd']:.2f}, {d['low']:+.2f} to {d['high']:+.2f}): "
+                 f"{met} of the {len(d['draws'])} draws meet the drop target (<= {T['recon_drop_pt']:g} pt), the "
+                 f"share of such runs a model exactly at the SQNR target with an error as benign as white noise "
+                 f"would pass")
+    return text + "."
 
 
 def ceiling_blocks(res: dict) -> list:
@@ -104,7 +125,9 @@ def ceiling_blocks(res: dict) -> list:
                 f"{T['recon_agreement_pct']:g}% agreement and >= {T['recon_sqnr_db']:g} dB on the test images: a "
                 f"column below {T['recon_agreement_pct']:g}% shows a part of the model that misses the agreement "
                 f"on its own. Fake quantization, not the runtimes' kernels: compare the first column with the "
-                f"artifacts' rows above."),
+                f"artifacts' rows above. (noise X%): the agreement i.i.d. Gaussian noise of the same logit SQNR on the "
+                f"FP32 logits keeps; below it, the error lands on the images whose top two classes are close."
+                + _noise_sentence((res.get("accuracy") or {}).get("noise"), T)),
             R.T(["recipe", "int8 (test)", "int8 weights alone (test)", "int8 activations alone (test)",
                  "int8 (calibration images)"], rows, "lrrrr")]
 

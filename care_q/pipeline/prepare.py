@@ -221,6 +221,12 @@ def draw_images(source: str, preprocess, n: int, seed: int, *, data_root=None, m
                                progress=progress), n)
 
 
+def draw_labelled(source: str, preprocess, n: int, seed: int, *, data_root=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`draw_images`' images and their labels (-1 where the set has none)."""
+    batches = list(make_loader(get_dataset(source, preprocess, data_root=data_root, limit=n, seed=seed), batch_size=50))
+    return torch.cat([b[0] for b in batches])[:n], torch.cat([torch.as_tensor(b[1]) for b in batches])[:n]
+
+
 def calib_tensor(prep: Prepared) -> torch.Tensor:
     """Every image ``prep`` was calibrated on, as reconstruction saw them (`calibrate_built`)."""
     return _images(prep.calib_dataset, len(prep.calib_dataset))

@@ -852,13 +852,28 @@ def test_ceiling_step_reads_the_reconstruction_of_the_ptq_step(tmp_path, fake_st
         fake_steps.append(("draw", {"source": source, "n": n, "seed": seed}))
         return torch.zeros(3)
 
+    def draw_labelled(source, pre, n, seed, data_root=None):
+        fake_steps.append(("draw_labelled", {"source": source, "pre": pre, "n": n, "seed": seed}))
+        return torch.zeros(3), torch.zeros(3)
+
+    def noise_reference(net, x, y, sqnr):
+        fake_steps.append(("noise", {"net": net, "sqnr": sqnr}))
+        return {"logit_sqnr_db": sqnr, "images": 10000, "draws": 20,
+                "top1_agreement": {"mean": 0.9801, "low": 0.9783, "high": 0.9822},
+                "top1_drop": {"mean": 0.117, "sd": 0.1, "low": -0.04, "high": 0.28, "draws": [0.05, 0.1, 0.12, 0.3]}}
+
     split = {"top1_agreement": 0.9712, "logit_sqnr_db": 23.04}
+    monkeypatch.setattr(accuracy, "draw_labelled", draw_labelled)
+    monkeypatch.setattr(accuracy, "noise_reference", noise_reference)
+    monkeypatch.setattr(accuracy, "load_network", lambda model, weights, seed: SimpleNamespace(eval=lambda: model))
+    monkeypatch.setattr(accuracy, "load_sidecar", lambda w: SimpleNamespace(input_size=(3, 64, 64),
+                                                                           with_size=lambda size: f"pre{size}"))
     monkeypatch.setattr(artifacts, "ptq", ptq)
     monkeypatch.setattr(accuracy, "prepare", prepare)
     monkeypatch.setattr(accuracy, "draw_images", draw_images)
     monkeypatch.setattr(accuracy, "calib_tensor", lambda prep: torch.zeros(2))
     monkeypatch.setattr(accuracy, "fidelity_ceiling", lambda prep, x, c: {
-        "held_out": {"int8": split, "weights_alone": split, "activations_alone": split},
+        "held_out": {"int8": {**split, "noise_agreement": 0.9791}, "weights_alone": split, "activations_alone": split},
         "calibration": {"int8": split}, "images": {"held_out": 10000, "calibration": 1000}})
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "care_s0_cifar10_64.pth").write_bytes(b"trained")
@@ -876,11 +891,18 @@ def test_ceiling_step_reads_the_reconstruction_of_the_ptq_step(tmp_path, fake_st
     assert acc["ceilings"]["ptq_int8_recon"]["reconstruction"] == {"resumed_units": 23, "seconds": 2.0}
     from care_q.eval.report import to_markdown
     text = to_markdown(benchmarks.ceiling_blocks({"accuracy": acc, "config": cfg}))
-    assert "| `ptq_int8_recon` | 97.12% / 23.0 dB | 97.12% / 23.0 dB |" in text
+    assert "| `ptq_int8_recon` | 97.12% / 23.0 dB (noise 97.91%) | 97.12% / 23.0 dB |" in text
     assert "on the 10000 test images whole" in text and "the 1000 calibration images" in text
+    # one noise reference at issue 19's SQNR target, on the eval step's images and labels, the FP32 proxy model
+    assert [kw for name, kw in fake_steps if name == "draw_labelled"] == [
+        {"source": A["dataset"], "pre": "pre64", "n": A["limit"], "seed": cfg["seed"]}]
+    assert [kw for name, kw in fake_steps if name == "noise"] == [{"net": "care_s0", "sqnr": 22.5}]
+    assert ("at the target's 22.5 dB (20 draws on the 10000 test images) keeps the top-1 of 98.01% of them "
+            "(97.83%–98.22%, 5th–95th percentile) and drops top-1 by 0.12 pt (sd 0.10, -0.04 to +0.28): 2 of the 4 "
+            "draws meet the drop target (<= 0.1 pt)") in text
     fake_steps.clear()
     assert run_accuracy(cfg, A, root, Steps(root, log=lambda m: None), "/data", False)["ceilings"] == acc["ceilings"]
-    assert not [name for name, _ in fake_steps if name == "prepare"]  # cached
+    assert not [name for name, _ in fake_steps if name in ("prepare", "noise")]  # cached
 
 
 def test_ceiling_recipes_must_be_evaluated(tmp_path):

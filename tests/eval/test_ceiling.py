@@ -76,4 +76,30 @@ def test_splits_against_fp32(prepared):
         assert 0.0 <= f["top1_agreement"] <= 1.0 and np.isfinite(f["logit_sqnr_db"])
     # the calibration split scores the plan on the very images it was calibrated on
     same = fidelity_ceiling(prep, calib_tensor(prep), calib_tensor(prep))
-    assert same["held_out"]["int8"] == same["calibration"]["int8"]
+    held = same["held_out"]["int8"]
+    assert {k: v for k, v in held.items() if k != "noise_agreement"} == same["calibration"]["int8"]
+    # white noise of a split's own SQNR: high where the split's SQNR is (weights alone), low where it is not
+    assert ho["weights_alone"]["noise_agreement"] > 0.9 > ho["int8"]["noise_agreement"], ho
+
+
+@pytest.mark.parametrize("db", [0.0, 6.0])
+def test_noise_agreement_follows_the_normal_law(db):
+    """Two classes, logits (m, 0): Gaussian noise of SQNR db flips the top-1 when the noise difference
+    (variance 2 sigma^2 = m^2 10^(-db/10)) exceeds m, with probability 1 - Phi(10^(db/20))."""
+    from math import erf, sqrt
+
+    from care_q.eval.ceiling import noise_agreement
+
+    ref = torch.tensor([[2.0, 0.0]]).repeat(20000, 1)
+    expected = 0.5 * (1 + erf(10 ** (db / 20) / sqrt(2)))  # 0.8413 at 0 dB, 0.9770 at 6 dB
+    got = noise_agreement(ref, db, draws=10)["top1_agreement"]
+    assert got["mean"] == pytest.approx(expected, abs=0.004)
+    assert got["low"] <= got["mean"] <= got["high"]
+    # the drop against labels: every FP32 answer right -> each flip costs a point per 100 images
+    right = noise_agreement(ref, db, torch.zeros(20000, dtype=torch.long), draws=10)
+    assert right["top1_drop"]["mean"] == pytest.approx(100 * (1 - right["top1_agreement"]["mean"]), abs=1e-9)
+    # every FP32 answer wrong (two classes) -> each flip gains one
+    wrong = noise_agreement(ref, db, torch.ones(20000, dtype=torch.long), draws=10)
+    assert wrong["top1_drop"]["mean"] == pytest.approx(-100 * (1 - wrong["top1_agreement"]["mean"]), abs=1e-9)
+    with pytest.raises(ValueError, match="logits"):
+        noise_agreement(torch.zeros(5), db)
