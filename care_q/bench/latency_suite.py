@@ -13,7 +13,7 @@ import torch
 from care_q.bench.anchors import build_anchor
 from care_q.bench.artifacts import ModelRun, calib_key, make_artifacts, recipe_key
 from care_q.bench.host import bench
-from care_q.bench.keys import code_digest
+from care_q.bench.keys import code_digest, json_digest
 from care_q.bench.npu import coverage
 from care_q.bench.steps import Steps
 from care_q.eval.evaluate import file_digest
@@ -154,10 +154,13 @@ def run_ort_profile(prefix: str, methods: dict, threads: int, steps: Steps) -> d
 ANCHOR_CALIB = 8  # seeded N(0, 1) calibration images of every anchor
 
 
-def run_anchors(cfg: dict, Lc: dict, root: Path, steps: Steps, progress) -> dict:
+def run_anchors(cfg: dict, Lc: dict, root: Path, steps: Steps, progress, compared: dict | None = None) -> dict:
     """Each anchor of ``Lc["anchors"]`` built (a cached step per anchor), then all of them timed
     by `care_q.bench.host.bench` (XNNPACK and onnxruntime, the section's runs and blocks):
-    {"built": anchor -> build record, "bench": the bench result}."""
+    {"built": anchor -> build record, "bench": the bench result}. ``compared``: the latency benches
+    whose medians are set against the anchors' (model -> bench result); they are part of the anchors'
+    bench key, so a re-measured care-q file re-measures the anchors in the same run (medians of two
+    runs are not compared)."""
     names = Lc.get("anchors") or []
     if not names:
         return {}
@@ -176,7 +179,8 @@ def run_anchors(cfg: dict, Lc: dict, root: Path, steps: Steps, progress) -> dict
     if not arts:
         return {"built": built, "bench": None}
     bench_cfg = {"threads": threads, "runs": Lc["runs"], "blocks": Lc["blocks"], "warmup": Lc["warmup"],
-                 "code": code_digest("bench"), "artifacts": {n: file_digest(a["path"]) for n, a in arts.items()}}
+                 "code": code_digest("bench"), "artifacts": {n: file_digest(a["path"]) for n, a in arts.items()},
+                 "compared": json_digest(compared or {})}
 
     def do_bench():
         return bench(arts, threads=threads, runs=Lc["runs"], blocks=Lc["blocks"], warmup=Lc["warmup"],

@@ -75,7 +75,8 @@ def run_suite(suite: str | Path = SUITE, *, quick: bool = False, out: str | Path
     acc = run_accuracy(cfg, A, root, steps, data_root, progress) if "accuracy" in sections else None
     qt = run_qat(cfg, cfg["qat"], A, root, steps, data_root, progress) if "qat" in sections and "qat" in cfg else {}
     lat = run_latency(cfg, Lc, A, root, steps, data_root, progress) if "latency" in sections else {}
-    anchors = run_anchors(cfg, Lc, root, steps, progress) if "latency" in sections else {}
+    anchors = run_anchors(cfg, Lc, root, steps, progress, {m: v["bench"] for m, v in lat.items()}) \
+        if "latency" in sections else {}
     pt = run_ptq_time(cfg, cfg["ptq_time"], root, steps, data_root) if "ptq_time" in sections and "ptq_time" in cfg else None
     rows = method_rows(acc, lat)
     res = {"command": "suite", "suite": cfg["name"], "source": cfg["source"], "quick": quick, "config": cfg,

@@ -159,6 +159,12 @@ def test_run_anchors_caches_each_build_and_times_them_together(tmp_path, monkeyp
     assert latency_suite.run_anchors(cfg, Lc, tmp_path, steps, False) == res and calls == []   # all cached
     assert len(steps.cached) == 3
     assert latency_suite.run_anchors(cfg, {**Lc, "anchors": []}, tmp_path, steps, False) == {}
+    # a re-measured care-q bench (the medians set against the anchors') re-times the anchors, builds cached
+    assert latency_suite.run_anchors(cfg, Lc, tmp_path, steps, False, {"care_s0": {"median": 7.1}}) == res
+    assert [c[0] for c in calls] == ["bench"]
+    calls.clear()
+    assert latency_suite.run_anchors(cfg, Lc, tmp_path, steps, False, {"care_s0": {"median": 7.1}}) == res
+    assert calls == []
 
 
 def test_anchor_table_and_summary():
