@@ -217,13 +217,14 @@ def _images(ds, n: int) -> torch.Tensor:
 def draw_images(source: str, preprocess, n: int, seed: int, *, data_root=None, model=None,
                 progress: bool | None = None) -> torch.Tensor:
     """``n`` images of the set ``source``, a seeded draw (``seed``), as one tensor."""
-    return _images(get_dataset(source, preprocess, data_root=data_root, limit=n, seed=seed, model=model,
-                               progress=progress), n)
+    return draw_labelled(source, preprocess, n, seed, data_root=data_root, model=model, progress=progress)[0]
 
 
-def draw_labelled(source: str, preprocess, n: int, seed: int, *, data_root=None) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_labelled(source: str, preprocess, n: int, seed: int, *, data_root=None, model=None,
+                  progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`draw_images`' images and their labels (-1 where the set has none)."""
-    batches = list(make_loader(get_dataset(source, preprocess, data_root=data_root, limit=n, seed=seed), batch_size=50))
+    ds = get_dataset(source, preprocess, data_root=data_root, limit=n, seed=seed, model=model, progress=progress)
+    batches = list(make_loader(ds, batch_size=50))
     return torch.cat([b[0] for b in batches])[:n], torch.cat([torch.as_tensor(b[1]) for b in batches])[:n]
 
 
