@@ -62,13 +62,14 @@ def noise_agreement(ref, sqnr: float, labels=None, draws: int = NOISE_DRAWS, see
     sigma = float(ref.square().mean().sqrt()) * 10 ** (-float(sqnr) / 20)
     g = torch.Generator().manual_seed(seed)
     top = ref.argmax(1)
+    y = None if labels is None else torch.as_tensor(labels)
+    ref_right = None if y is None else float((top == y).double().mean())
     agree, drop = [], []
     for _ in range(draws):
         noisy = (ref + sigma * torch.randn(ref.shape, generator=g, dtype=torch.float64)).argmax(1)
         agree.append(float((noisy == top).double().mean()))
-        if labels is not None:
-            y = torch.as_tensor(labels)
-            drop.append(100 * float((top == y).double().mean() - (noisy == y).double().mean()))
+        if y is not None:
+            drop.append(100 * (ref_right - float((noisy == y).double().mean())))
 
     def spread(v: list[float]) -> dict:
         t = torch.tensor(v, dtype=torch.float64)
