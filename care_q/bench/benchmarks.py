@@ -383,11 +383,14 @@ def npu_latency_blocks(res: dict) -> list:
         return []
     L = res["config"]["latency"]
     out = [R.H(2, f"NPU compile at {L['img_size']}x{L['img_size']} (issue 20)"),
-           R.P(f"Random weights; `{L.get('npu_recipe')}` calibrated on at least 32 images with one reconstruction "
-               f"step (what Vela and the rules see is the graph, not its values). Columns as in the proxy's NPU table; "
-               f"Vela's time: its estimate for that accelerator at this input size.")]
+           R.P(f"Random weights; each of {', '.join(f'`{n}`' for n in L.get('npu_recipes') or [])} calibrated on at "
+               f"least 32 images, a reconstruction recipe with one reconstruction step (what Vela and the rules see is "
+               f"the graph, not its values); a QAT recipe's file is its PTQ starting point, whose graph its training "
+               f"keeps (only the values change). Columns as in the proxy's NPU table; Vela's time: its estimate for "
+               f"that accelerator at this input size.")]
     for model, rows in per.items():
-        out += [R.H(3, model), R.T(["file", *NPU_HEADERS], [[f"`{r['file']}` ({name})", *_npu_cells(r["coverage"])]
+        out += [R.H(3, model), R.T(["file", *NPU_HEADERS], [[f"`{r['file']}` ({name})",
+                                                              *_npu_cells(r["coverage"])]
                                                              for name, r in rows.items()], "lrlrlrllrr")]
     return out
 
@@ -448,6 +451,10 @@ def suite_blocks(res: dict, figures: bool = True) -> list:
         out.append(R.P(f"**Sections not run this time: {', '.join(left)}** (`python -m care_q.bench.suite "
                        + " ".join(f"--skip {s}" for s in left) + "`); their last results are in this file's git "
                        "history, measured with the code of that time."))
+    if res.get("qat_left_out"):
+        out.append(R.P(f"**QAT recipes not run this time: {', '.join(res['qat_left_out'])}** (`--qat-recipe` "
+                       f"{', '.join(r for r in res['config']['qat']['recipes'])}); their last results are in this "
+                       f"file's git history."))
     out += target_blocks(res) + accuracy_blocks(res) + ceiling_blocks(res) + qat_blocks(res) + npu_blocks(res)
     if figures and res.get("accuracy") and res.get("latency"):
         out.append(R.tradeoff_figure(tradeoff_points(res), "Top-1 drop on the proxy vs latency relative to FP32 in the "

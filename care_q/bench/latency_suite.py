@@ -21,6 +21,7 @@ from care_q.export.onnx_profile import profile_onnx
 from care_q.export.tflite_profile import profile_tflite
 from care_q.models import create_model, randomize_like_trained, save_checkpoint
 from care_q.ptq import ptq
+from care_q.quant.recipe import load_recipe
 
 NUM_VERIFY = 16  # ptq's verification images for a latency model (its weights are random: agreement only)
 
@@ -67,7 +68,7 @@ def run_latency(cfg: dict, Lc: dict, A: dict, root: Path, steps: Steps, data_roo
                       "bench": steps.run(f"{run.prefix}/bench", bench_cfg, do_bench),
                       "profile": run_profile(run.prefix, made["methods"], threads, steps),
                       "ort_profile": run_ort_profile(run.prefix, made["methods"], threads, steps),
-                      "npu": run_npu(run, Lc.get("npu_recipe"), made["methods"], root, steps, seed=seed,
+                      "npu": run_npu(run, Lc.get("npu_recipes") or [], made["methods"], root, steps, seed=seed,
                                      threads=threads, data_root=data_root)}
     return out
 
@@ -76,29 +77,34 @@ NPU_RECON_STEPS = 1  # the NPU graph's structure is what Vela compiles: one reco
 NPU_CALIB = 32       # at least one reconstruction batch of the NPU recipe
 
 
-def run_npu(run: ModelRun, recipe: str | None, methods: dict, root: Path, steps: Steps, *, seed: int, threads: int,
+def run_npu(run: ModelRun, recipes: list[str], methods: dict, root: Path, steps: Steps, *, seed: int, threads: int,
             data_root) -> dict | None:
-    """Issue 20 at deployment resolution: the model's NPU graph by ``recipe`` (a ptq step), then the NPU census
-    (`care_q.bench.npu.coverage`: Edge TPU and NNAPI by rules, Ethos-U by Vela) of it, of care-q's CPU .tflite
-    and of ai-edge-quantizer's: {label: {"file", "coverage"}}; None without a recipe."""
-    if not recipe:
+    """Issue 20 at deployment resolution: the model's .tflite by each of ``recipes`` (a ptq step each; a QAT recipe's
+    is its PTQ starting point, the graph its training keeps), then the NPU census (`care_q.bench.npu.coverage`:
+    Edge TPU and NNAPI by rules, Ethos-U by Vela) of them, of care-q's CPU .tflite and of ai-edge-quantizer's:
+    {label: {"file", "coverage"}}; None without recipes."""
+    if not recipes:
         return None
-    d = root / run.prefix / "ptq_npu"
+    files = {}
+    for recipe in recipes:
+        d = root / run.prefix / f"ptq_npu_{recipe}"
+        rec = load_recipe(recipe)
+        steps_per_unit = NPU_RECON_STEPS if rec.reconstruction is not None else None
 
-    def do_ptq():
-        torch.manual_seed(seed)
-        rep = ptq(run.model, recipe=recipe, weights=run.weights, calib=run.calib, num_calib=max(run.num_calib, NPU_CALIB),
-                  data_root=data_root, threads=threads, seed=seed, out=d, latency_runs=0, min_agreement=0.0,
-                  recon_steps=NPU_RECON_STEPS, progress=False, **run.ptq_kw())
-        return {"path": rep["artifacts"]["tflite"]["path"]}
+        def do_ptq(recipe=recipe, d=d, steps_per_unit=steps_per_unit):
+            torch.manual_seed(seed)
+            rep = ptq(run.model, recipe=recipe, weights=run.weights, calib=run.calib,
+                      num_calib=max(run.num_calib, NPU_CALIB), data_root=data_root, threads=threads, seed=seed, out=d,
+                      latency_runs=0, min_agreement=0.0, recon_steps=steps_per_unit, progress=False, **run.ptq_kw())
+            return {"path": rep["artifacts"]["tflite"]["path"]}
 
-    made = steps.run(f"{run.prefix}/ptq_npu", {**calib_key(run, seed), **recipe_key(recipe), "recon_steps":
-                                               NPU_RECON_STEPS, "npu_calib": NPU_CALIB, "code": code_digest("ptq")},
-                     do_ptq, d)
-    files = {recipe: Path(made["path"])}
+        made = steps.run(f"{run.prefix}/ptq_npu_{recipe}", {**calib_key(run, seed), **recipe_key(recipe),
+                                                            "recon_steps": steps_per_unit, "npu_calib": NPU_CALIB,
+                                                            "code": code_digest("ptq")}, do_ptq, d)
+        files[f"QAT {recipe}'s graph" if rec.kind == "qat" else recipe] = Path(made["path"])
     for key, label in (("careq_tflite", run.recipe), ("ai_edge_quantizer", "ai_edge_quantizer")):
         m = methods.get(key) or {}
-        if m.get("path") and "failure" not in m and Path(m["path"]).exists():
+        if label not in files and m.get("path") and "failure" not in m and Path(m["path"]).exists():
             files[label] = Path(m["path"])
     key = {"code": code_digest("npu"), "files": {k: file_digest(f) for k, f in files.items()}}
 

@@ -38,7 +38,7 @@ SCHEMA = {
                  "extra_recipes": _LIST, "analysis_images": _INT, "ceiling_recipes": _LIST},
     "latency": {"models": _LIST, "img_size": _INT, "calib": _STR, "num_calib": _INT, "runs": _INT, "blocks": _INT,
                 "warmup": _INT, "tflite_delegates": _LIST, "baselines": _LIST, "slow_delegates": _LIST,
-                "slow_runs": _INT, "slow_models": _LIST, "anchors": _LIST, "npu_recipe": _OPT_STR},
+                "slow_runs": _INT, "slow_models": _LIST, "anchors": _LIST, "npu_recipes": _LIST},
     "targets": {k: _FLOAT for k in DEFAULT_TARGETS},
     "qat": {"recipes": _LIST, "dataset": _STR, "epochs": _FLOAT, "recipe_epochs": _FLOAT_MAP, "limit": _OPT_INT,
             "eval_limit": _OPT_INT, "target_drop_pt": _FLOAT, "num_verify": _INT},
@@ -144,7 +144,7 @@ def load_suite(path: str | Path = SUITE, quick: bool = False, shared: str | Path
         _check_qat(data["qat"], at)
     _check_x86(data["accuracy"].get("onnx_x86_recipe"), at)
     _check_extra(data["accuracy"], at)
-    _check_npu(data["latency"].get("npu_recipe"), at)
+    _check_npu(data["latency"].get("npu_recipes") or [], at)
     _check_names(data, at)
     if data["latency"]["blocks"] < MIN_BLOCKS:
         raise CareQError(f"{at('latency.blocks')}: 'latency.blocks' must be at least {MIN_BLOCKS} (the spread of the "
@@ -206,13 +206,18 @@ def _check_extra(A: dict, at) -> None:
                              f"artifacts beside it")
 
 
-def _check_npu(name: str | None, at) -> None:
-    if not name:
-        return
-    rec = _recipe(name, at("latency.npu_recipe"))
-    if rec.kind != "ptq" or rec.attention != "npu":
-        raise CareQError(f"{at('latency.npu_recipe')}: recipe '{name}' must be a PTQ recipe of the NPU graph "
-                         f"(substitutions.attention: npu), like npu_int8_ptq")
+def _check_npu(names: list, at) -> None:
+    """latency.npu_recipes: recipes with a .tflite, each once; the first an NPU graph PTQ recipe (the NPU section's
+    subject); a QAT recipe's graph is written by PTQ of its plan (its starting point: the same ops, other values)."""
+    for i, name in enumerate(names):
+        rec = _recipe(name, at("latency.npu_recipes"))
+        if "tflite" not in rec.targets:
+            raise CareQError(f"{at('latency.npu_recipes')}: recipe '{name}' writes no .tflite (targets {list(rec.targets)})")
+        if names.index(name) != i:
+            raise CareQError(f"{at('latency.npu_recipes')}: recipe '{name}' is listed twice")
+    if names and (load_recipe(names[0]).kind != "ptq" or load_recipe(names[0]).attention != "npu"):
+        raise CareQError(f"{at('latency.npu_recipes')}: the first recipe, '{names[0]}', must be a PTQ recipe of the "
+                         f"NPU graph (substitutions.attention: npu), like npu_int8_ptq")
 
 
 def _check_names(data: dict, at) -> None:

@@ -56,9 +56,17 @@ def default_out(quick: bool) -> Path:
 
 def run_suite(suite: str | Path = SUITE, *, quick: bool = False, out: str | Path | None = None,
               benchmarks: str | Path | None = None, shared=None, data_root=None, progress: bool | None = None,
-              sections=SECTIONS, log=None) -> dict:
-    """Run the suite (see the module docstring); returns the combined result."""
+              sections=SECTIONS, qat_recipes=None, log=None) -> dict:
+    """Run the suite (see the module docstring); returns the combined result. ``qat_recipes``: run only these of
+    the suite's QAT recipes (the table names the others as not run)."""
     cfg = load_suite(suite, quick=quick, shared=shared)
+    qat_left = []
+    if qat_recipes and "qat" in cfg:
+        unknown = [n for n in qat_recipes if n not in cfg["qat"]["recipes"]]
+        if unknown:
+            raise CareQError(f"--qat-recipe {', '.join(unknown)}: not in the suite's qat.recipes {cfg['qat']['recipes']}")
+        qat_left = [n for n in cfg["qat"]["recipes"] if n not in qat_recipes]
+        cfg["qat"] = {**cfg["qat"], "recipes": [n for n in cfg["qat"]["recipes"] if n in qat_recipes]}
     root = Path(out or default_out(quick))
     root.mkdir(parents=True, exist_ok=True)
     if log is None:
@@ -80,7 +88,7 @@ def run_suite(suite: str | Path = SUITE, *, quick: bool = False, out: str | Path
     pt = run_ptq_time(cfg, cfg["ptq_time"], root, steps, data_root) if "ptq_time" in sections and "ptq_time" in cfg else None
     rows = method_rows(acc, lat)
     res = {"command": "suite", "suite": cfg["name"], "source": cfg["source"], "quick": quick, "config": cfg,
-           "sections": [s for s in SECTIONS if s in sections],
+           "sections": [s for s in SECTIONS if s in sections], "qat_left_out": qat_left if "qat" in sections else [],
            "started": started, "rows": rows,
            "targets": target_checks(rows, cfg["targets"], A["model"] if acc else None, list(lat))
            + qat_checks(qt, cfg.get("qat") or {}) + time_checks(pt, cfg.get("ptq_time")),
@@ -114,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adopt-qat", action="append", default=[], metavar="RECIPE=CHECKPOINT",
                    help="seed the QAT step of RECIPE with a run trained elsewhere (e.g. on a GPU) and exit; "
                         "the next bench evaluates, exports and verifies it")
+    p.add_argument("--qat-recipe", action="append", default=[], metavar="RECIPE",
+                   help="run only this of the suite's QAT recipes (repeatable); the table names the others as not run")
     args = p.parse_args(argv)
     if args.adopt_qat:
         try:
@@ -131,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = run_suite(args.suite, quick=args.quick, out=args.out, benchmarks=args.benchmarks, shared=args.shared,
                         data_root=args.data_root,
-                        sections=tuple(x for x in ((args.only,) if args.only else SECTIONS) if x not in args.skip))
+                        sections=tuple(x for x in ((args.only,) if args.only else SECTIONS) if x not in args.skip),
+                        qat_recipes=args.qat_recipe or None)
     except CareQError as e:
         print(f"make bench: error: {e}", file=sys.stderr)
         return 2

@@ -296,7 +296,7 @@ def test_npu_table_has_every_ptq_recipe_and_vela_columns(tmp_path):
     from care_q.bench.benchmarks import npu_latency_blocks
 
     res = {"npu_latency": {"care_s0": {"npu_int8_ptq": rows["npu_int8_ptq"]}, "care_s1": None},
-           "config": {"latency": {"img_size": 224, "num_calib": 8, "npu_recipe": "npu_int8_ptq"}}}
+           "config": {"latency": {"img_size": 224, "num_calib": 8, "npu_recipes": ["npu_int8_ptq"]}}}
     md = R.to_markdown(npu_latency_blocks(res))
     assert "## NPU compile at 224x224 (issue 20)" in md and "### care_s1" not in md
     assert "| `care_test_int8_npu_int8_ptq.tflite` (npu_int8_ptq) |" in md and cell in md

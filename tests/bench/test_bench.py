@@ -232,6 +232,20 @@ def test_suite_definition(tmp_path):
         load_suite(bad)
     bad.write_text(text.replace("onnx_x86_recipe: ptq_int8_x86", "onnx_x86_recipe: null"))
     assert load_suite(bad)["accuracy"]["onnx_x86_recipe"] is None
+    # issue 20's recipes at 224: the NPU PTQ recipe first, then any recipe with a .tflite, each once
+    npu = "npu_recipes: [npu_int8_ptq_ethosu, npu_int8_ptq, npu_int8, ptq_int8]"
+    assert npu in text and s["latency"]["npu_recipes"][2] == "npu_int8"
+    for given, match in (("[ptq_int8, npu_int8_ptq]", "the first recipe, 'ptq_int8', must be a PTQ recipe of the NPU "
+                                                      "graph"),
+                         ("[npu_int8, npu_int8_ptq]", "the first recipe, 'npu_int8', must be a PTQ recipe"),
+                         ("[npu_int8_ptq, ptq_int8, npu_int8_ptq]", "recipe 'npu_int8_ptq' is listed twice"),
+                         ("[npu_int8_ptq, ptq_int8_x86x]", "unknown recipe|not found|no recipe")):
+        bad.write_text(text.replace(npu, f"npu_recipes: {given}"))
+        line = next(i for i, ln in enumerate(bad.read_text().splitlines(), 1) if "npu_recipes:" in ln)
+        with pytest.raises(CareQError, match=rf"bad.yaml:{line}: .*({match})"):
+            load_suite(bad)
+    bad.write_text(text.replace(npu, "npu_recipes: []"))
+    assert load_suite(bad)["latency"]["npu_recipes"] == []
 
 
 def test_ptq_time_runs_the_users_command_fresh_and_checks_the_budget(tmp_path, monkeypatch):
@@ -706,17 +720,20 @@ def test_accuracy_and_latency_run_one_sequence_and_resume(tmp_path, fake_steps, 
     assert acc["fp32"]["onnx"] == {"path": str(root / "proxy" / "fp32" / "care_s0_fp32.onnx"), "size_bytes": 4,
                                    "verify": {"ok": True}, "exporter": "fake"}
     assert acc["analysis"] == {"plan": "plan", "num_images": 16, "data_root": "/data", "seed": 1}
-    assert lat["care_s0"]["bench"] == {"n": 1} and len(steps.timings) == 17 and steps.cached == []
-    # issue 20 at 224: the NPU graph by the suite's npu_recipe (one reconstruction step), then the NPU census
-    # of it, of care-q's CPU file and of ai-edge-quantizer's
-    assert ptqs[4] == {**common, "recipe": "npu_int8_ptq_ethosu", "targets": None, "weights": lat_weights,
-                       "calib": "imagenet_1k_subset", "num_calib": 32, "img_size": 224, "num_verify": 16,
-                       "recon_steps": 1}  # one reconstruction batch at least
-    assert [kw["file"] for name, kw in calls if name == "npu"] == [
-        "care_s0_int8.tflite", "care_s0_int8.tflite", "care_s0_aeq_int8.tflite"]
-    assert lat["care_s0"]["npu"] == {"npu_int8_ptq_ethosu": {"file": "care_s0_int8.tflite", "coverage": {"u85": 1}},
-                                     "ptq_int8_cpu": {"file": "care_s0_int8.tflite", "coverage": {"u85": 1}},
-                                     "ai_edge_quantizer": {"file": "care_s0_aeq_int8.tflite", "coverage": {"u85": 1}}}
+    assert lat["care_s0"]["bench"] == {"n": 1} and len(steps.timings) == 20 and steps.cached == []
+    # issue 20 at 224: the .tflite of each of the suite's npu_recipes (a reconstruction recipe with one
+    # reconstruction step; QAT npu_int8 by PTQ of its plan, its starting graph), then the NPU census of them, of
+    # care-q's CPU file and of ai-edge-quantizer's
+    npu_ptq = {**common, "targets": None, "weights": lat_weights, "calib": "imagenet_1k_subset", "num_calib": 32,
+               "img_size": 224, "num_verify": 16}
+    assert ptqs[4:] == [{**npu_ptq, "recipe": "npu_int8_ptq_ethosu", "recon_steps": 1},  # one reconstruction batch
+                        {**npu_ptq, "recipe": "npu_int8_ptq", "recon_steps": 1},
+                        {**npu_ptq, "recipe": "npu_int8", "recon_steps": None},
+                        {**npu_ptq, "recipe": "ptq_int8", "recon_steps": None}]
+    assert [kw["file"] for name, kw in calls if name == "npu"] == ["care_s0_int8.tflite"] * 5 + ["care_s0_aeq_int8.tflite"]
+    assert list(lat["care_s0"]["npu"]) == ["npu_int8_ptq_ethosu", "npu_int8_ptq", "QAT npu_int8's graph", "ptq_int8",
+                                           "ptq_int8_cpu", "ai_edge_quantizer"]
+    assert lat["care_s0"]["npu"]["ai_edge_quantizer"] == {"file": "care_s0_aeq_int8.tflite", "coverage": {"u85": 1}}
     # the per-op profile: care-q's .tflite beside its FP32 file (rows dropped from the cached result)
     assert [kw for name, kw in calls if name == "profile"] == [{"file": "care_s0_int8.tflite",
                                                                "fp32": "care_s0_fp32.tflite"}]
@@ -729,7 +746,7 @@ def test_accuracy_and_latency_run_one_sequence_and_resume(tmp_path, fake_steps, 
 
     fake_steps.clear()
     steps, acc2, lat2 = run_both()                    # everything cached
-    assert fake_steps == [] and (acc2, lat2) == (acc, lat) and len(steps.cached) == 17
+    assert fake_steps == [] and (acc2, lat2) == (acc, lat) and len(steps.cached) == 20
 
     real = latency_suite.code_digest
     monkeypatch.setattr(latency_suite, "code_digest", lambda kind: "edited" if kind == "bench" else real(kind))
@@ -739,7 +756,7 @@ def test_accuracy_and_latency_run_one_sequence_and_resume(tmp_path, fake_steps, 
     fake_steps.clear()
     (root / "proxy" / "eval.step.json").unlink()      # killed while evaluating
     steps, *_ = run_both()
-    assert [name for name, _ in fake_steps] == ["eval"] and len(steps.cached) == 16
+    assert [name for name, _ in fake_steps] == ["eval"] and len(steps.cached) == 19
 
 
 def test_extra_recipes_are_evaluated_beside_the_suite_recipe(tmp_path, fake_steps):
@@ -927,3 +944,23 @@ def test_extra_recipes_errors(tmp_path, extra, match):
     bad.write_text(text.replace(listed, f"extra_recipes: {extra}"))
     with pytest.raises(CareQError, match=match):
         load_suite(bad, shared=tmp_path)
+
+
+def test_qat_recipe_option_runs_only_the_named_recipes(tmp_path, monkeypatch):
+    """`--qat-recipe npu_int8`: the QAT section trains that recipe only, and the table names the others as not run."""
+    from care_q.bench import suite
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "care_s0_cifar10_64.pth").write_bytes(b"trained")
+    ran = []
+    monkeypatch.setattr(suite, "run_qat", lambda cfg, Q, *a: ran.append(list(Q["recipes"])) or {})
+    out = tmp_path / "bench"
+    res = suite.run_suite(suite.SUITE, quick=True, out=out, benchmarks=tmp_path / "B.md", shared=tmp_path,
+                          sections=("qat",), qat_recipes=["npu_int8"], log=lambda m: None)
+    assert ran == [["npu_int8"]] and res["qat_left_out"] == ["qat_w4a8_mlp", "qat_int8"]
+    assert ("**QAT recipes not run this time: qat_w4a8_mlp, qat_int8** (`--qat-recipe` npu_int8)"
+            in (tmp_path / "B.md").read_text())
+    with pytest.raises(CareQError, match=r"--qat-recipe qat_int4: not in the suite's qat.recipes"):
+        suite.run_suite(suite.SUITE, quick=True, out=out, shared=tmp_path, sections=("qat",), qat_recipes=["qat_int4"])
+    assert suite.main(["--quick", "--out", str(out), "--shared", str(tmp_path), "--only", "qat",
+                       "--qat-recipe", "qat_int4"]) == 2
