@@ -281,9 +281,13 @@ def _kernel_lines(k: dict | None) -> list[str]:
     ops = sorted(set(k["float_by_op"]) | set(k["int8_by_op"]))
     return ["", f"## TFLite kernels: int8 or float island per elementwise op ({k['source']})", "",
             f"A float island (DEQUANTIZE, the op in float, QUANTIZE) keeps the op's int8 grids; it is chosen where its "
-            f"one-op time is at most {k['margin']:.0%} of the int8 op's. Candidates' one-op time: all int8 "
-            f"{k['one_op_ms']['int8']:.2f} ms, as chosen {k['one_op_ms']['chosen']:.2f} ms. The same file again: "
-            f"`--kernel-profile {k['profile']}` (timings near the margin vary between runs).", "",
+            f"one-op time is at most {k['margin']:.0%} of the int8 op's"
+            + (f" in each of {k['blocks']} blocks" if k.get("blocks", 1) > 1 else "") + ". Candidates' one-op time: "
+            f"all int8 {k['one_op_ms']['int8']:.2f} ms, as chosen {k['one_op_ms']['chosen']:.2f} ms."
+            + (f" {len(k['close'])} ops whose blocks disagreed stay int8 (close to the margin: islands there would "
+               f"change the one-op time by {k['close_ms']:.3f} ms)." if k.get("close") else "")
+            + f" The same file again: `--kernel-profile {k['profile']}` (timings near the margin vary between runs).",
+            "",
             "| op | float islands | int8 |", "|---|---:|---:|",
             *(f"| {o} | {k['float_by_op'].get(o, 0)} | {k['int8_by_op'].get(o, 0)} |" for o in ops)]
 

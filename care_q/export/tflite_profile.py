@@ -305,12 +305,24 @@ def _time_unique(forms: list[OpForms], threads: int, runs: int, warmup: int, bat
 
 
 def measure(data: bytes, threads: int = 2, runs: int = 20, warmup: int = 3, islands: bool = True,
-            only: set[str] | None = None) -> dict:
+            only: set[str] | None = None, blocks: int = 1) -> dict:
     """Time every distinct op of a model (or those writing a tensor in ``only``), both forms, on this
-    machine, in a process of its own: a profile (see the module docstring)."""
+    machine, each of ``blocks`` blocks in a process of its own: a profile (see the module docstring).
+    With several blocks an op's times are the median of its blocks', and ``"blocks"`` keeps each
+    block's [int8_ms, float_ms] for `choose_float_kernels`."""
     forms = op_forms(data, islands, only)
-    timed = run_isolated(_time_unique, forms, threads, runs, warmup, what="timing one-op models")
-    return {"format": PROFILE_FORMAT, "device": "host", "threads": threads, "runs": runs, **timed}
+    timed = [run_isolated(_time_unique, forms, threads, runs, warmup, what="timing one-op models")
+             for _ in range(blocks)]
+    prof = {"format": PROFILE_FORMAT, "device": "host", "threads": threads, "runs": runs, **timed[0]}
+    if blocks > 1:
+        prof["blocks"] = blocks
+        prof["overhead_ms"] = float(np.median([t["overhead_ms"] for t in timed]))
+        for sig, t in prof["ops"].items():
+            per = [[b["ops"][sig]["int8_ms"], b["ops"][sig]["float_ms"]] for b in timed]
+            t["int8_ms"] = float(np.median([i for i, _ in per]))
+            t["float_ms"] = None if t["float_ms"] is None else float(np.median([f for _, f in per]))
+            t["blocks"] = per
+    return prof
 
 
 def measure_on_device(data: bytes, device: str, binary: str | Path, threads: int = 4, runs: int = 20,
@@ -403,10 +415,23 @@ def load_profile(path: str | Path) -> dict:
     return prof
 
 
+def _island_votes(t: dict, margin: float) -> tuple[int, int]:
+    """(blocks in which the island took at most ``margin`` of the int8 op's time, blocks)."""
+    per = t.get("blocks") or [[t["int8_ms"], t["float_ms"]]]
+    return sum(f is not None and f <= margin * i for i, f in per), len(per)
+
+
 def choose_float_kernels(data: bytes, prof: dict, candidates: set[str], margin: float = 0.9) -> dict:
     """The output tensors of ``candidates`` (tensor names) whose float island takes at most ``margin``
-    of the int8 op's time under ``prof``: {"float": sorted names, "saved_ms", "rows"}."""
+    of the int8 op's time under ``prof``, in every block of a profile measured in blocks:
+    {"float": sorted names, "saved_ms", "rows", "close": the names kept int8 because their blocks
+    disagreed, "close_ms": what the islands would have saved there by the median times}. Ops within
+    the blocks' noise of the margin are where two measurements choose differently; they are kept int8
+    so that a choice needs every block, and their time says what the choice among them is worth."""
     rows = [r for r in summarize(data, prof, only=candidates)["rows"] if r["float_ms"] is not None]
-    chosen = [r for r in rows if r["float_ms"] <= margin * r["int8_ms"]]
+    votes = {r["output"]: _island_votes(prof["ops"][r["signature"]], margin) for r in rows}
+    chosen = [r for r in rows if votes[r["output"]][0] == votes[r["output"]][1]]
+    close = [r for r in rows if 0 < votes[r["output"]][0] < votes[r["output"]][1]]
     return {"float": sorted(r["output"] for r in chosen), "saved_ms": sum(r["int8_ms"] - r["float_ms"] for r in chosen),
-            "rows": rows}
+            "rows": rows, "close": sorted(r["output"] for r in close),
+            "close_ms": sum(abs(r["int8_ms"] - r["float_ms"]) for r in close)}

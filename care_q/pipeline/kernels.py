@@ -23,6 +23,11 @@ from care_q.export.tflite_profile import choose_float_kernels, load_profile, mea
 from care_q.quant.plan import QuantPlan
 
 MARGIN = 0.9  # an island must save at least 10% of the op's time (one-op timings vary by a few %)
+# One-op timings in this many blocks (processes), an island only where all agree. Measured (2026-12-08, this 2-core
+# host, 2 threads): 9 blocks of care_s0's ptq_int8 file at 224, its 130 candidates (22 signatures): two single
+# blocks chose differently on 0-3 signatures (up to 32 ops), two sets of 3 unanimous blocks on 0-1 (4 ops); the
+# islands saved 2.38-2.42 ms of one-op time either way (the ops that flip are near ties).
+BLOCKS = 3
 
 
 def candidates(plan: QuantPlan) -> dict[str, str]:
@@ -31,18 +36,20 @@ def candidates(plan: QuantPlan) -> dict[str, str]:
             if n.op in FLOAT_KERNEL_OPS and all(plan.quantized(t) for t in [*n.inputs, *n.outputs])}
 
 
-def choose_kernels(plan: QuantPlan, io: str = "float", *, threads: int = 2, runs: int = 20,
+def choose_kernels(plan: QuantPlan, io: str = "float", *, threads: int = 2, runs: int = 20, blocks: int = BLOCKS,
                    profile: str | Path | None = None, save_to: str | Path | None = None) -> dict:
-    """Set ``plan.float_kernels`` from one-op timings (measured here, or read from ``profile``); returns
-    the report's section. Timings vary from run to run, and ops near the margin with them: a measured
-    profile is written to ``save_to``, and passing it back as ``profile`` reproduces the same file."""
+    """Set ``plan.float_kernels`` from one-op timings (measured here in ``blocks`` blocks, or read from
+    ``profile``); returns the report's section. An op runs as an island where every block finds it
+    within the margin; ops whose blocks disagree stay int8 and are listed ("close", with the time the
+    islands would save there). Timings still vary from run to run: a measured profile is written to
+    ``save_to``, and passing it back as ``profile`` reproduces the same file."""
     cand = candidates(plan)
     plan.float_kernels = frozenset()
     data = emit_tflite_int8(plan, io=io)
     if profile is not None:
         prof = load_profile(profile)
     else:
-        prof = measure(data, threads, runs, only=set(cand))
+        prof = measure(data, threads, runs, only=set(cand), blocks=blocks)
         if save_to is not None:
             save_profile(prof, save_to)
     choice = choose_float_kernels(data, prof, set(cand), MARGIN)
@@ -51,7 +58,8 @@ def choose_kernels(plan: QuantPlan, io: str = "float", *, threads: int = 2, runs
     return {"source": str(profile) if profile is not None else f"measured on this machine ({threads} threads)",
             "profile": None if profile is None and save_to is None else str(profile if profile is not None else save_to),
             "device": prof.get("device", "host"), "margin": MARGIN, "candidates": len(cand),
-            "float": choice["float"], "float_by_op": dict(by_op),
+            "blocks": prof.get("blocks", 1), "float": choice["float"], "float_by_op": dict(by_op),
+            "close": choice["close"], "close_ms": round(choice["close_ms"], 4),
             "int8_by_op": dict(Counter(cand.values()) - by_op),
             "one_op_ms": {"int8": round(sum(r["int8_ms"] for r in choice["rows"]), 3),
                           "chosen": round(sum(min(r["int8_ms"], r["float_ms"]) if r["output"] in plan.float_kernels

@@ -80,12 +80,31 @@ def test_choice_needs_the_island_within_the_margin(float_ms, chosen):
     assert c["saved_ms"] == pytest.approx(len(chosen) * (2.0 - float_ms))
 
 
+def test_a_profile_in_blocks_needs_every_block_for_an_island():
+    data = div_chain(3)
+    prof = _profile(2.0, 1.7, data)
+    (t,) = prof["ops"].values()
+    t["blocks"] = [[2.0, 1.7], [2.0, 1.9], [2.1, 1.6]]  # the second block finds the island 5% faster only
+    c = choose_float_kernels(data, prof, {"y0", "y1"}, margin=0.9)
+    assert c["float"] == [] and c["close"] == ["y0", "y1"] and c["close_ms"] == pytest.approx(2 * 0.3)
+    t["blocks"][1] = [2.0, 1.8]                          # 90%: every block agrees
+    c = choose_float_kernels(data, prof, {"y0", "y1"}, margin=0.9)
+    assert c["float"] == ["y0", "y1"] and c["close"] == []
+    t["blocks"] = [[2.0, 1.95]] * 3                      # no block: int8, and not close
+    assert choose_float_kernels(data, prof, {"y0"}, margin=0.9)["close"] == []
+
+
 def test_measured_profile_times_each_signature_once():
     data = div_chain(3)
     prof = measure(data, threads=1, runs=3, warmup=1)
     assert len(prof["ops"]) == 1 and prof["overhead_ms"] > 0
     (t,) = prof["ops"].values()
     assert t["int8_ms"] >= 0 and t["float_ms"] >= 0
+    prof = measure(data, threads=1, runs=3, warmup=1, blocks=3)   # each block in a process of its own
+    (t,) = prof["ops"].values()
+    assert prof["blocks"] == 3 and len(t["blocks"]) == 3
+    assert t["int8_ms"] == float(np.median([b[0] for b in t["blocks"]]))
+    assert t["float_ms"] == float(np.median([b[1] for b in t["blocks"]]))
 
 
 def test_profile_files_round_trip_and_bad_ones_are_named(tmp_path):
