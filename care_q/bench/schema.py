@@ -209,13 +209,13 @@ def _check_extra(A: dict, at) -> None:
 def _check_npu(names: list, at) -> None:
     """latency.npu_recipes: recipes with a .tflite, each once; the first an NPU graph PTQ recipe (the NPU section's
     subject); a QAT recipe's graph is written by PTQ of its plan (its starting point: the same ops, other values)."""
-    for i, name in enumerate(names):
-        rec = _recipe(name, at("latency.npu_recipes"))
+    recs = [_recipe(name, at("latency.npu_recipes")) for name in names]
+    for i, (name, rec) in enumerate(zip(names, recs)):
         if "tflite" not in rec.targets:
             raise CareQError(f"{at('latency.npu_recipes')}: recipe '{name}' writes no .tflite (targets {list(rec.targets)})")
         if names.index(name) != i:
             raise CareQError(f"{at('latency.npu_recipes')}: recipe '{name}' is listed twice")
-    if names and (load_recipe(names[0]).kind != "ptq" or load_recipe(names[0]).attention != "npu"):
+    if recs and (recs[0].kind != "ptq" or recs[0].attention != "npu"):
         raise CareQError(f"{at('latency.npu_recipes')}: the first recipe, '{names[0]}', must be a PTQ recipe of the "
                          f"NPU graph (substitutions.attention: npu), like npu_int8_ptq")
 
