@@ -425,7 +425,7 @@ def choose_float_kernels(data: bytes, prof: dict, candidates: set[str], margin: 
     """The output tensors of ``candidates`` (tensor names) whose float island takes at most ``margin``
     of the int8 op's time under ``prof``, in every block of a profile measured in blocks:
     {"float": sorted names, "saved_ms", "rows", "close": the names kept int8 because their blocks
-    disagreed, "close_ms": what the islands would have saved there by the median times}. Ops within
+    disagreed, "close_ms": how much islands there would change the one-op time, by the median times}. Ops within
     the blocks' noise of the margin are where two measurements choose differently; they are kept int8
     so that a choice needs every block, and their time says what the choice among them is worth."""
     rows = [r for r in summarize(data, prof, only=candidates)["rows"] if r["float_ms"] is not None]
